@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine: `make test` and `make bench`.
+# Each creates (or reuses) .venv, installs the pinned CPU torch and the package, then runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# The CPU build of torch lies on local disk; pinning it keeps pip from pulling a CUDA build.
+TORCH_PIN ?= torch==2.13.0
+TRITON_PIN ?= triton==3.7.1
+BENCH_OUT ?= bench/results/cpu
+
+.PHONY: test bench venv deps deps-bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.deps-test: $(PY) pyproject.toml setup.py
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q $(TRITON_PIN) numpy
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+$(VENV)/.deps-bench: $(VENV)/.deps-test
+	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	touch $@
+
+deps: $(VENV)/.deps-test
+deps-bench: $(VENV)/.deps-bench
+
+test: deps
+	$(PY) -m pytest -q tests
+
+bench: deps-bench
+	$(PY) -m pytest -q bench --benchmark-json=$(BENCH_OUT)/bench.json -p no:cacheprovider
+	$(PY) bench/report.py $(BENCH_OUT)/bench.json --out $(BENCH_OUT)/table.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info
