@@ -1,0 +1,20 @@
+"""fastnode: fast, torchdiffeq-compatible ODE solvers for PyTorch.
+
+Example:
+    >>> import torch
+    >>> from fastnode import odeint
+    >>> ys = odeint(lambda t, y: -y, torch.ones(4), torch.linspace(0.0, 1.0, 5))
+    >>> tuple(ys.shape)
+    (5, 4)
+"""
+
+from ._odeint import odeint
+from ._stats import (MAX_STEPS, NON_FINITE, STATUS_NAMES, STEP_UNDERFLOW, SUCCESS, SolverError, SolveStats,
+                     last_stats)
+from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, SOLVERS
+
+__all__ = [
+    "odeint", "last_stats", "SolveStats", "SolverError", "STATUS_NAMES", "SUCCESS", "MAX_STEPS", "STEP_UNDERFLOW",
+    "NON_FINITE", "SOLVERS", "ADAPTIVE_METHODS", "FIXED_METHODS",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,329 @@
+"""The adaptive Runge-Kutta loop, shared and per-sample, on top of a StepOps backend.
+
+One loop serves both modes: the state is ``[G, N]`` with ``G = 1`` (shared: one step size for everything,
+torchdiffeq's semantics) or ``G = B`` (per-sample: every sample has its own time, step size, accept/reject,
+controller memory and status). All per-group decisions are tensors combined with ``torch.where``.
+
+Host syncs: the loop makes exactly one device-to-host transfer per iteration (``_sync``): a small packet
+holding "is any group still running", "how many output times did the step pass" and "did anything fail or
+hit a jump". Output times passed by a step are then filled from the step's dense output with no further
+transfer. Set-up (input checks, first step) and the end (statistics) add a constant few.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from . import _stats as st
+from ._problem import FlatFunc, StateSpec
+from ._tableau import ButcherTableau
+from .backends.torch_ops import ControllerConfig, StepOps
+
+
+class _SyncCounter:
+    def __init__(self):
+        self.n = 0
+
+    def fetch(self, x: torch.Tensor) -> list:
+        """The loop's only device-to-host transfer."""
+        self.n += 1
+        return x.tolist()
+
+
+@torch.no_grad()
+def select_initial_step(f: FlatFunc, t0, y0, k0, order: int, rtol, atol, norm: Callable) -> torch.Tensor:
+    """Hairer, Norsett & Wanner (Solving ODEs I, II.4) starting step, per group, with no host sync. [G]."""
+    scale = atol + y0.abs() * rtol
+    d0 = norm(y0 / scale).to(t0.dtype)
+    d1 = norm(k0 / scale).to(t0.dtype)
+    small = (d0 < 1e-5) | (d1 < 1e-5)
+    h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300))
+    y1 = y0 + h0.to(y0.dtype).unsqueeze(1) * k0
+    k1 = f(t0 + h0, y1)
+    d2 = norm((k1 - k0) / scale).to(t0.dtype) / h0
+    dmax = torch.maximum(d1, d2)
+    h1 = torch.where(
+        dmax <= 1e-15,
+        torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
+        (0.01 / dmax.clamp_min(1e-300)) ** (1.0 / order),
+    )
+    h = torch.minimum(100 * h0, h1)
+    # A non-finite estimate (func blew up at the probe point) falls back to a tiny step the controller can grow.
+    return torch.where(torch.isfinite(h) & (h > 0), h, torch.full_like(h, 1e-6))
+
+
+def _failure_message(spec: StateSpec, status: torch.Tensor, t_user: torch.Tensor, n_att: torch.Tensor,
+                     max_steps: int, t_end_user: torch.Tensor) -> tuple[str, list, list]:
+    bad = (status != st.SUCCESS).nonzero().flatten().tolist()
+    codes = status.tolist()
+    times = t_user.tolist()
+    ends = t_end_user.tolist()
+    lines = []
+    for i in bad[:10]:
+        who = f"sample {i}" if spec.per_sample else "the solve"
+        what = st.STATUS_NAMES[codes[i]]
+        if codes[i] == st.MAX_STEPS:
+            what += f" ({max_steps} step attempts; increase options['max_num_steps'])"
+        elif codes[i] == st.STEP_UNDERFLOW:
+            what += " (the step size became too small to advance; the problem may be stiff or singular there)"
+        elif codes[i] == st.NON_FINITE:
+            what = "func returned non-finite values (NaN/inf) and no smaller step avoided them"
+        lines.append(f"{who}: {what} at t={times[i]:.17g} (integrating to t={ends[i]:.17g})")
+    more = f" (and {len(bad) - 10} more samples)" if len(bad) > 10 else ""
+    msg = "ODE solve failed: " + "; ".join(lines) + more
+    return msg, bad, [times[i] for i in bad]
+
+
+def solve_adaptive(
+    f: FlatFunc,
+    spec: StateSpec,
+    y0: torch.Tensor,
+    tau: torch.Tensor,
+    tableau: ButcherTableau,
+    ops: StepOps,
+    ctrl: ControllerConfig,
+    rtol,
+    atol,
+    norm: Callable,
+    *,
+    first_step: Optional[float] = None,
+    max_num_steps: int = 2**31 - 1,
+    step_t: Optional[torch.Tensor] = None,
+    jump_t: Optional[torch.Tensor] = None,
+    on_failure: str = "raise",
+    event_fn: Optional[Callable] = None,
+    stats: st.SolveStats,
+):
+    """Integrate ``y' = f(tau, y)`` from ``tau[..., 0]``; return outputs ``[T, G, N]`` (or the event pair).
+
+    Args:
+        y0: [G, N] flat initial state.
+        tau: [T] or [G, T] increasing output times (time dtype).
+        event_fn: flat event function ``(tau [G], y [G, N]) -> [G]``; when given, ``tau`` holds only the start.
+    Returns:
+        ``out: [T, G, N]`` (rows never reached are NaN when ``on_failure="return"``), or with ``event_fn``
+        ``(event_tau [G], out [2, G, N])``.
+    """
+    G, N = y0.shape
+    sync = _SyncCounter()
+    tdt = tau.dtype
+    dev = y0.device
+    t_out = tau if tau.dim() == 2 else tau.unsqueeze(0).expand(G, -1)
+    t_out = t_out.contiguous()
+    T = t_out.shape[1]
+    out = torch.full((T + 1, G, N), math.nan, dtype=y0.dtype, device=dev)  # row T: scratch for masked writes
+    out[0] = y0
+    rows = torch.arange(G, device=dev)
+
+    t = t_out[:, 0]
+    if event_fn is None:
+        t_end = t_out[:, -1]
+    else:
+        t_end = torch.full_like(t, math.inf)
+    if event_fn is None and T == 1:
+        stats.n_host_syncs += sync.n
+        return out[:T]
+
+    # Where steps must stop: output end, step_t (grid points to step onto) and jump_t (discontinuities,
+    # where the derivative is re-evaluated on the far side).
+    stops = [x for x in (step_t, jump_t) if x is not None and x.numel()]
+    stop_grid = torch.cat(stops).sort().values if stops else None
+    if stop_grid is not None:
+        stop_grid = torch.cat([stop_grid, stop_grid.new_full((1,), math.inf)])
+
+    k1 = f(t, y0)
+    with torch.no_grad():
+        bad0 = ~torch.isfinite(k1).all(dim=1)
+    if bool(bad0.any()):
+        sync.n += 1
+        idx = bad0.nonzero().flatten().tolist()
+        who = f"sample(s) {idx[:10]}" if spec.per_sample else "the initial state"
+        raise st.SolverError(f"func returned non-finite values (NaN/inf) at the initial time "
+                             f"t={float(t[idx[0]] * f.sign):.17g} for {who}", samples=idx)
+    sync.n += 1
+    if first_step is not None:
+        h = torch.full((G,), float(first_step), dtype=tdt, device=dev)
+    else:
+        h = select_initial_step(f, t.detach(), y0.detach(), k1.detach(), ctrl.order, rtol, atol, norm)
+    h = h.clamp(ctrl.min_step, ctrl.max_step)
+
+    y = y0
+    status = torch.zeros(G, dtype=torch.int8, device=dev)
+    n_att = torch.zeros(G, dtype=torch.int64, device=dev)
+    n_acc = torch.zeros(G, dtype=torch.int64, device=dev)
+    prev_ratio = torch.ones(G, dtype=tdt, device=dev)
+    last_nonfinite = torch.zeros(G, dtype=torch.bool, device=dev)
+    next_idx = torch.ones(G, dtype=torch.int64, device=dev)
+    running = t < t_end
+
+    if event_fn is not None:
+        with torch.no_grad():
+            sign0 = torch.sign(event_fn(t, y0))
+        fired = sign0 == 0
+        running = running & ~fired
+        ev_lo = t.detach().clone()
+        ev_h = torch.zeros_like(t)
+        ev_y = y0
+        ev_K = None
+
+    S = tableau.num_stages
+    c = tableau.c
+    iterations = 0
+    while True:
+        iterations += 1
+        with torch.no_grad():
+            limit = t_end
+            if stop_grid is not None:
+                nxt = stop_grid[torch.searchsorted(stop_grid, t.detach(), right=True)]
+                limit = torch.minimum(limit, nxt)
+            room = limit - t.detach()
+            clipped = h >= room
+            h_ctl = torch.where(running, torch.where(clipped, room, h), torch.zeros_like(h))
+        # The step is differentiable in the times (via `room`, which carries t's graph) but not in the
+        # controller's choice: h_eff = room when clipped, else the detached h.
+        h_eff = torch.where(running & clipped, limit - t, h_ctl)
+        t_new = torch.where(running & clipped, limit, t + h_eff)
+
+        K = ops.new_stages(tableau, y)
+        K = ops.set_stage(K, 0, k1)
+        for i in range(1, S):
+            yi = ops.stage_input(tableau, i, y, K, h_eff)
+            ti = t_new if c[i] == 1.0 else t + c[i] * h_eff
+            K = ops.set_stage(K, i, f(ti, yi))
+        y_new, ratio = ops.step_finish(tableau, y, K, h_eff, rtol, atol, norm)
+
+        with torch.no_grad():
+            finite_y = torch.isfinite(y_new).all(dim=1)
+            ratio = torch.where(finite_y, ratio.to(tdt), torch.full_like(h, math.inf))
+            accept, h_next, prev_ratio = ops.controller(ctrl, h_ctl, ratio, prev_ratio, running)
+            # The derivative at the new state must be finite, or no later step can succeed.
+            k_last = ops.stage(K, S - 1)
+            k_ok = torch.isfinite(k_last).all(dim=1)
+            nonfinite_new = accept & ~k_ok
+            accept = accept & k_ok
+            rejected = running & ~accept
+            last_nonfinite = torch.where(running, ~torch.isfinite(ratio) | nonfinite_new, last_nonfinite)
+            n_att += running.long()
+            n_acc += accept.long()
+            t_fut = torch.where(accept, t_new.detach(), t.detach())
+            underflow = rejected & ((t_fut + h_next) <= t_fut)
+            status = torch.where(nonfinite_new | (underflow & last_nonfinite), st.NON_FINITE, status)
+            status = torch.where(underflow & ~last_nonfinite & (status == 0), st.STEP_UNDERFLOW, status)
+            status = torch.where((n_att >= max_num_steps) & (t_fut < t_end) & (status == 0), st.MAX_STEPS, status)
+            jumped = None
+            if jump_t is not None and jump_t.numel():
+                j_idx = torch.searchsorted(jump_t, t_new.detach()).clamp_max(jump_t.numel() - 1)
+                jumped = accept & clipped & (jump_t[j_idx] == t_new.detach())
+            if event_fn is None:
+                n_le = torch.searchsorted(t_out, t_new.detach().unsqueeze(1), right=True).squeeze(1)
+                crossed = torch.where(accept, n_le - next_idx, torch.zeros_like(next_idx))
+            else:
+                ev = event_fn(t_new.detach(), y_new.detach())
+                newly = accept & ((torch.sign(ev) != sign0) | (ev == 0))
+                crossed = torch.zeros_like(next_idx)
+
+        y_old, t_old = y, t
+        acc2 = accept.unsqueeze(1)
+        y = torch.where(acc2, y_new, y)
+        t = torch.where(accept, t_new, t)
+        k1 = torch.where(acc2, k_last, k1)
+        h = h_next
+
+        if event_fn is not None:
+            with torch.no_grad():
+                fired = fired | newly
+            ev_lo = torch.where(newly, t_old.detach(), ev_lo)
+            ev_h = torch.where(newly, h_eff.detach(), ev_h)
+            ev_y = torch.where(newly.unsqueeze(1), y_old, ev_y)
+            ev_K = list(K) if ev_K is None else [torch.where(newly.unsqueeze(1), k, e) for k, e in zip(K, ev_K)]
+            running_next = running & ~newly & (status == 0)
+        else:
+            running_next = running & (t.detach() < t_end) & (status == 0)
+
+        packet = torch.stack([
+            running_next.any().to(torch.int64),
+            crossed.max(),
+            (status != 0).any().to(torch.int64),
+            (jumped.any() if jumped is not None else torch.zeros((), dtype=torch.bool, device=dev)).to(torch.int64),
+        ])
+        any_running, n_cross, any_failed, any_jump = sync.fetch(packet)
+
+        for m in range(n_cross):
+            j = next_idx + m
+            valid = m < crossed
+            jj = torch.where(valid, j, torch.full_like(j, T))
+            tj = t_out[rows, j.clamp_max(T - 1)]
+            theta = (tj - t_old) / torch.where(h_eff > 0, h_eff, torch.ones_like(h_eff))
+            val = ops.interpolate(tableau, y_old, K, h_eff, theta)
+            # Exactly at the step's end the solution itself is returned (no interpolation rounding).
+            val = torch.where((tj == t_new).unsqueeze(1), y_new, val)
+            out.index_put_((jj, rows), val)
+        if n_cross:
+            next_idx = next_idx + crossed
+
+        if any_jump:
+            # Past a discontinuity the derivative is re-evaluated on the far side (one extra evaluation).
+            k_far = f(t, y, perturb=1)
+            k1 = torch.where(jumped.unsqueeze(1), k_far, k1)
+
+        running = running_next
+        if any_failed and on_failure == "raise":
+            break
+        if not any_running:
+            break
+
+    stats.n_iterations = iterations
+    stats.n_host_syncs += sync.n
+    n_rej = n_att - n_acc
+    t_user = t.detach() * f.sign
+    failed = bool((status != 0).any())
+    stats.status = status.to(torch.int64)
+    stats.t_reached = t_user
+    if spec.per_sample:
+        stats.n_accepted, stats.n_rejected, stats.n_steps = n_acc, n_rej, n_att
+    else:
+        stats.n_accepted, stats.n_rejected, stats.n_steps = int(n_acc[0]), int(n_rej[0]), int(n_att[0])
+    if failed:
+        t_end_user = (t_out[:, -1] if event_fn is None else t_end) * f.sign
+        msg, bad, times = _failure_message(spec, status, t_user, n_att, max_num_steps, t_end_user.detach())
+        stats.messages.append(msg)
+        if on_failure == "raise":
+            raise st.SolverError(msg, status=stats.status, samples=bad, times=times)
+
+    if event_fn is None:
+        return out[:T]
+
+    # Locate each event inside its bracketing step by bisection on the dense output (no func evaluations).
+    with torch.no_grad():
+        if ev_K is None:
+            ev_K = [k1] * S
+        lo = torch.zeros_like(ev_h)
+        hi = torch.ones_like(ev_h)
+        zero_start = (ev_h == 0)
+        n_bisect = 60 if tdt == torch.float64 else 30
+        for _ in range(n_bisect):
+            mid = 0.5 * (lo + hi)
+            ym = ops.interpolate(tableau, ev_y, ev_K, ev_h, mid)
+            sm = torch.sign(event_fn(ev_lo + mid * ev_h, ym))
+            same = sm == sign0
+            lo = torch.where(same, mid, lo)
+            hi = torch.where(same, hi, mid)
+        theta = torch.where(zero_start, torch.zeros_like(hi), hi)
+    event_tau = ev_lo + theta * ev_h
+    y_ev = ops.interpolate(tableau, ev_y, ev_K, ev_h, theta)
+    y_ev = torch.where(zero_start.unsqueeze(1), ev_y, y_ev)
+    not_fired = ~fired
+    if bool(not_fired.any()):
+        stats.n_host_syncs += 1
+        idx = not_fired.nonzero().flatten().tolist()
+        msg = (f"event_fn never crossed zero for sample(s) {idx[:10]} before the solve stopped at "
+               f"t={t_user[idx[0]].item():.17g}")
+        stats.messages.append(msg)
+        if on_failure == "raise":
+            raise st.SolverError(msg, status=stats.status, samples=idx, times=t_user[idx].tolist())
+        event_tau = torch.where(fired, event_tau, torch.full_like(event_tau, math.nan))
+    sol = torch.stack([y0, y_ev], dim=0)
+    return event_tau, sol

@@ -1,0 +1,199 @@
+"""``odeint``: the torchdiffeq-compatible entry point."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from . import _stats as st
+from ._adaptive import solve_adaptive
+from ._fixed import check_grid, solve_fixed, step_size_grid
+from ._problem import (FlatFunc, check_func, check_options, check_t, check_times_option, check_tol, check_y0, _num,
+                       time_dtype_of)
+from .backends import get_backend
+from .backends.torch_ops import ControllerConfig, rms_norm
+from .solvers import get_solver
+
+
+def _make_norm(options: dict, spec):
+    """The error norm on the flat scaled error ``[G, N] -> [G]``.
+
+    Default: RMS over the state; for tuple states the max over tensors of each tensor's RMS (torchdiffeq's
+    mixed norm). A user ``norm`` receives the error shaped like the state (a tuple for tuple states; with
+    the batch dimension in per-sample mode, where it must return ``[B]``).
+    """
+    user = options.get("norm")
+    segments = spec.segments if spec.is_tuple else None
+    if user is None:
+        return lambda x: rms_norm(x, segments)
+    if not callable(user):
+        raise TypeError(f"options['norm'] must be callable (norm(error) -> scalar), got {type(user).__name__}")
+
+    def norm(x):
+        v = user(spec.unflatten(x))
+        if not isinstance(v, torch.Tensor):
+            v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+        if v.numel() != spec.batch:
+            raise ValueError(f"options['norm'] returned {v.numel()} values, expected "
+                             f"{'one per sample (' + str(spec.batch) + ')' if spec.per_sample else 'a scalar'}")
+        return v.reshape(spec.batch).abs()
+
+    return norm
+
+
+def _flag(options, key, default):
+    v = options.get(key, default)
+    if not isinstance(v, bool):
+        raise TypeError(f"options['{key}'] must be True or False, got {v!r}")
+    return v
+
+
+def _choice(options, key, default, choices):
+    v = options.get(key, default)
+    if v not in choices:
+        raise ValueError(f"options['{key}'] must be one of {choices}, got {v!r}")
+    return v
+
+
+def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method: Optional[str] = None,
+           options: Optional[dict] = None, event_fn: Optional[Callable] = None):
+    """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` and return ``y`` at every time in ``t``.
+
+    Drop-in for ``torchdiffeq.odeint`` (same arguments, options and return shapes); differentiable by
+    backpropagation through the solver.
+
+    Args:
+        func: ``func(t, y)`` returning ``dy/dt`` shaped like ``y`` (a tuple for tuple states). ``t`` is a 0-d
+            tensor in the state's dtype, or ``[B]`` in per-sample mode.
+        y0: initial state, a floating tensor of any shape or a tuple of them. Per-sample mode: ``[B, ...]``.
+        t: [T] output times, strictly increasing or decreasing; per-sample mode also accepts ``[B, T]``.
+        rtol, atol: relative/absolute tolerance: numbers, tensors broadcastable to the state, or tuples
+            (one per tensor of a tuple state).
+        method: ``dopri5`` (default), ``tsit5``, ``bosh3``, ``dopri8``, ``fehlberg2``, ``adaptive_heun``;
+            fixed grid: ``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4``.
+        options: torchdiffeq's options (``first_step``, ``safety``, ``ifactor``, ``dfactor``,
+            ``max_num_steps``, ``step_t``, ``jump_t``, ``min_step``, ``max_step``, ``norm``, ``dtype``; fixed grid:
+            ``step_size``, ``grid_constructor``, ``interp``, ``perturb``) plus ``per_sample`` (bool),
+            ``on_failure`` (``"raise"``/``"return"``), ``controller`` (``"i"``/``"pi"``), ``pi_alpha``,
+            ``pi_beta`` and ``backend`` (``"auto"``/``"torch"``). Unknown options raise ``ValueError``.
+        event_fn: ``event_fn(t, y)``; the solve stops where it crosses zero (only ``t[0]`` is used).
+
+    Returns:
+        ``[T, *y0.shape]`` (a tuple of such for tuple states); with ``event_fn``: ``(event_t, solution)`` where
+        ``solution`` holds the state at ``t[0]`` and at the event.
+
+    Example:
+        >>> import torch
+        >>> from fastnode import odeint
+        >>> y = odeint(lambda t, y: -y, torch.tensor([1.0], dtype=torch.float64), torch.linspace(0, 1, 3))
+        >>> round(float(y[-1, 0]), 6) == round(float(torch.exp(torch.tensor(-1.0))), 6)
+        True
+    """
+    check_func(func)
+    solver = get_solver(method)
+    method = method or "dopri5"
+    options = check_options(options, solver.adaptive, method)
+    per_sample = _flag(options, "per_sample", False) if solver.adaptive else False
+    if event_fn is not None and not callable(event_fn):
+        raise TypeError(f"event_fn must be callable as event_fn(t, y), got {type(event_fn).__name__}")
+    spec = check_y0(y0, per_sample)
+    tdt = time_dtype_of(options)
+    tau, sign = check_t(t, spec, tdt, event=event_fn is not None)
+    rtol_v = check_tol("rtol", rtol, spec)
+    atol_v = check_tol("atol", atol, spec)
+    ops = get_backend(options.get("backend", "auto"), spec.device)
+    y0_flat = spec.flatten(y0, "y0")
+    f = FlatFunc(func, spec, sign)
+    stats = st.SolveStats(method=method, per_sample=per_sample)
+    st._set_last(stats)
+    try:
+        if solver.adaptive:
+            result = _run_adaptive(f, spec, y0_flat, tau, sign, solver.tableau, ops, options, rtol_v, atol_v,
+                                   event_fn, stats)
+        else:
+            if event_fn is not None:
+                raise ValueError(f"event_fn needs an adaptive method; {method!r} is a fixed-grid method")
+            result = _run_fixed(func, y0, t, f, spec, y0_flat, tau, sign, solver.tableau, ops, options, stats)
+    finally:
+        stats.nfe = f.nfe
+    return result
+
+
+def _run_adaptive(f, spec, y0_flat, tau, sign, tableau, ops, options, rtol_v, atol_v, event_fn, stats):
+    min_step = _num(options, "min_step", 0.0, lo=0.0)
+    max_step = _num(options, "max_step", float("inf"), lo=0.0, lo_open=True)
+    if max_step < min_step:
+        raise ValueError(f"options['max_step'] ({max_step}) is smaller than options['min_step'] ({min_step})")
+    ctrl = ControllerConfig(
+        order=tableau.order,
+        safety=_num(options, "safety", 0.9, lo=0.0, hi=1.0, lo_open=True),
+        ifactor=_num(options, "ifactor", 10.0, lo=1.0),
+        dfactor=_num(options, "dfactor", 0.2, lo=0.0, hi=1.0, lo_open=True),
+        min_step=min_step,
+        max_step=max_step,
+        kind=_choice(options, "controller", "i", ("i", "pi")),
+        pi_alpha=_num(options, "pi_alpha", 0.7, lo=0.0),
+        pi_beta=_num(options, "pi_beta", 0.4, lo=0.0),
+    )
+    first_step = options.get("first_step")
+    if first_step is not None:
+        first_step = _num(options, "first_step", None, lo=0.0, lo_open=True)
+    max_num_steps = _num(options, "max_num_steps", 2**31 - 1, lo=1, integer=True)
+    on_failure = _choice(options, "on_failure", "raise", ("raise", "return"))
+    step_t = check_times_option(options, "step_t", sign, tau.dtype, spec.device)
+    jump_t = check_times_option(options, "jump_t", sign, tau.dtype, spec.device)
+    if step_t is not None and jump_t is not None and step_t.numel() and jump_t.numel():
+        common = set(step_t.tolist()) & set(jump_t.tolist())
+        if common:
+            raise ValueError(f"options['step_t'] and options['jump_t'] both contain the time(s) "
+                             f"{sorted(x * sign for x in common)}; a time may be in only one of them")
+    norm = _make_norm(options, spec)
+
+    flat_event = None
+    if event_fn is not None:
+        def flat_event(tau_g, y_flat):
+            v = event_fn(f.user_time(tau_g), spec.unflatten(y_flat))
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"event_fn must return a tensor, got {type(v).__name__}")
+            if v.numel() != spec.batch:
+                raise ValueError(f"event_fn returned {v.numel()} values; expected "
+                                 f"{'one per sample' if spec.per_sample else 'one (combine several events with min/max)'}")
+            return v.reshape(spec.batch).to(tau_g.dtype)
+
+    res = solve_adaptive(f, spec, y0_flat, tau, tableau, ops, ctrl, rtol_v, atol_v, norm, first_step=first_step,
+                         max_num_steps=max_num_steps, step_t=step_t, jump_t=jump_t, on_failure=on_failure,
+                         event_fn=flat_event, stats=stats)
+    if event_fn is None:
+        return _to_user(spec, res)
+    ev_tau, sol = res
+    ev_t = (ev_tau * sign).to(spec.dtype)
+    if not spec.per_sample:
+        ev_t = ev_t.reshape(())
+    return ev_t, _to_user(spec, sol)
+
+
+def _to_user(spec, out):
+    """[T, G, N] -> [T, *shape] (tuple for tuple states)."""
+    T = out.shape[0]
+    return spec.unflatten(out, lead=(T,)) if spec.per_sample else spec.unflatten(out[:, 0], lead=(T,))
+
+
+def _run_fixed(func, y0, t, f, spec, y0_flat, tau, sign, tableau, ops, options, stats):
+    step_size = options.get("step_size")
+    gc = options.get("grid_constructor")
+    interp = _choice(options, "interp", "linear", ("linear", "cubic"))
+    perturb = _flag(options, "perturb", False)
+    if step_size is not None and gc is not None:
+        raise ValueError("options['step_size'] and options['grid_constructor'] are mutually exclusive")
+    if step_size is not None:
+        step_size = _num(options, "step_size", None, lo=0.0, lo_open=True)
+        grid = step_size_grid(tau, step_size) if tau.numel() > 1 else tau
+    elif gc is not None:
+        if not callable(gc):
+            raise TypeError(f"options['grid_constructor'] must be callable, got {type(gc).__name__}")
+        grid = check_grid(gc(func, y0, t), tau, sign)
+    else:
+        grid = tau
+    out = solve_fixed(f, y0_flat, tau, grid, tableau, ops, interp, perturb, stats)
+    return _to_user(spec, out)

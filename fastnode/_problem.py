@@ -1,0 +1,283 @@
+"""Validation of user input and its normalisation into the solver's flat ``[G, N]`` form.
+
+Every check raises ``TypeError`` (wrong kind of object) or ``ValueError`` (wrong value) naming the argument;
+nothing here uses ``assert``. The checks that look at tensor values (NaN in ``y0``, monotone ``t``) cost a
+device-to-host transfer each, once per call, before the loop starts.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+ADAPTIVE_OPTIONS = {
+    "first_step", "safety", "ifactor", "dfactor", "max_num_steps", "step_t", "jump_t", "min_step", "max_step",
+    "norm", "dtype", "per_sample", "backend", "on_failure", "controller", "pi_alpha", "pi_beta",
+}
+FIXED_OPTIONS = {"step_size", "grid_constructor", "interp", "perturb", "dtype", "backend"}
+
+
+@dataclass
+class StateSpec:
+    """How the user's state maps onto the flat ``[G, N]`` tensor."""
+
+    is_tuple: bool
+    shapes: list  # per tensor, the full user shape
+    per_sample: bool
+    batch: int  # G
+    sizes: list  # per tensor, flattened size per group
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def segments(self) -> list[tuple[int, int]]:
+        out, start = [], 0
+        for n in self.sizes:
+            out.append((start, start + n))
+            start += n
+        return out
+
+    def flatten(self, value, what: str) -> torch.Tensor:
+        """User-shaped tensor(s) -> [G, N]; ``what`` names the source in errors."""
+        parts = value if self.is_tuple else (value,)
+        if self.is_tuple and not isinstance(value, (tuple, list)):
+            raise TypeError(f"{what} must return a tuple of {len(self.shapes)} tensors (like y0), got {type(value).__name__}")
+        if len(parts) != len(self.shapes):
+            raise ValueError(f"{what} returned {len(parts)} tensors, expected {len(self.shapes)} (like y0)")
+        flat = []
+        for i, (p, shape) in enumerate(zip(parts, self.shapes)):
+            name = f"{what}[{i}]" if self.is_tuple else what
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(p).__name__}")
+            if tuple(p.shape) != tuple(shape):
+                raise ValueError(f"{name} has shape {tuple(p.shape)}, expected {tuple(shape)} (the shape of y0)")
+            if p.dtype != self.dtype:
+                raise TypeError(f"{name} has dtype {p.dtype}, expected {self.dtype} (the dtype of y0)")
+            flat.append(p.reshape(self.batch, -1))
+        return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
+
+    def unflatten(self, y: torch.Tensor, lead: Sequence[int] = ()):
+        """[*lead, G, N] -> user-shaped tensor(s) with leading dims ``lead``."""
+        lead = tuple(lead)
+        out = []
+        for (s, e), shape in zip(self.segments, self.shapes):
+            out.append(y[..., s:e].reshape(*lead, *shape))
+        return tuple(out) if self.is_tuple else out[0]
+
+
+def check_func(func) -> None:
+    if not callable(func):
+        raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+
+
+def check_y0(y0, per_sample: bool) -> StateSpec:
+    is_tuple = isinstance(y0, (tuple, list))
+    parts = tuple(y0) if is_tuple else (y0,)
+    if is_tuple and len(parts) == 0:
+        raise ValueError("y0 is an empty tuple; it needs at least one tensor")
+    dtype = device = None
+    for i, p in enumerate(parts):
+        name = f"y0[{i}]" if is_tuple else "y0"
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (or y0 a tuple of tensors), got {type(p).__name__}")
+        if not p.is_floating_point():
+            raise TypeError(f"{name} must have a real floating dtype (float16/bfloat16/float32/float64), got {p.dtype}")
+        if dtype is None:
+            dtype, device = p.dtype, p.device
+        elif p.dtype != dtype or p.device != device:
+            raise TypeError(f"all tensors of y0 must share dtype and device: y0[0] is {dtype} on {device}, "
+                            f"{name} is {p.dtype} on {p.device}")
+    if per_sample:
+        for i, p in enumerate(parts):
+            if p.dim() < 1:
+                raise ValueError("options['per_sample']=True needs a batch dimension: y0 (each tensor of a tuple) "
+                                 f"must have at least 1 dimension, y0{f'[{i}]' if is_tuple else ''} is 0-d")
+        batch = parts[0].shape[0]
+        for i, p in enumerate(parts):
+            if p.shape[0] != batch:
+                raise ValueError(f"per-sample mode: every tensor of y0 needs the same batch size (dim 0); "
+                                 f"y0[0] has {batch}, y0[{i}] has {p.shape[0]}")
+        if batch == 0:
+            raise ValueError("y0 has batch size 0")
+        sizes = [p[0].numel() if p.shape[0] else 0 for p in parts]
+    else:
+        batch = 1
+        sizes = [p.numel() for p in parts]
+    for i, p in enumerate(parts):
+        if p.numel() and not bool(torch.isfinite(p).all()):
+            name = f"y0[{i}]" if is_tuple else "y0"
+            bad = (~torch.isfinite(p)).nonzero()[0].tolist()
+            raise ValueError(f"{name} contains NaN or inf (first at index {tuple(bad)})")
+    return StateSpec(is_tuple, [tuple(p.shape) for p in parts], per_sample, batch, sizes, dtype, device)
+
+
+def check_t(t, spec: StateSpec, time_dtype: torch.dtype, event: bool) -> tuple[torch.Tensor, float]:
+    """Return ``(tau, sign)``: times in the integration direction (increasing) as [T] or [G, T]."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a 1-D floating torch.Tensor of times, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"t must have a floating dtype (times are kept in {time_dtype}), got {t.dtype}; "
+                        "use e.g. torch.tensor([0., 1.])")
+    if t.device != spec.device:
+        raise ValueError(f"t is on {t.device} but y0 is on {spec.device}; put both on the same device")
+    allowed = (1, 2) if spec.per_sample else (1,)
+    if t.dim() not in allowed:
+        if spec.per_sample:
+            raise ValueError(f"t must be 1-D [T] or, per sample, 2-D [B, T]; got shape {tuple(t.shape)}")
+        raise ValueError(f"t must be 1-D [T]; got shape {tuple(t.shape)} (per-sample times [B, T] need "
+                         "options['per_sample']=True)")
+    if t.dim() == 2 and t.shape[0] != spec.batch:
+        raise ValueError(f"per-sample t has {t.shape[0]} rows but y0 has batch size {spec.batch}")
+    if t.shape[-1] < 1:
+        raise ValueError("t must hold at least one time")
+    if bool(torch.isnan(t).any()):
+        raise ValueError("t contains NaN")
+    if bool(torch.isinf(t).any()):
+        raise ValueError("t contains inf")
+    tt = t.to(torch.promote_types(time_dtype, t.dtype))
+    sign = 1.0
+    if tt.shape[-1] > 1:
+        d = tt[..., 1:] - tt[..., :-1]
+        inc = bool((d > 0).all())
+        dec = bool((d < 0).all())
+        if not (inc or dec):
+            raise ValueError("t must be strictly increasing or strictly decreasing (every row, in the same "
+                             "direction); found repeated or out-of-order times")
+        sign = 1.0 if inc else -1.0
+    if event and tt.shape[-1] != 1:
+        # As torchdiffeq: with event_fn only t[0] is used.
+        tt = tt[..., :1]
+    return (tt if sign > 0 else -tt), sign
+
+
+def check_tol(name: str, tol, spec: StateSpec) -> torch.Tensor | float:
+    """Scalar tolerance -> float; tensor/tuple tolerance -> broadcastable [G or 1, N] tensor in the state dtype."""
+
+    def one(x, shape, label):
+        if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"{label} must be a non-negative number or tensor, got {type(x).__name__}")
+        if isinstance(x, torch.Tensor):
+            if x.requires_grad:
+                raise ValueError(f"{label} is a tensor that requires grad; tolerances are not differentiable, "
+                                 "pass a detached tensor")
+            if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
+                raise TypeError(f"{label} must be a real tensor, got {x.dtype}")
+            if bool(torch.isnan(x).any()) or bool((x < 0).any()):
+                raise ValueError(f"{label} must be non-negative and not NaN")
+            if x.numel() == 1:
+                return float(x.reshape(()).item())
+            try:
+                xb = torch.broadcast_to(x.to(spec.device, spec.dtype), shape)
+            except RuntimeError:
+                raise ValueError(f"{label} has shape {tuple(x.shape)}, which does not broadcast to the state "
+                                 f"shape {tuple(shape)}") from None
+            return xb
+        if math.isnan(x) or x < 0:
+            raise ValueError(f"{label} must be non-negative, got {x}")
+        return float(x)
+
+    if isinstance(tol, (tuple, list)):
+        if not spec.is_tuple:
+            raise TypeError(f"{name} is a tuple but y0 is a single tensor; pass a number or a tensor")
+        if len(tol) != len(spec.shapes):
+            raise ValueError(f"{name} has {len(tol)} entries but y0 has {len(spec.shapes)} tensors")
+        vals = [one(x, s, f"{name}[{i}]") for i, (x, s) in enumerate(zip(tol, spec.shapes))]
+    else:
+        vals = [one(tol, s, name) for s in spec.shapes] if spec.is_tuple else [one(tol, spec.shapes[0], name)]
+    if all(isinstance(v, float) for v in vals) and len(set(vals)) == 1:
+        return vals[0]
+    cols = []
+    for v, shape, n in zip(vals, spec.shapes, spec.sizes):
+        if isinstance(v, float):
+            cols.append(torch.full((spec.batch, n), v, dtype=spec.dtype, device=spec.device))
+        else:
+            cols.append(v.reshape(spec.batch, n))
+    return torch.cat(cols, dim=1)
+
+
+def _num(options, key, default, *, lo=None, hi=None, lo_open=False, integer=False):
+    v = options.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"options['{key}'] must be a scalar, got a tensor of shape {tuple(v.shape)}")
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"options['{key}'] must be a number, got {type(v).__name__}")
+    if integer and int(v) != v:
+        raise TypeError(f"options['{key}'] must be an integer, got {v}")
+    if math.isnan(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+        rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
+        raise ValueError(f"options['{key}'] must be in {rng}, got {v}")
+    return int(v) if integer else float(v)
+
+
+def check_options(options, adaptive: bool, method: str) -> dict:
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict, got {type(options).__name__}")
+    valid = ADAPTIVE_OPTIONS if adaptive else FIXED_OPTIONS
+    for k in options:
+        if k not in valid:
+            kind = "adaptive" if adaptive else "fixed-grid"
+            raise ValueError(f"unknown option {k!r} for the {kind} method {method!r}; valid options: "
+                             f"{', '.join(sorted(valid))}")
+    return dict(options)
+
+
+def time_dtype_of(options: dict) -> torch.dtype:
+    dt = options.get("dtype", torch.float64)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise TypeError(f"options['dtype'] (the dtype time is kept in) must be a floating torch.dtype, got {dt!r}")
+    return dt
+
+
+def check_times_option(options: dict, key: str, sign: float, time_dtype, device) -> Optional[torch.Tensor]:
+    v = options.get(key)
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        v = torch.tensor(v, dtype=time_dtype)
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"options['{key}'] must be a 1-D tensor or sequence of times, got {type(v).__name__}")
+    if v.dim() != 1:
+        raise ValueError(f"options['{key}'] must be 1-D, got shape {tuple(v.shape)}")
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"options['{key}'] contains NaN or inf")
+    v = (v.detach().to(device=device, dtype=time_dtype) * sign)
+    return torch.sort(v).values
+
+
+class FlatFunc:
+    """``func`` seen by the solver: flat ``[G, N]`` state, integration time ``tau`` (``t = sign * tau``).
+
+    Counts evaluations and validates every output (type, shape, dtype) so a wrong ``func`` fails with a
+    clear message at its first call.
+    """
+
+    def __init__(self, func: Callable, spec: StateSpec, sign: float):
+        self.func = func
+        self.spec = spec
+        self.sign = sign
+        self.nfe = 0
+
+    def user_time(self, tau: torch.Tensor, perturb: int = 0) -> torch.Tensor:
+        """tau: [G] -> what func receives: 0-d (shared) or [B] (per-sample), in the state dtype."""
+        t = (tau * self.sign).to(self.spec.dtype)
+        if perturb:
+            # One-sided evaluation at a discontinuity: the next representable time in the direction
+            # perturb * (integration direction), in the dtype func sees.
+            t = torch.nextafter(t, torch.full_like(t, perturb * self.sign * math.inf))
+        return t if self.spec.per_sample else t.reshape(())
+
+    def __call__(self, tau: torch.Tensor, y: torch.Tensor, perturb: int = 0) -> torch.Tensor:
+        self.nfe += 1
+        out = self.func(self.user_time(tau, perturb), self.spec.unflatten(y))
+        flat = self.spec.flatten(out, "func")
+        return flat if self.sign > 0 else -flat

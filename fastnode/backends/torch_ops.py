@@ -1,0 +1,161 @@
+"""The reference StepOps backend in plain PyTorch.
+
+Shapes: the solver works on a flattened state ``y: [G, N]`` where ``G`` is the number of independently
+controlled groups (1 in shared mode, the batch size ``B`` in per-sample mode). Stages are kept in a stage
+store (here a list of ``[G, N]`` tensors, so autograd can track each one); ``h: [G]`` holds the step sizes
+in the time dtype. Everything that only steers the step-size control (error ratio, controller) runs
+without autograd: gradients flow through the stages, the solution and the interpolation, never through
+the choice of step size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .._tableau import ButcherTableau
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Step-size controller settings (torchdiffeq's I-controller by default)."""
+
+    order: int
+    safety: float = 0.9
+    ifactor: float = 10.0
+    dfactor: float = 0.2
+    min_step: float = 0.0
+    max_step: float = float("inf")
+    kind: str = "i"  # "i" or "pi"
+    pi_alpha: float = 0.7  # PI exponents, divided by the order
+    pi_beta: float = 0.4
+
+
+def rms_norm(x: torch.Tensor, segments: Optional[list[tuple[int, int]]] = None) -> torch.Tensor:
+    """Per-row RMS of ``x: [G, N]``; with ``segments`` the max over segments of each segment's RMS. Returns [G]."""
+    if segments is None or len(segments) == 1:
+        return x.square().mean(dim=1).sqrt()
+    parts = [x[:, s:e].square().mean(dim=1).sqrt() for s, e in segments if e > s]
+    return torch.stack(parts, dim=0).amax(dim=0)
+
+
+class StepOps:
+    """Interface of a backend. ``K`` is the stage store returned by ``new_stages``/``set_stage``."""
+
+    name = "abstract"
+
+    def new_stages(self, tableau: ButcherTableau, y: torch.Tensor):
+        raise NotImplementedError
+
+    def set_stage(self, K, i: int, k: torch.Tensor):
+        raise NotImplementedError
+
+    def stage(self, K, i: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stage_input(self, tableau: ButcherTableau, i: int, y, K, h) -> torch.Tensor:
+        """``y + h * sum_{j<i} a_ij k_j``: ``y: [G, N]``, ``h: [G]`` -> [G, N]."""
+        raise NotImplementedError
+
+    def solution(self, tableau: ButcherTableau, y, K, h) -> torch.Tensor:
+        """``y + h * sum_j b_j k_j`` -> [G, N]."""
+        raise NotImplementedError
+
+    def step_finish(self, tableau, y, K, h, rtol, atol, norm: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        """New solution [G, N] and error ratio [G] = norm(h * sum e_j k_j / (atol + rtol * max(|y|, |y_new|)))."""
+        raise NotImplementedError
+
+    def controller(self, cfg: ControllerConfig, h, ratio, prev_ratio, running):
+        """Accept mask [G], next step [G], controller memory [G]; ``ratio`` non-finite means reject."""
+        raise NotImplementedError
+
+    def interpolate(self, tableau: ButcherTableau, y, K, h, theta) -> torch.Tensor:
+        """Dense output at ``t0 + theta * h``: ``theta: [G]`` -> [G, N]."""
+        raise NotImplementedError
+
+
+def _combine(y: torch.Tensor, K: list, h: torch.Tensor, weights) -> torch.Tensor:
+    """``y + h[:, None] * sum_j w_j K[j]`` with Python-float weights (zeros skipped)."""
+    acc = None
+    for w, k in zip(weights, K):
+        if w == 0.0:
+            continue
+        # NOTE: acc is a fresh tensor, so accumulating into it in place is autograd-safe and saves S temporaries.
+        acc = k * w if acc is None else acc.add_(k, alpha=w)
+    if acc is None:
+        return y
+    return torch.addcmul(y, h.to(y.dtype).unsqueeze(1), acc)
+
+
+class TorchStepOps(StepOps):
+    """Pure-PyTorch reference implementation of every StepOps operation."""
+
+    name = "torch"
+
+    def new_stages(self, tableau, y):
+        return []
+
+    def set_stage(self, K, i, k):
+        if i == len(K):
+            K.append(k)
+        else:
+            K[i] = k
+        return K
+
+    def stage(self, K, i):
+        return K[i]
+
+    def stage_input(self, tableau, i, y, K, h):
+        return _combine(y, K[:i], h, tableau.a[i])
+
+    def solution(self, tableau, y, K, h):
+        return _combine(y, K, h, tableau.b)
+
+    def step_finish(self, tableau, y, K, h, rtol, atol, norm):
+        y_new = _combine(y, K, h, tableau.b)
+        with torch.no_grad():
+            err = _combine(torch.zeros_like(y), K, h, tableau.e)
+            scale = torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
+            ratio = norm(err / scale)
+        return y_new, ratio
+
+    @torch.no_grad()
+    def controller(self, cfg, h, ratio, prev_ratio, running):
+        ratio = ratio.to(h.dtype)
+        finite = torch.isfinite(ratio)
+        r = torch.where(finite, ratio, torch.full_like(ratio, float("inf")))
+        accept = (r <= 1.0) | (finite & (h <= cfg.min_step))
+        accept &= running
+        k = float(cfg.order)
+        if cfg.kind == "pi":
+            # Gustafsson's PI controller on accepted steps; plain I-control after a rejection.
+            safe_prev = prev_ratio.clamp_min(1e-10)
+            pi = cfg.safety * r.pow(-cfg.pi_alpha / k) * safe_prev.pow(cfg.pi_beta / k)
+            i_ctrl = cfg.safety * r.pow(-1.0 / k)
+            factor = torch.where(accept, pi, torch.minimum(i_ctrl, torch.ones_like(i_ctrl)))
+        else:
+            factor = cfg.safety * r.pow(-1.0 / k)
+        # As torchdiffeq: no shrink after an accepted step, growth capped by ifactor, shrink floored by dfactor.
+        lower = torch.where(r < 1.0, torch.ones_like(r), torch.full_like(r, cfg.dfactor))
+        factor = torch.minimum(torch.maximum(factor, lower), torch.full_like(r, cfg.ifactor))
+        factor = torch.where(r == 0.0, torch.full_like(r, cfg.ifactor), factor)
+        h_next = (h * factor).clamp(cfg.min_step, cfg.max_step)
+        h_next = torch.where(running, h_next, h)
+        new_prev = torch.where(accept, r.clamp_min(1e-10), prev_ratio)
+        return accept, h_next, new_prev
+
+    def interpolate(self, tableau, y, K, h, theta):
+        dense = torch.tensor(tableau.dense, dtype=y.dtype, device=y.device)  # [S, P]
+        P = dense.shape[1]
+        th = theta.to(y.dtype)
+        powers = torch.stack([th ** (p + 1) for p in range(P)], dim=1)  # [G, P]
+        w = powers @ dense.T  # [G, S]
+        acc = None
+        for j, k in enumerate(K):
+            if not any(tableau.dense[j]):
+                continue
+            term = w[:, j : j + 1] * k
+            acc = term if acc is None else acc + term
+        return torch.addcmul(y, h.to(y.dtype).unsqueeze(1), acc)
