@@ -94,7 +94,10 @@ def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method:
     solver = get_solver(method)
     method = method or "dopri5"
     options = check_options(options, solver.adaptive, method)
-    per_sample = _flag(options, "per_sample", False) if solver.adaptive else False
+    per_sample = _flag(options, "per_sample", False)
+    if per_sample and not solver.adaptive:
+        raise ValueError(f"options['per_sample']=True needs an adaptive method (per-sample step control); "
+                         f"{method!r} is a fixed-grid method")
     if event_fn is not None and not callable(event_fn):
         raise TypeError(f"event_fn must be callable as event_fn(t, y), got {type(event_fn).__name__}")
     spec = check_y0(y0, per_sample)

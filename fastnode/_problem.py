@@ -18,7 +18,7 @@ ADAPTIVE_OPTIONS = {
     "first_step", "safety", "ifactor", "dfactor", "max_num_steps", "step_t", "jump_t", "min_step", "max_step",
     "norm", "dtype", "per_sample", "backend", "on_failure", "controller", "pi_alpha", "pi_beta",
 }
-FIXED_OPTIONS = {"step_size", "grid_constructor", "interp", "perturb", "dtype", "backend"}
+FIXED_OPTIONS = {"step_size", "grid_constructor", "interp", "perturb", "dtype", "backend", "per_sample"}
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Benchmark suite for fastnode (run with ``make bench``; not part of the test suite)."""
