@@ -31,6 +31,7 @@ test: deps
 	$(PY) -m pytest -q tests
 
 bench: deps-bench
+	mkdir -p $(BENCH_OUT)
 	$(PY) -m pytest -q bench --benchmark-json=$(BENCH_OUT)/bench.json -p no:cacheprovider
 	$(PY) bench/report.py $(BENCH_OUT)/bench.json --out $(BENCH_OUT)/table.md
 

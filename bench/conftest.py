@@ -13,7 +13,6 @@ from __future__ import annotations
 import fnmatch
 import os
 
-import pytest
 import torch
 
 if "FASTNODE_BENCH_THREADS" in os.environ:

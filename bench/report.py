@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Turns a pytest-benchmark JSON file from ``bench/`` into a Markdown table (standard library only).
+
+Usage::
+
+    python bench/report.py bench/results/cpu/bench.json --out bench/results/cpu/table.md
+
+One row per benchmark: problem, tolerance, mode, provider, median time, time relative to torchdiffeq on the same
+problem/tolerance/mode, NFE, accepted/rejected steps, maximum relative error against the scipy reference, the median
+time of one ``func`` call and the overhead ``t_solve / (NFE * t_func) - 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+BASELINE = "torchdiffeq"
+
+COLUMNS = (
+    "problem",
+    "tol",
+    "mode",
+    "provider",
+    "median (ms)",
+    "time / torchdiffeq",
+    "NFE",
+    "accepted/rejected",
+    "max rel err",
+    "t_func (ms)",
+    "overhead",
+)
+
+
+def _fmt_num(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _fmt_count(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+
+
+def _steps(info: dict) -> str:
+    """``acc/rej`` for shared-step solvers; ``mean/mean (max acc/rej)`` for per-sample ones."""
+    acc_mean, acc_max = info.get("n_accepted_mean"), info.get("n_accepted_max")
+    rej_mean, rej_max = info.get("n_rejected_mean"), info.get("n_rejected_max")
+    if acc_mean is None or rej_mean is None:
+        return "–"
+    text = f"{_fmt_count(acc_mean)}/{_fmt_count(rej_mean)}"
+    if info.get("per_sample") and (acc_max != acc_mean or rej_max != rej_mean):
+        text += f" (max {_fmt_count(acc_max)}/{_fmt_count(rej_max)})"
+    return text
+
+
+def _overhead(info: dict, median_s: float) -> float | None:
+    # Recomputed from the median when the benchmark could not store it (e.g. an older JSON).
+    if info.get("overhead") is not None:
+        return info["overhead"]
+    nfe, t_func = info.get("nfe"), info.get("t_func_s")
+    if not nfe or not t_func:
+        return None
+    return median_s / (nfe * t_func) - 1.0
+
+
+def build_rows(data: dict) -> list[list[str]]:
+    """Builds the table rows from pytest-benchmark JSON ``data``, grouped by problem/tolerance/mode.
+
+    Args:
+        data: Parsed pytest-benchmark JSON.
+
+    Returns:
+        Rows of cell strings in :data:`COLUMNS` order.
+    """
+    entries = []
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        key = (info.get("problem", bench.get("group") or "?"), info.get("tolerance", "–"), info.get("mode", "–"))
+        entries.append((key, info.get("provider", bench.get("name", "?")), bench["stats"]["median"], info))
+
+    baseline = {key: median for key, provider, median, _ in entries if provider == BASELINE}
+    order: dict[tuple, int] = {}
+    for key, *_ in entries:
+        order.setdefault(key, len(order))
+    entries.sort(key=lambda e: order[e[0]])  # stable: providers keep their run order within a group
+
+    rows = []
+    for (problem, tol, mode), provider, median, info in entries:
+        base = baseline.get((problem, tol, mode))
+        overhead = _overhead(info, median)
+        t_func = info.get("t_func_s")
+        rows.append(
+            [
+                problem,
+                tol,
+                mode,
+                provider,
+                f"{median * 1e3:.2f}",
+                f"{median / base:.2f}" if base else "–",
+                _fmt_count(info.get("nfe")),
+                _steps(info),
+                _fmt_num(info.get("max_rel_error"), ".1e"),
+                _fmt_num(None if t_func is None else t_func * 1e3, ".3f"),
+                _fmt_num(overhead, ".2f"),
+            ]
+        )
+    return rows
+
+
+def _header(data: dict) -> list[str]:
+    machine = data.get("machine_info", {})
+    commit = data.get("commit_info", {})
+    first = next(iter(data.get("benchmarks", [])), {}).get("extra_info", {})
+    cpu = machine.get("cpu", {}).get("brand_raw") or machine.get("processor") or "?"
+    parts = [
+        f"device {first.get('device', '?')}",
+        f"CPU {cpu}",
+        f"torch {first.get('torch_version', machine.get('torch_version', '?'))}",
+        f"threads {first.get('torch_threads', machine.get('torch_threads', '?'))}",
+        f"torchdiffeq {first.get('torchdiffeq_version', '?')}",
+        f"torchode {first.get('torchode_version', '?')}",
+        f"fastnode {first.get('fastnode_version', '?')}",
+    ]
+    if commit.get("id"):
+        parts.append(f"commit {commit['id'][:10]}{' (dirty)' if commit.get('dirty') else ''}")
+    if data.get("datetime"):
+        parts.append(data["datetime"][:19])
+    return ["# fastnode benchmarks", "", ", ".join(parts), ""]
+
+
+def _footer() -> list[str]:
+    notes = (
+        "time / torchdiffeq: median time over torchdiffeq's on the same problem, tolerance and mode (< 1 is faster).",
+        (
+            "NFE: batch-wide `func` calls. accepted/rejected: steps; per-sample solvers show the mean over samples"
+            " and, in parentheses, the maximum."
+        ),
+        (
+            "max rel err: max over samples and output times of |y - y_ref|_inf / |y_ref|_inf, y_ref from scipy"
+            " DOP853 at rtol = atol = 1e-12."
+        ),
+        "t_func: median time of one `func` call on the whole batch (forward + backward in `full` mode).",
+        "overhead: t_solve / (NFE x t_func) - 1, the solver's own cost relative to the unavoidable `func` work.",
+        (
+            "modes: `fwd` = one solve under no_grad; `full` = solve + gradient of sum(ys) w.r.t. y0 and parameters"
+            " by backpropagation through the solver."
+        ),
+    )
+    return ["", *(f"- {n}" for n in notes)]
+
+
+def render(data: dict) -> str:
+    """Renders the whole Markdown document for pytest-benchmark JSON ``data``.
+
+    Args:
+        data: Parsed pytest-benchmark JSON.
+    """
+    rows = build_rows(data)
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(COLUMNS)]
+    numeric = set(range(4, len(COLUMNS)))
+
+    def line(cells: list[str]) -> str:
+        padded = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in numeric else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
+    body = [line(list(COLUMNS)), rule, *(line(r) for r in rows)] if rows else ["(no benchmarks in the JSON file)"]
+    return "\n".join(_header(data) + body + _footer()) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path, help="pytest-benchmark JSON (--benchmark-json output)")
+    parser.add_argument("--out", type=Path, help="also write the Markdown here")
+    args = parser.parse_args(argv)
+    try:
+        data = json.loads(args.json.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        parser.error(f"json: cannot read {args.json}: {exc}")
+    text = render(data)
+    sys.stdout.write(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
