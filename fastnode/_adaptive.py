@@ -59,6 +59,7 @@ def _failure_message(spec: StateSpec, status: torch.Tensor, t_user: torch.Tensor
                      max_steps: int, t_end_user: torch.Tensor) -> tuple[str, list, list]:
     bad = (status != st.SUCCESS).nonzero().flatten().tolist()
     codes = status.tolist()
+    n_att = n_att.tolist()
     times = t_user.tolist()
     ends = t_end_user.tolist()
     lines = []
@@ -69,8 +70,12 @@ def _failure_message(spec: StateSpec, status: torch.Tensor, t_user: torch.Tensor
             what += f" ({max_steps} step attempts; increase options['max_num_steps'])"
         elif codes[i] == st.STEP_UNDERFLOW:
             what += " (the step size became too small to advance; the problem may be stiff or singular there)"
+        elif codes[i] == st.NON_FINITE and n_att[i] == 0:
+            what = "func returned non-finite values (NaN/inf) at the initial time and state"
         elif codes[i] == st.NON_FINITE:
             what = "func returned non-finite values (NaN/inf) and no smaller step avoided them"
+        elif codes[i] == st.TIME_OVERFLOW:
+            what += " (no end time: event_fn never crossed zero and the step grew without bound)"
         lines.append(f"{who}: {what} at t={times[i]:.17g} (integrating to t={ends[i]:.17g})")
     more = f" (and {len(bad) - 10} more samples)" if len(bad) > 10 else ""
     msg = "ODE solve failed: " + "; ".join(lines) + more
@@ -135,30 +140,12 @@ def solve_adaptive(
         stop_grid = torch.cat([stop_grid, stop_grid.new_full((1,), math.inf)])
 
     k1 = f(t, y0)
+    # A non-finite derivative at the start cannot be fixed by any step size: those groups fail at once.
     with torch.no_grad():
         bad0 = ~torch.isfinite(k1).all(dim=1)
-    if bool(bad0.any()):
-        sync.n += 1
-        idx = bad0.nonzero().flatten().tolist()
-        who = f"sample(s) {idx[:10]}" if spec.per_sample else "the initial state"
-        raise st.SolverError(f"func returned non-finite values (NaN/inf) at the initial time "
-                             f"t={float(t[idx[0]] * f.sign):.17g} for {who}", samples=idx)
-    sync.n += 1
-    if first_step is not None:
-        h = torch.full((G,), float(first_step), dtype=tdt, device=dev)
-    else:
-        h = select_initial_step(f, t.detach(), y0.detach(), k1.detach(), ctrl.order, rtol, atol, norm)
-    h = h.clamp(ctrl.min_step, ctrl.max_step)
-
-    y = y0
-    status = torch.zeros(G, dtype=torch.int8, device=dev)
-    n_att = torch.zeros(G, dtype=torch.int64, device=dev)
-    n_acc = torch.zeros(G, dtype=torch.int64, device=dev)
-    prev_ratio = torch.ones(G, dtype=tdt, device=dev)
-    last_nonfinite = torch.zeros(G, dtype=torch.bool, device=dev)
-    next_idx = torch.ones(G, dtype=torch.int64, device=dev)
-    running = t < t_end
-
+    status = torch.where(bad0, st.NON_FINITE, 0).to(torch.int8)
+    k1 = torch.where(bad0.unsqueeze(1), torch.zeros_like(k1), k1)
+    running = (t < t_end) & (status == 0)
     if event_fn is not None:
         with torch.no_grad():
             sign0 = torch.sign(event_fn(t, y0))
@@ -168,11 +155,28 @@ def solve_adaptive(
         ev_h = torch.zeros_like(t)
         ev_y = y0
         ev_K = None
+    # The set-up's one transfer: a failure at the start (raise before stepping) and whether anything runs.
+    any_failed, any_running = sync.fetch(torch.stack([(status != 0).any(), running.any()]))
+
+    h = torch.zeros(G, dtype=tdt, device=dev)
+    if any_running and not (any_failed and on_failure == "raise"):
+        if first_step is not None:
+            h = torch.full((G,), float(first_step), dtype=tdt, device=dev)
+        else:
+            h = select_initial_step(f, t.detach(), y0.detach(), k1.detach(), ctrl.order, rtol, atol, norm)
+        h = h.clamp(ctrl.min_step, ctrl.max_step)
+
+    y = y0
+    n_att = torch.zeros(G, dtype=torch.int64, device=dev)
+    n_acc = torch.zeros(G, dtype=torch.int64, device=dev)
+    prev_ratio = torch.ones(G, dtype=tdt, device=dev)
+    last_nonfinite = torch.zeros(G, dtype=torch.bool, device=dev)
+    next_idx = torch.ones(G, dtype=torch.int64, device=dev)
 
     S = tableau.num_stages
     c = tableau.c
     iterations = 0
-    while True:
+    while any_running and not (any_failed and on_failure == "raise"):
         iterations += 1
         with torch.no_grad():
             limit = t_end
@@ -210,6 +214,9 @@ def solve_adaptive(
             n_acc += accept.long()
             t_fut = torch.where(accept, t_new.detach(), t.detach())
             underflow = rejected & ((t_fut + h_next) <= t_fut)
+            # Without an end time (events) a solution that never triggers would grow the step to inf.
+            overflow = running & ~torch.isfinite(t_fut + h_next)
+            status = torch.where(overflow & (status == 0), st.TIME_OVERFLOW, status)
             status = torch.where(nonfinite_new | (underflow & last_nonfinite), st.NON_FINITE, status)
             status = torch.where(underflow & ~last_nonfinite & (status == 0), st.STEP_UNDERFLOW, status)
             status = torch.where((n_att >= max_num_steps) & (t_fut < t_end) & (status == 0), st.MAX_STEPS, status)
@@ -270,10 +277,6 @@ def solve_adaptive(
             k1 = torch.where(jumped.unsqueeze(1), k_far, k1)
 
         running = running_next
-        if any_failed and on_failure == "raise":
-            break
-        if not any_running:
-            break
 
     stats.n_iterations = iterations
     stats.n_host_syncs += sync.n

@@ -209,12 +209,16 @@ def _num(options, key, default, *, lo=None, hi=None, lo_open=False, integer=Fals
         v = v.item()
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"options['{key}'] must be a number, got {type(v).__name__}")
-    if integer and int(v) != v:
-        raise TypeError(f"options['{key}'] must be an integer, got {v}")
     if math.isnan(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
         rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
         raise ValueError(f"options['{key}'] must be in {rng}, got {v}")
-    return int(v) if integer else float(v)
+    if integer:
+        if math.isinf(v):
+            return 2**63 - 1  # no limit
+        if int(v) != v:
+            raise TypeError(f"options['{key}'] must be an integer, got {v}")
+        return int(v)
+    return float(v)
 
 
 def check_options(options, adaptive: bool, method: str) -> dict:

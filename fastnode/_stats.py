@@ -13,8 +13,9 @@ SUCCESS = 0
 MAX_STEPS = 1
 STEP_UNDERFLOW = 2
 NON_FINITE = 3
+TIME_OVERFLOW = 4
 STATUS_NAMES = {SUCCESS: "success", MAX_STEPS: "max_num_steps exceeded", STEP_UNDERFLOW: "step size underflow",
-                NON_FINITE: "non-finite values (NaN/inf) from func"}
+                NON_FINITE: "non-finite values (NaN/inf) from func", TIME_OVERFLOW: "time overflowed to infinity"}
 
 IntOrTensor = Union[int, torch.Tensor]
 
