@@ -15,15 +15,19 @@ Example:
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from bench.problems import Problem, Tolerance
+
+if TYPE_CHECKING:  # typing.Self needs Python 3.11; the package supports 3.10
+    from typing_extensions import Self
 
 METHOD = "dopri5"
 
@@ -352,3 +356,47 @@ def time_func(func: nn.Module, t: torch.Tensor, y: torch.Tensor, backward: bool,
         _sync(y.device)
         samples.append((time.perf_counter() - start) / per_block)
     return statistics.median(samples)
+
+
+class ForeignCPU:
+    """Measures how much CPU other processes used while a block of code ran (Linux; ``None`` elsewhere).
+
+    CPU timings on a shared machine are only meaningful when nothing else ran: torch's intra-op threads spin-wait,
+    so one competing process can slow a small solve several-fold. The load average reacts too slowly to catch a
+    short burst; the difference between the machine's busy time (``/proc/stat``) and this process's own CPU time over
+    the same window does.
+
+    Example:
+        >>> with ForeignCPU() as fc:
+        ...     run_benchmark()
+        >>> fc.cores  # average number of cores used by other processes meanwhile
+    """
+
+    def __init__(self) -> None:
+        self.cores: float | None = None
+        self._start: tuple[float, float, float] | None = None
+
+    @staticmethod
+    def _snapshot() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                vals = [int(v) for v in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = (sum(vals) - vals[3] - vals[4]) / tick  # everything but idle and iowait
+        own = os.times()
+        return busy, own.user + own.system, time.perf_counter()
+
+    def __enter__(self) -> Self:
+        self._start = self._snapshot()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._snapshot()
+        if self._start is None or end is None:
+            return
+        wall = end[2] - self._start[2]
+        if wall > 0:
+            foreign = (end[0] - self._start[0]) - (end[1] - self._start[1])
+            self.cores = max(0.0, foreign / wall)

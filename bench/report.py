@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 
 BASELINE = "torchdiffeq"
+# Average cores used by other processes during a benchmark above which its timing is marked as suspect.
+FOREIGN_CPU_LIMIT = 0.25
+_FOREIGN_KEYS = ("foreign_cpu_cores", "t_func_foreign_cpu_cores")
 
 COLUMNS = (
     "problem",
@@ -54,6 +57,11 @@ def _steps(info: dict) -> str:
     if info.get("per_sample") and (acc_max != acc_mean or rej_max != rej_mean):
         text += f" (max {_fmt_count(acc_max)}/{_fmt_count(rej_max)})"
     return text
+
+
+def _disturbed(info: dict, *keys: str) -> bool:
+    """Whether other processes used more than FOREIGN_CPU_LIMIT cores during any of the measurements ``keys``."""
+    return any((info.get(k) or 0) > FOREIGN_CPU_LIMIT for k in keys)
 
 
 def _overhead(info: dict, median_s: float) -> float | None:
@@ -98,13 +106,15 @@ def build_rows(data: dict) -> list[list[str]]:
                 tol,
                 mode,
                 provider,
-                f"{median * 1e3:.2f}",
+                f"{median * 1e3:.2f}" + ("*" if _disturbed(info, "foreign_cpu_cores") else ""),
                 f"{median / base:.2f}" if base else "–",
                 _fmt_count(info.get("nfe")),
                 _steps(info),
                 _fmt_num(info.get("max_rel_error"), ".1e"),
-                _fmt_num(None if t_func is None else t_func * 1e3, ".3f"),
-                _fmt_num(overhead, ".2f"),
+                _fmt_num(None if t_func is None else t_func * 1e3, ".3f")
+                + ("*" if _disturbed(info, "t_func_foreign_cpu_cores") else ""),
+                _fmt_num(overhead, ".2f")
+                + ("*" if _disturbed(info, "foreign_cpu_cores", "t_func_foreign_cpu_cores") else ""),
             ]
         )
     return rows
@@ -128,7 +138,18 @@ def _header(data: dict) -> list[str]:
         parts.append(f"commit {commit['id'][:10]}{' (dirty)' if commit.get('dirty') else ''}")
     if data.get("datetime"):
         parts.append(data["datetime"][:19])
-    return ["# fastnode benchmarks", "", ", ".join(parts), ""]
+    lines = ["# fastnode benchmarks", "", ", ".join(parts), ""]
+    flagged = [b for b in data.get("benchmarks", []) if _disturbed(b.get("extra_info", {}), *_FOREIGN_KEYS)]
+    if flagged:
+        lines += [
+            (
+                f"**Warning:** other processes used more than {FOREIGN_CPU_LIMIT} of a core during {len(flagged)}"
+                " benchmark(s) (the disturbed median or t_func is marked `*`, and the overhead with it): those numbers"
+                " are suspect; rerun on a quiet machine."
+            ),
+            "",
+        ]
+    return lines
 
 
 def _footer() -> list[str]:
