@@ -174,68 +174,88 @@ def solve_adaptive(
     next_idx = torch.ones(G, dtype=torch.int64, device=dev)
 
     S = tableau.num_stages
-    c = tableau.c
+    c_col = torch.tensor(tableau.c, dtype=tdt, device=dev).unsqueeze(1)  # [S, 1]
+    ydt = y0.dtype
+    zero_i = torch.zeros((), dtype=torch.int64, device=dev)
+    code = {k: torch.tensor(k, dtype=torch.int8, device=dev) for k in st.STATUS_NAMES}
+    # Gradients w.r.t. the times flow only if some time tensor needs them (the step size itself is detached).
+    time_grad = torch.is_grad_enabled() and (t_out.requires_grad)
+    step_to_outputs = tableau.step_to_outputs and event_fn is None
     iterations = 0
     while any_running and not (any_failed and on_failure == "raise"):
         iterations += 1
         with torch.no_grad():
+            t_d = t.detach()
             limit = t_end
+            if step_to_outputs:
+                nxt_out = torch.searchsorted(t_out, t_d.unsqueeze(1), right=True).squeeze(1).clamp_max(T - 1)
+                limit = t_out[rows, nxt_out]
             if stop_grid is not None:
-                nxt = stop_grid[torch.searchsorted(stop_grid, t.detach(), right=True)]
-                limit = torch.minimum(limit, nxt)
-            room = limit - t.detach()
-            clipped = h >= room
-            h_ctl = torch.where(running, torch.where(clipped, room, h), torch.zeros_like(h))
-        # The step is differentiable in the times (via `room`, which carries t's graph) but not in the
-        # controller's choice: h_eff = room when clipped, else the detached h.
-        h_eff = torch.where(running & clipped, limit - t, h_ctl)
-        t_new = torch.where(running & clipped, limit, t + h_eff)
+                limit = torch.minimum(limit, stop_grid[torch.searchsorted(stop_grid, t_d, right=True)])
+            room = limit - t_d
+            clipped = running & (h >= room)
+            h_ctl = torch.where(clipped, room, h).mul_(running)
+        if time_grad:
+            # Differentiable in the times (through `limit - t`) but not in the controller's choice of h.
+            h_eff = torch.where(clipped, limit - t, h_ctl)
+            t_new = torch.where(clipped, limit, t + h_eff)
+        else:
+            h_eff = h_ctl
+            with torch.no_grad():
+                t_new = torch.where(clipped, limit, t_d + h_ctl)
+        # All stage times at once: [S, G]; the last stage of every (FSAL-form) tableau sits at t_new.
+        t_stage = torch.addcmul(t, c_col, h_eff)
+        hy = h_eff.to(ydt)
 
         K = ops.new_stages(tableau, y)
         K = ops.set_stage(K, 0, k1)
         for i in range(1, S):
-            yi = ops.stage_input(tableau, i, y, K, h_eff)
-            ti = t_new if c[i] == 1.0 else t + c[i] * h_eff
-            K = ops.set_stage(K, i, f(ti, yi))
-        y_new, ratio = ops.step_finish(tableau, y, K, h_eff, rtol, atol, norm)
+            yi = ops.stage_input(tableau, i, y, K, hy)
+            K = ops.set_stage(K, i, f(t_new if i == S - 1 else t_stage[i], yi))
+        y_new, ratio = ops.step_finish(tableau, y, K, hy, rtol, atol, norm)
+        k_last = ops.stage(K, S - 1)
 
         with torch.no_grad():
-            finite_y = torch.isfinite(y_new).all(dim=1)
-            ratio = torch.where(finite_y, ratio.to(tdt), torch.full_like(h, math.inf))
+            # One pass flags a non-finite new state or derivative (the sum is non-finite iff either is,
+            # barring overflow of the sum itself, which is as good as non-finite here).
+            new_ok = torch.isfinite(y_new + k_last).all(dim=1)
+            ratio = torch.where(new_ok, ratio.to(tdt), math.inf)
             accept, h_next, prev_ratio = ops.controller(ctrl, h_ctl, ratio, prev_ratio, running)
-            # The derivative at the new state must be finite, or no later step can succeed.
-            k_last = ops.stage(K, S - 1)
-            k_ok = torch.isfinite(k_last).all(dim=1)
-            nonfinite_new = accept & ~k_ok
-            accept = accept & k_ok
-            rejected = running & ~accept
-            last_nonfinite = torch.where(running, ~torch.isfinite(ratio) | nonfinite_new, last_nonfinite)
-            n_att += running.long()
-            n_acc += accept.long()
-            t_fut = torch.where(accept, t_new.detach(), t.detach())
-            underflow = rejected & ((t_fut + h_next) <= t_fut)
-            # Without an end time (events) a solution that never triggers would grow the step to inf.
-            overflow = running & ~torch.isfinite(t_fut + h_next)
-            status = torch.where(overflow & (status == 0), st.TIME_OVERFLOW, status)
-            status = torch.where(nonfinite_new | (underflow & last_nonfinite), st.NON_FINITE, status)
-            status = torch.where(underflow & ~last_nonfinite & (status == 0), st.STEP_UNDERFLOW, status)
-            status = torch.where((n_att >= max_num_steps) & (t_fut < t_end) & (status == 0), st.MAX_STEPS, status)
+            # A step shortened to land on a stop is no evidence for a smaller step: keep the proposal.
+            h_next = torch.where(clipped & accept, torch.maximum(h_next, h), h_next)
+            t_new_d = t_new.detach()
+            n_att += running
+            n_acc += accept
+            t_fut = torch.where(accept, t_new_d, t_d)
+            # Failures: a rejected step that can no longer move t (underflow: non-finite if the rejections
+            # came from NaN/inf, else a genuine underflow), a step grown to inf (events with no end time),
+            # the step budget spent with time left.
+            t_try = t_fut + h_next
+            stuck = running & ((~accept & (t_try <= t_fut)) | torch.isinf(t_try) |
+                               ((n_att >= max_num_steps) & (t_fut < t_end)))
+            last_nonfinite = torch.where(running, ~new_ok, last_nonfinite)
+            fail = torch.where(~accept & (t_try <= t_fut),
+                               torch.where(last_nonfinite, code[st.NON_FINITE], code[st.STEP_UNDERFLOW]),
+                               torch.where(torch.isinf(t_try), code[st.TIME_OVERFLOW], code[st.MAX_STEPS]))
+            status = torch.where(stuck, fail, status)
             jumped = None
             if jump_t is not None and jump_t.numel():
-                j_idx = torch.searchsorted(jump_t, t_new.detach()).clamp_max(jump_t.numel() - 1)
-                jumped = accept & clipped & (jump_t[j_idx] == t_new.detach())
+                j_idx = torch.searchsorted(jump_t, t_new_d).clamp_max(jump_t.numel() - 1)
+                jumped = accept & clipped & (jump_t[j_idx] == t_new_d)
             if event_fn is None:
-                n_le = torch.searchsorted(t_out, t_new.detach().unsqueeze(1), right=True).squeeze(1)
-                crossed = torch.where(accept, n_le - next_idx, torch.zeros_like(next_idx))
+                n_le = torch.searchsorted(t_out, t_new_d.unsqueeze(1), right=True).squeeze(1)
+                crossed = torch.where(accept, n_le - next_idx, zero_i)
+                running_next = running & (t_fut < t_end) & ~stuck
             else:
-                ev = event_fn(t_new.detach(), y_new.detach())
+                ev = event_fn(t_new_d, y_new.detach())
                 newly = accept & ((torch.sign(ev) != sign0) | (ev == 0))
-                crossed = torch.zeros_like(next_idx)
+                crossed = zero_i
+                running_next = running & ~newly & ~stuck
 
         y_old, t_old = y, t
         acc2 = accept.unsqueeze(1)
         y = torch.where(acc2, y_new, y)
-        t = torch.where(accept, t_new, t)
+        t = torch.where(accept, t_new, t) if time_grad else t_fut
         k1 = torch.where(acc2, k_last, k1)
         h = h_next
 
@@ -246,25 +266,21 @@ def solve_adaptive(
             ev_h = torch.where(newly, h_eff.detach(), ev_h)
             ev_y = torch.where(newly.unsqueeze(1), y_old, ev_y)
             ev_K = list(K) if ev_K is None else [torch.where(newly.unsqueeze(1), k, e) for k, e in zip(K, ev_K)]
-            running_next = running & ~newly & (status == 0)
-        else:
-            running_next = running & (t.detach() < t_end) & (status == 0)
 
-        packet = torch.stack([
-            running_next.any().to(torch.int64),
-            crossed.max(),
-            (status != 0).any().to(torch.int64),
-            (jumped.any() if jumped is not None else torch.zeros((), dtype=torch.bool, device=dev)).to(torch.int64),
-        ])
-        any_running, n_cross, any_failed, any_jump = sync.fetch(packet)
+        flags = [running_next.any(), stuck.any()] + ([jumped.any()] if jumped is not None else [])
+        packet = torch.cat([torch.stack(flags).to(torch.int64), crossed.max().reshape(1)])
+        got = sync.fetch(packet)
+        any_running, any_failed = got[0], got[1]
+        any_jump = got[2] if jumped is not None else 0
+        n_cross = got[-1]
 
         for m in range(n_cross):
             j = next_idx + m
             valid = m < crossed
-            jj = torch.where(valid, j, torch.full_like(j, T))
+            jj = torch.where(valid, j, T)
             tj = t_out[rows, j.clamp_max(T - 1)]
-            theta = (tj - t_old) / torch.where(h_eff > 0, h_eff, torch.ones_like(h_eff))
-            val = ops.interpolate(tableau, y_old, K, h_eff, theta)
+            theta = (tj - t_old) / torch.where(h_eff > 0, h_eff, 1.0)
+            val = ops.interpolate(tableau, y_old, K, hy, theta)
             # Exactly at the step's end the solution itself is returned (no interpolation rounding).
             val = torch.where((tj == t_new).unsqueeze(1), y_new, val)
             out.index_put_((jj, rows), val)
@@ -309,14 +325,14 @@ def solve_adaptive(
         n_bisect = 60 if tdt == torch.float64 else 30
         for _ in range(n_bisect):
             mid = 0.5 * (lo + hi)
-            ym = ops.interpolate(tableau, ev_y, ev_K, ev_h, mid)
+            ym = ops.interpolate(tableau, ev_y, ev_K, ev_h.to(ydt), mid)
             sm = torch.sign(event_fn(ev_lo + mid * ev_h, ym))
             same = sm == sign0
             lo = torch.where(same, mid, lo)
             hi = torch.where(same, hi, mid)
         theta = torch.where(zero_start, torch.zeros_like(hi), hi)
     event_tau = ev_lo + theta * ev_h
-    y_ev = ops.interpolate(tableau, ev_y, ev_K, ev_h, theta)
+    y_ev = ops.interpolate(tableau, ev_y, ev_K, ev_h.to(ydt), theta)
     y_ev = torch.where(zero_start.unsqueeze(1), ev_y, y_ev)
     not_fired = ~fired
     if bool(not_fired.any()):

@@ -63,6 +63,8 @@ class StateSpec:
     def unflatten(self, y: torch.Tensor, lead: Sequence[int] = ()):
         """[*lead, G, N] -> user-shaped tensor(s) with leading dims ``lead``."""
         lead = tuple(lead)
+        if not self.is_tuple:
+            return y.reshape(*lead, *self.shapes[0])
         out = []
         for (s, e), shape in zip(self.segments, self.shapes):
             out.append(y[..., s:e].reshape(*lead, *shape))
@@ -273,7 +275,9 @@ class FlatFunc:
 
     def user_time(self, tau: torch.Tensor, perturb: int = 0) -> torch.Tensor:
         """tau: [G] -> what func receives: 0-d (shared) or [B] (per-sample), in the state dtype."""
-        t = (tau * self.sign).to(self.spec.dtype)
+        t = tau.to(self.spec.dtype)
+        if self.sign < 0:
+            t = -t
         if perturb:
             # One-sided evaluation at a discontinuity: the next representable time in the direction
             # perturb * (integration direction), in the dtype func sees.

@@ -41,6 +41,8 @@ class ButcherTableau:
         b: [S] solution weights.
         e: [S] error weights (solution minus embedded solution), or ``None`` for fixed-step methods.
         dense: optional published dense-output matrix ``[S, P]`` (see module docstring).
+        step_to_outputs: step exactly onto every output time instead of interpolating, for methods whose
+            dense output is far less accurate than their steps.
     """
 
     name: str
@@ -50,6 +52,7 @@ class ButcherTableau:
     b: Sequence[float]
     e: Sequence[float] | None = None
     dense: Sequence[Sequence[float]] | None = None
+    step_to_outputs: bool = False
     # Derived in __post_init__ (FSAL form).
     fsal_appended: bool = field(default=False, init=False)
     dense_order: int = field(default=0, init=False)

@@ -3,13 +3,14 @@
 Shapes: the solver works on a flattened state ``y: [G, N]`` where ``G`` is the number of independently
 controlled groups (1 in shared mode, the batch size ``B`` in per-sample mode). Stages are kept in a stage
 store (here a list of ``[G, N]`` tensors, so autograd can track each one); ``h: [G]`` holds the step sizes
-in the time dtype. Everything that only steers the step-size control (error ratio, controller) runs
+in the state dtype (the controller works on them in the time dtype). Everything that only steers the step-size control (error ratio, controller) runs
 without autograd: gradients flow through the stages, the solution and the interpolation, never through
 the choice of step size.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -56,7 +57,7 @@ class StepOps:
         raise NotImplementedError
 
     def stage_input(self, tableau: ButcherTableau, i: int, y, K, h) -> torch.Tensor:
-        """``y + h * sum_{j<i} a_ij k_j``: ``y: [G, N]``, ``h: [G]`` -> [G, N]."""
+        """``y + h * sum_{j<i} a_ij k_j``: ``y: [G, N]``, ``h: [G]`` (state dtype) -> [G, N]."""
         raise NotImplementedError
 
     def solution(self, tableau: ButcherTableau, y, K, h) -> torch.Tensor:
@@ -76,17 +77,21 @@ class StepOps:
         raise NotImplementedError
 
 
-def _combine(y: torch.Tensor, K: list, h: torch.Tensor, weights) -> torch.Tensor:
-    """``y + h[:, None] * sum_j w_j K[j]`` with Python-float weights (zeros skipped)."""
+def _lincomb(K: list, weights) -> Optional[torch.Tensor]:
+    """``sum_j w_j K[j]`` with Python-float weights (zeros skipped); ``None`` if all weights are zero."""
     acc = None
     for w, k in zip(weights, K):
         if w == 0.0:
             continue
         # NOTE: acc is a fresh tensor, so accumulating into it in place is autograd-safe and saves S temporaries.
         acc = k * w if acc is None else acc.add_(k, alpha=w)
-    if acc is None:
-        return y
-    return torch.addcmul(y, h.to(y.dtype).unsqueeze(1), acc)
+    return acc
+
+
+def _combine(y: torch.Tensor, K: list, h: torch.Tensor, weights) -> torch.Tensor:
+    """``y + h[:, None] * sum_j w_j K[j]``; ``h: [G]`` in the state dtype."""
+    acc = _lincomb(K, weights)
+    return y if acc is None else torch.addcmul(y, h.unsqueeze(1), acc)
 
 
 class TorchStepOps(StepOps):
@@ -116,41 +121,38 @@ class TorchStepOps(StepOps):
     def step_finish(self, tableau, y, K, h, rtol, atol, norm):
         y_new = _combine(y, K, h, tableau.b)
         with torch.no_grad():
-            err = _combine(torch.zeros_like(y), K, h, tableau.e)
+            err = _lincomb(K, tableau.e).mul_(h.unsqueeze(1))
             scale = torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
-            ratio = norm(err / scale)
+            ratio = norm(err.div_(scale))
         return y_new, ratio
 
     @torch.no_grad()
     def controller(self, cfg, h, ratio, prev_ratio, running):
-        ratio = ratio.to(h.dtype)
-        finite = torch.isfinite(ratio)
-        r = torch.where(finite, ratio, torch.full_like(ratio, float("inf")))
-        accept = (r <= 1.0) | (finite & (h <= cfg.min_step))
+        # NaN ratios (non-finite error) count as inf: rejected, and the step shrinks by dfactor.
+        r = torch.nan_to_num(ratio.to(h.dtype), nan=math.inf)
+        accept = r <= 1.0
+        if cfg.min_step > 0:
+            accept |= torch.isfinite(r) & (h <= cfg.min_step)
         accept &= running
         k = float(cfg.order)
+        factor = r.pow(-1.0 / k).mul_(cfg.safety)  # r == 0 gives inf, capped to ifactor below
         if cfg.kind == "pi":
-            # Gustafsson's PI controller on accepted steps; plain I-control after a rejection.
-            safe_prev = prev_ratio.clamp_min(1e-10)
-            pi = cfg.safety * r.pow(-cfg.pi_alpha / k) * safe_prev.pow(cfg.pi_beta / k)
-            i_ctrl = cfg.safety * r.pow(-1.0 / k)
-            factor = torch.where(accept, pi, torch.minimum(i_ctrl, torch.ones_like(i_ctrl)))
-        else:
-            factor = cfg.safety * r.pow(-1.0 / k)
+            # Gustafsson's PI controller on accepted steps; plain I-control (never growing) after a rejection.
+            pi = r.pow(-cfg.pi_alpha / k).mul_(prev_ratio.pow(cfg.pi_beta / k)).mul_(cfg.safety)
+            factor = torch.where(accept, pi, factor.clamp_max(1.0))
+            prev_ratio = torch.where(accept, r.clamp_min(1e-10), prev_ratio)
         # As torchdiffeq: no shrink after an accepted step, growth capped by ifactor, shrink floored by dfactor.
-        lower = torch.where(r < 1.0, torch.ones_like(r), torch.full_like(r, cfg.dfactor))
-        factor = torch.minimum(torch.maximum(factor, lower), torch.full_like(r, cfg.ifactor))
-        factor = torch.where(r == 0.0, torch.full_like(r, cfg.ifactor), factor)
-        h_next = (h * factor).clamp(cfg.min_step, cfg.max_step)
+        lower = torch.where(r < 1.0, 1.0, cfg.dfactor)
+        factor = torch.maximum(factor, lower).clamp_max_(cfg.ifactor)
+        h_next = (h * factor).clamp_(cfg.min_step, cfg.max_step)
         h_next = torch.where(running, h_next, h)
-        new_prev = torch.where(accept, r.clamp_min(1e-10), prev_ratio)
-        return accept, h_next, new_prev
+        return accept, h_next, prev_ratio
 
     def interpolate(self, tableau, y, K, h, theta):
-        dense = torch.tensor(tableau.dense, dtype=y.dtype, device=y.device)  # [S, P]
+        dense = _dense_tensor(tableau, y.dtype, y.device)  # [S, P]
         P = dense.shape[1]
-        th = theta.to(y.dtype)
-        powers = torch.stack([th ** (p + 1) for p in range(P)], dim=1)  # [G, P]
+        th = theta.to(y.dtype).unsqueeze(1)
+        powers = torch.cat([th ** (p + 1) for p in range(P)], dim=1)  # [G, P]
         w = powers @ dense.T  # [G, S]
         acc = None
         for j, k in enumerate(K):
@@ -158,4 +160,15 @@ class TorchStepOps(StepOps):
                 continue
             term = w[:, j : j + 1] * k
             acc = term if acc is None else acc + term
-        return torch.addcmul(y, h.to(y.dtype).unsqueeze(1), acc)
+        return torch.addcmul(y, h.unsqueeze(1), acc)
+
+
+_DENSE_CACHE: dict = {}
+
+
+def _dense_tensor(tableau: ButcherTableau, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (id(tableau), dtype, device)
+    hit = _DENSE_CACHE.get(key)
+    if hit is None or hit[0] is not tableau:
+        hit = _DENSE_CACHE[key] = (tableau, torch.tensor(tableau.dense, dtype=dtype, device=device))
+    return hit[1]
