@@ -123,7 +123,7 @@ def solve_adaptive(
     out[0] = y0
     rows = torch.arange(G, device=dev)
 
-    t = t_out[:, 0]
+    t = t_out[:, 0].contiguous()
     if event_fn is None:
         t_end = t_out[:, -1]
     else:
@@ -181,6 +181,8 @@ def solve_adaptive(
     # Gradients w.r.t. the times flow only if some time tensor needs them (the step size itself is detached).
     time_grad = torch.is_grad_enabled() and (t_out.requires_grad)
     step_to_outputs = tableau.step_to_outputs and event_fn is None
+    c_is_one = [ci == 1.0 for ci in tableau.c]
+    end_perturb = -1 if (jump_t is not None and jump_t.numel()) else 0
     iterations = 0
     while any_running and not (any_failed and on_failure == "raise"):
         iterations += 1
@@ -211,7 +213,12 @@ def solve_adaptive(
         K = ops.set_stage(K, 0, k1)
         for i in range(1, S):
             yi = ops.stage_input(tableau, i, y, K, hy)
-            K = ops.set_stage(K, i, f(t_new if i == S - 1 else t_stage[i], yi))
+            if c_is_one[i]:
+                # Stages at the step's end see t_new exactly; with jump_t they see the left limit, so a step
+                # that lands on a discontinuity never mixes in the right-hand value.
+                K = ops.set_stage(K, i, f(t_new, yi, perturb=end_perturb))
+            else:
+                K = ops.set_stage(K, i, f(t_stage[i], yi))
         y_new, ratio = ops.step_finish(tableau, y, K, hy, rtol, atol, norm)
         k_last = ops.stage(K, S - 1)
 

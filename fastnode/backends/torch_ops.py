@@ -153,7 +153,10 @@ class TorchStepOps(StepOps):
         P = dense.shape[1]
         th = theta.to(y.dtype).unsqueeze(1)
         powers = torch.cat([th ** (p + 1) for p in range(P)], dim=1)  # [G, P]
-        w = powers @ dense.T  # [G, S]
+        # NOTE: an elementwise product-sum rather than a matmul, so each sample's weights are computed the same
+        # way whatever the batch size (BLAS picks different kernels for different shapes): a sample solved in
+        # a batch then matches the same sample solved alone bit for bit.
+        w = (powers.unsqueeze(1) * dense.unsqueeze(0)).sum(dim=2)  # [G, S]
         acc = None
         for j, k in enumerate(K):
             if not any(tableau.dense[j]):
