@@ -315,7 +315,7 @@ def solve_stats(provider: Provider, func: nn.Module, y0: torch.Tensor) -> tuple[
     return ys, stats
 
 
-def time_func(func: nn.Module, t: torch.Tensor, y: torch.Tensor, backward: bool, budget_s: float = 0.3) -> float:
+def time_func(func: nn.Module, t: torch.Tensor, y: torch.Tensor, backward: bool, budget_s: float = 1.0) -> float:
     """Median wall time (s) of one call of ``func`` (plus its backward when ``backward``).
 
     Times blocks of calls sized to about a millisecond or more each (single calls of a small MLP are near the timer's
