@@ -12,6 +12,7 @@ transfer. Set-up (input checks, first step) and the end (statistics) add a const
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Optional
 
@@ -191,7 +192,8 @@ def solve_adaptive(
             limit = t_end
             if step_to_outputs:
                 nxt_out = torch.searchsorted(t_out, t_d.unsqueeze(1), right=True).squeeze(1).clamp_max(T - 1)
-                limit = t_out[rows, nxt_out]
+                with torch.enable_grad() if time_grad else contextlib.nullcontext():
+                    limit = t_out[rows, nxt_out]  # keeps the output times' graph when they need gradients
             if stop_grid is not None:
                 limit = torch.minimum(limit, stop_grid[torch.searchsorted(stop_grid, t_d, right=True)])
             room = limit - t_d

@@ -20,7 +20,7 @@ from .backends.torch_ops import StepOps
 def step_size_grid(tau: torch.Tensor, step_size: float) -> torch.Tensor:
     """Grid ``tau0, tau0 + s, ...`` whose last point is replaced by ``tau[-1]`` (torchdiffeq's convention)."""
     start, end = tau[0], tau[-1]
-    n = int(math.ceil((float(end) - float(start)) / step_size + 1))
+    n = int(math.ceil((float(end.detach()) - float(start.detach())) / step_size + 1))
     n = max(n, 2)
     grid = torch.arange(n, dtype=tau.dtype, device=tau.device) * step_size + start
     return torch.cat([grid[:-1], tau[-1:]])
@@ -42,14 +42,15 @@ def solve_fixed(f: FlatFunc, y0: torch.Tensor, tau: torch.Tensor, grid: torch.Te
             break
         t0, t1 = grid[s : s + 1], grid[s + 1 : s + 2]
         h = t1 - t0
+        hy = h.to(y.dtype)
         K = ops.new_stages(tableau, y)
         K = ops.set_stage(K, 0, f(t0, y, perturb=1 if perturb else 0))
         for i in range(1, S):
-            yi = ops.stage_input(tableau, i, y, K, h)
+            yi = ops.stage_input(tableau, i, y, K, hy)
             at_end = tableau.c[i] == 1.0
             ti = t1 if at_end else t0 + tableau.c[i] * h
             K = ops.set_stage(K, i, f(ti, yi, perturb=-1 if (perturb and at_end) else 0))
-        y1 = ops.solution(tableau, y, K, h)
+        y1 = ops.solution(tableau, y, K, hy)
         stats.n_accepted += 1
         f1 = None
         while j < T and tau_v[j] <= grid_v[s + 1]:
@@ -62,7 +63,7 @@ def solve_fixed(f: FlatFunc, y0: torch.Tensor, tau: torch.Tensor, grid: torch.Te
                 else:
                     if f1 is None:
                         f1 = f(t1, y1)
-                    outs.append(_hermite(y, ops.stage(K, 0), y1, f1, h.to(y.dtype), theta))
+                    outs.append(_hermite(y, ops.stage(K, 0), y1, f1, hy, theta))
             j += 1
         y = y1
     stats.n_steps = stats.n_accepted
