@@ -80,7 +80,7 @@ def _check_pinned(method: str, t: torch.Tensor) -> None:
     if method not in PINNED:
         return
     st = last_stats()
-    span = abs(float(t[-1] - t[0]))
+    span = abs(float((t[-1] - t[0]).detach()))
     expected = int(span // STEP) + (1 if span % STEP > 1e-12 else 0)
     assert int(st.n_rejected) == 0 and int(st.n_accepted) == expected, (
         f"{method}: expected {expected} accepted steps of max_step and no rejections, got "
