@@ -208,7 +208,8 @@ def solve_adaptive(
             with torch.no_grad():
                 t_new = torch.where(clipped, limit, t_d + h_ctl)
         # All stage times at once: [S, G]; the last stage of every (FSAL-form) tableau sits at t_new.
-        t_stage = torch.addcmul(t, c_col, h_eff)
+        t_stage = f.user_time(torch.addcmul(t, c_col, h_eff))  # as func sees them, converted once
+        t_end_stage = f.user_time(t_new, perturb=end_perturb)
         hy = h_eff.to(ydt)
 
         K = ops.new_stages(tableau, y)
@@ -218,9 +219,9 @@ def solve_adaptive(
             if c_is_one[i]:
                 # Stages at the step's end see t_new exactly; with jump_t they see the left limit, so a step
                 # that lands on a discontinuity never mixes in the right-hand value.
-                K = ops.set_stage(K, i, f(t_new, yi, perturb=end_perturb))
+                K = ops.set_stage(K, i, f(None, yi, t_user=t_end_stage))
             else:
-                K = ops.set_stage(K, i, f(t_stage[i], yi))
+                K = ops.set_stage(K, i, f(None, yi, t_user=t_stage[i]))
         y_new, ratio = ops.step_finish(tableau, y, K, hy, rtol, atol, norm)
         k_last = ops.stage(K, S - 1)
 

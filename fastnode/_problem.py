@@ -57,14 +57,15 @@ class StateSpec:
                 raise ValueError(f"{name} has shape {tuple(p.shape)}, expected {tuple(shape)} (the shape of y0)")
             if p.dtype != self.dtype:
                 raise TypeError(f"{name} has dtype {p.dtype}, expected {self.dtype} (the dtype of y0)")
-            flat.append(p.reshape(self.batch, -1))
+            flat.append(p if p.dim() == 2 and p.shape[0] == self.batch else p.reshape(self.batch, -1))
         return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
     def unflatten(self, y: torch.Tensor, lead: Sequence[int] = ()):
         """[*lead, G, N] -> user-shaped tensor(s) with leading dims ``lead``."""
         lead = tuple(lead)
         if not self.is_tuple:
-            return y.reshape(*lead, *self.shapes[0])
+            shape = (*lead, *self.shapes[0])
+            return y if y.shape == shape else y.reshape(shape)
         out = []
         for (s, e), shape in zip(self.segments, self.shapes):
             out.append(y[..., s:e].reshape(*lead, *shape))
@@ -274,7 +275,10 @@ class FlatFunc:
         self.nfe = 0
 
     def user_time(self, tau: torch.Tensor, perturb: int = 0) -> torch.Tensor:
-        """tau: [G] -> what func receives: 0-d (shared) or [B] (per-sample), in the state dtype."""
+        """tau: [..., G] -> what func receives: [...] (shared) or [..., B] (per-sample), in the state dtype.
+
+        The loop converts all stage times of a step in one call and indexes the result per stage.
+        """
         t = tau.to(self.spec.dtype)
         if self.sign < 0:
             t = -t
@@ -282,10 +286,13 @@ class FlatFunc:
             # One-sided evaluation at a discontinuity: the next representable time in the direction
             # perturb * (integration direction), in the dtype func sees.
             t = torch.nextafter(t, torch.full_like(t, perturb * self.sign * math.inf))
-        return t if self.spec.per_sample else t.reshape(())
+        return t if self.spec.per_sample else t.squeeze(-1)
 
-    def __call__(self, tau: torch.Tensor, y: torch.Tensor, perturb: int = 0) -> torch.Tensor:
+    def __call__(self, tau: torch.Tensor, y: torch.Tensor, perturb: int = 0, t_user=None) -> torch.Tensor:
+        """``tau: [G]`` integration time, or ``t_user`` already converted by ``user_time``."""
         self.nfe += 1
-        out = self.func(self.user_time(tau, perturb), self.spec.unflatten(y))
+        if t_user is None:
+            t_user = self.user_time(tau, perturb)
+        out = self.func(t_user, self.spec.unflatten(y))
         flat = self.spec.flatten(out, "func")
         return flat if self.sign > 0 else -flat
