@@ -43,6 +43,9 @@ class ButcherTableau:
         dense: optional published dense-output matrix ``[S, P]`` (see module docstring).
         step_to_outputs: step exactly onto every output time instead of interpolating, for methods whose
             dense output is far less accurate than their steps.
+        reuse_last_stage: take the last stage (evaluated at ``t + h`` but not at ``y_new``) as the next step's
+            first stage instead of appending ``f(t + h, y_new)``. The reused derivative is ``O(h^2)`` off, which
+            adds ``O(h^3)`` per step: harmless for 2nd-order methods, and it saves one evaluation per step.
     """
 
     name: str
@@ -53,6 +56,7 @@ class ButcherTableau:
     e: Sequence[float] | None = None
     dense: Sequence[Sequence[float]] | None = None
     step_to_outputs: bool = False
+    reuse_last_stage: bool = False
     # Derived in __post_init__ (FSAL form).
     fsal_appended: bool = field(default=False, init=False)
     dense_order: int = field(default=0, init=False)
@@ -77,7 +81,9 @@ class ButcherTableau:
         is_fsal = c[-1] == 1.0 and np.allclose(a[-1] + [0.0], b, rtol=0, atol=1e-15) and b[-1] == 0.0
         appended = False
         dense = None if self.dense is None else [[_as_float(x) for x in row] for row in self.dense]
-        if not is_fsal:
+        if not is_fsal and self.reuse_last_stage and c[-1] != 1.0:
+            raise ValueError(f"tableau {self.name!r}: reuse_last_stage needs a last stage at c=1")
+        if not is_fsal and not self.reuse_last_stage:
             c.append(1.0)
             a.append(list(b))
             b.append(0.0)
