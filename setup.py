@@ -18,8 +18,8 @@ def _extensions():
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not cpp:
         return [], {}
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     want_cuda = bool(cu) and (

@@ -34,7 +34,7 @@ def main():
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for name, (f, y0l) in PROBLEMS.items():
         y0 = torch.tensor(y0l, dtype=F64)
-        ref = solve_ivp(lambda s, y: f(s, torch.from_numpy(y)).numpy(), (0.0, 10.0), y0l, method="DOP853",
+        ref = solve_ivp(lambda s, y, f=f: f(s, torch.from_numpy(y)).numpy(), (0.0, 10.0), y0l, method="DOP853",
                         rtol=1e-12, atol=1e-12, t_eval=t.numpy()).y.T
         scale = np.abs(ref).max()
         for method in METHODS:
@@ -44,7 +44,7 @@ def main():
             nfe = fastnode.last_stats().nfe
             calls = [0]
 
-            def counted(s, y, f=f):
+            def counted(s, y, f=f, calls=calls):
                 calls[0] += 1
                 return f(s, y)
 

@@ -9,12 +9,21 @@ Example:
 """
 
 from ._odeint import odeint
-from ._stats import (MAX_STEPS, NON_FINITE, STATUS_NAMES, STEP_UNDERFLOW, SUCCESS, SolverError, SolveStats,
-                     last_stats)
+from ._stats import MAX_STEPS, NON_FINITE, STATUS_NAMES, STEP_UNDERFLOW, SUCCESS, SolverError, SolveStats, last_stats
 from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, SOLVERS
 
 __all__ = [
-    "odeint", "last_stats", "SolveStats", "SolverError", "STATUS_NAMES", "SUCCESS", "MAX_STEPS", "STEP_UNDERFLOW",
-    "NON_FINITE", "SOLVERS", "ADAPTIVE_METHODS", "FIXED_METHODS",
+                     "ADAPTIVE_METHODS",
+                     "FIXED_METHODS",
+                     "MAX_STEPS",
+                     "NON_FINITE",
+                     "SOLVERS",
+                     "STATUS_NAMES",
+                     "STEP_UNDERFLOW",
+                     "SUCCESS",
+                     "SolveStats",
+                     "SolverError",
+                     "last_stats",
+                     "odeint",
 ]
 __version__ = "0.1.0"

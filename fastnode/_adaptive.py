@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -95,12 +95,12 @@ def solve_adaptive(
     atol,
     norm: Callable,
     *,
-    first_step: Optional[float] = None,
+    first_step: float | None = None,
     max_num_steps: int = 2**31 - 1,
-    step_t: Optional[torch.Tensor] = None,
-    jump_t: Optional[torch.Tensor] = None,
+    step_t: torch.Tensor | None = None,
+    jump_t: torch.Tensor | None = None,
     on_failure: str = "raise",
-    event_fn: Optional[Callable] = None,
+    event_fn: Callable | None = None,
     stats: st.SolveStats,
 ):
     """Integrate ``y' = f(tau, y)`` from ``tau[..., 0]``; return outputs ``[T, G, N]`` (or the event pair).
@@ -325,25 +325,7 @@ def solve_adaptive(
     if event_fn is None:
         return out[:T]
 
-    # Locate each event inside its bracketing step by bisection on the dense output (no func evaluations).
-    with torch.no_grad():
-        if ev_K is None:
-            ev_K = [k1] * S
-        lo = torch.zeros_like(ev_h)
-        hi = torch.ones_like(ev_h)
-        zero_start = (ev_h == 0)
-        n_bisect = 60 if tdt == torch.float64 else 30
-        for _ in range(n_bisect):
-            mid = 0.5 * (lo + hi)
-            ym = ops.interpolate(tableau, ev_y, ev_K, ev_h.to(ydt), mid)
-            sm = torch.sign(event_fn(ev_lo + mid * ev_h, ym))
-            same = sm == sign0
-            lo = torch.where(same, mid, lo)
-            hi = torch.where(same, hi, mid)
-        theta = torch.where(zero_start, torch.zeros_like(hi), hi)
-    event_tau = ev_lo + theta * ev_h
-    y_ev = ops.interpolate(tableau, ev_y, ev_K, ev_h.to(ydt), theta)
-    y_ev = torch.where(zero_start.unsqueeze(1), ev_y, y_ev)
+    event_tau, y_ev = _locate_events(ops, tableau, event_fn, sign0, ev_lo, ev_h, ev_y, ev_K or [k1] * S)
     not_fired = ~fired
     if bool(not_fired.any()):
         stats.n_host_syncs += 1
@@ -356,3 +338,26 @@ def solve_adaptive(
         event_tau = torch.where(fired, event_tau, torch.full_like(event_tau, math.nan))
     sol = torch.stack([y0, y_ev], dim=0)
     return event_tau, sol
+
+
+def _locate_events(ops: StepOps, tableau: ButcherTableau, event_fn: Callable, sign0, lo_t, h, y0, K):
+    """Event times and states inside each group's bracketing step, by bisection on the dense output.
+
+    ``lo_t``, ``h``: [G] start and size of the step in which the sign changed (``h == 0``: the event holds at
+    the start). Costs event_fn calls only, no func evaluations. Returns ``(event_tau [G], y_event [G, N])``.
+    """
+    ydt = y0.dtype
+    hy = h.to(ydt)
+    with torch.no_grad():
+        lo = torch.zeros_like(h)
+        hi = torch.ones_like(h)
+        # Enough halvings to resolve theta to the time dtype's resolution.
+        for _ in range(60 if h.dtype == torch.float64 else 30):
+            mid = 0.5 * (lo + hi)
+            same = torch.sign(event_fn(lo_t + mid * h, ops.interpolate(tableau, y0, K, hy, mid))) == sign0
+            lo = torch.where(same, mid, lo)
+            hi = torch.where(same, hi, mid)
+        at_start = h == 0
+        theta = torch.where(at_start, 0.0, hi)
+    y_ev = torch.where(at_start.unsqueeze(1), y0, ops.interpolate(tableau, y0, K, hy, theta))
+    return lo_t + theta * h, y_ev

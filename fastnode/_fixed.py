@@ -7,7 +7,6 @@ makes no host syncs at all; outputs between grid points use linear or cubic Herm
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -20,7 +19,7 @@ from .backends.torch_ops import StepOps
 def step_size_grid(tau: torch.Tensor, step_size: float) -> torch.Tensor:
     """Grid ``tau0, tau0 + s, ...`` whose last point is replaced by ``tau[-1]`` (torchdiffeq's convention)."""
     start, end = tau[0], tau[-1]
-    n = int(math.ceil((float(end.detach()) - float(start.detach())) / step_size + 1))
+    n = math.ceil((float(end.detach()) - float(start.detach())) / step_size + 1)
     n = max(n, 2)
     grid = torch.arange(n, dtype=tau.dtype, device=tau.device) * step_size + start
     return torch.cat([grid[:-1], tau[-1:]])

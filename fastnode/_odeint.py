@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
 from . import _stats as st
 from ._adaptive import solve_adaptive
 from ._fixed import check_grid, solve_fixed, step_size_grid
-from ._problem import (FlatFunc, check_func, check_options, check_t, check_times_option, check_tol, check_y0, _num,
-                       time_dtype_of)
+from ._problem import (
+    FlatFunc,
+    _num,
+    check_func,
+    check_options,
+    check_t,
+    check_times_option,
+    check_tol,
+    check_y0,
+    time_dtype_of,
+)
 from .backends import get_backend
 from .backends.torch_ops import ControllerConfig, rms_norm
 from .solvers import get_solver
@@ -56,8 +65,8 @@ def _choice(options, key, default, choices):
     return v
 
 
-def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method: Optional[str] = None,
-           options: Optional[dict] = None, event_fn: Optional[Callable] = None):
+def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method: str | None = None,
+           options: dict | None = None, event_fn: Callable | None = None):
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` and return ``y`` at every time in ``t``.
 
     Drop-in for ``torchdiffeq.odeint`` (same arguments, options and return shapes); differentiable by

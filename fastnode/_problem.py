@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -245,7 +245,7 @@ def time_dtype_of(options: dict) -> torch.dtype:
     return dt
 
 
-def check_times_option(options: dict, key: str, sign: float, time_dtype, device) -> Optional[torch.Tensor]:
+def check_times_option(options: dict, key: str, sign: float, time_dtype, device) -> torch.Tensor | None:
     v = options.get(key)
     if v is None:
         return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 import torch
 
@@ -17,7 +16,7 @@ TIME_OVERFLOW = 4
 STATUS_NAMES = {SUCCESS: "success", MAX_STEPS: "max_num_steps exceeded", STEP_UNDERFLOW: "step size underflow",
                 NON_FINITE: "non-finite values (NaN/inf) from func", TIME_OVERFLOW: "time overflowed to infinity"}
 
-IntOrTensor = Union[int, torch.Tensor]
+IntOrTensor = int | torch.Tensor
 
 
 @dataclass
@@ -46,8 +45,8 @@ class SolveStats:
     n_steps: IntOrTensor = 0
     n_iterations: int = 0
     n_host_syncs: int = 0
-    status: Optional[torch.Tensor] = None
-    t_reached: Optional[torch.Tensor] = None
+    status: torch.Tensor | None = None
+    t_reached: torch.Tensor | None = None
     messages: list = field(default_factory=list)
     # Backward-pass counters, filled by the adjoint.
     nfe_backward: int = 0
@@ -64,7 +63,7 @@ def _set_last(stats: SolveStats) -> None:
     _local.stats = stats
 
 
-def last_stats() -> Optional[SolveStats]:
+def last_stats() -> SolveStats | None:
     """Statistics of the most recent ``odeint`` call in this thread (``None`` before the first call).
 
     Example:

@@ -18,9 +18,9 @@ interpolant's error is of the order of the method's local error for every method
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Sequence
 
 import numpy as np
 

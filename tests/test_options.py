@@ -135,7 +135,7 @@ def test_tuple_state_uses_mixed_norm():
 
     s0 = (torch.full((100,), 1e3, dtype=F64), torch.ones(1, dtype=F64))
     t = torch.tensor([0.0, 1.0], dtype=F64)
-    a, b = odeint(f, s0, t, rtol=1e-8, atol=1e-10)
+    _, b = odeint(f, s0, t, rtol=1e-8, atol=1e-10)
     assert abs(b[-1].item() - math.exp(-10)) < 1e-10
 
 

@@ -11,8 +11,8 @@ the choice of step size.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -34,7 +34,7 @@ class ControllerConfig:
     pi_beta: float = 0.4
 
 
-def rms_norm(x: torch.Tensor, segments: Optional[list[tuple[int, int]]] = None) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, segments: list[tuple[int, int]] | None = None) -> torch.Tensor:
     """Per-row RMS of ``x: [G, N]``; with ``segments`` the max over segments of each segment's RMS. Returns [G]."""
     if segments is None or len(segments) == 1:
         return x.square().mean(dim=1).sqrt()
@@ -77,7 +77,7 @@ class StepOps:
         raise NotImplementedError
 
 
-def _lincomb(K: list, weights) -> Optional[torch.Tensor]:
+def _lincomb(K: list, weights) -> torch.Tensor | None:
     """``sum_j w_j K[j]`` with Python-float weights (zeros skipped); ``None`` if all weights are zero."""
     acc = None
     for w, k in zip(weights, K):
