@@ -9,7 +9,6 @@ dopri5, rtol=atol=1e-5, shared step control (both solvers take the same steps).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -17,6 +16,7 @@ import torchdiffeq
 from torch.profiler import profile
 
 import fastnode
+from fastnode._debug import count_host_transfers
 
 B = 64
 MU = torch.logspace(math.log10(0.5), 1.0, B)
@@ -40,28 +40,6 @@ def top_level_aten_ops(fn) -> int:
                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
-@contextlib.contextmanager
-def conversions():
-    names = ["item", "tolist", "__bool__", "__float__", "__int__", "__index__"]
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-    count = {"n": 0}
-
-    def wrap(fn):
-        def inner(self, *a, **k):
-            count["n"] += 1
-            return fn(self, *a, **k)
-
-        return inner
-
-    for n in names:
-        setattr(torch.Tensor, n, wrap(saved[n]))
-    try:
-        yield count
-    finally:
-        for n, fn in saved.items():
-            setattr(torch.Tensor, n, fn)
-
-
 def main():
     func_ops = top_level_aten_ops(lambda: vdp(T[0], Y0))
     fn_ops = top_level_aten_ops(lambda: fastnode.odeint(vdp, Y0, T, rtol=TOL, atol=TOL))
@@ -75,10 +53,10 @@ def main():
     td_ops = top_level_aten_ops(lambda: torchdiffeq.odeint(counted, Y0, T, rtol=TOL, atol=TOL))
     td_nfe = calls[0] // 2
     td_steps = (td_nfe - 2) // 6  # dopri5: 2 evaluations at set-up, 6 per step attempt
-    with torch.no_grad(), conversions() as c:
+    with torch.no_grad(), count_host_transfers() as c:
         torchdiffeq.odeint(vdp, Y0, T, rtol=TOL, atol=TOL)
     td_conv = c["n"]
-    with torch.no_grad(), conversions() as c:
+    with torch.no_grad(), count_host_transfers() as c:
         fastnode.odeint(vdp, Y0, T, rtol=TOL, atol=TOL)
     fn_conv = c["n"]
     print("| solver | step attempts | NFE | solver ATen ops / step | tensor->Python conversions / step |")

@@ -11,6 +11,8 @@ from ._adaptive import solve_adaptive
 from ._fixed import check_grid, solve_fixed, step_size_grid
 from ._problem import (
     FlatFunc,
+    _choice,
+    _flag,
     _num,
     check_func,
     check_options,
@@ -49,20 +51,6 @@ def _make_norm(options: dict, spec):
         return v.reshape(spec.batch).abs()
 
     return norm
-
-
-def _flag(options, key, default):
-    v = options.get(key, default)
-    if not isinstance(v, bool):
-        raise TypeError(f"options['{key}'] must be True or False, got {v!r}")
-    return v
-
-
-def _choice(options, key, default, choices):
-    v = options.get(key, default)
-    if v not in choices:
-        raise ValueError(f"options['{key}'] must be one of {choices}, got {v!r}")
-    return v
 
 
 def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method: str | None = None,

@@ -7,6 +7,7 @@ device-to-host transfer each, once per call, before the loop starts.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -33,7 +34,7 @@ class StateSpec:
     dtype: torch.dtype
     device: torch.device
 
-    @property
+    @functools.cached_property
     def segments(self) -> list[tuple[int, int]]:
         out, start = [], 0
         for n in self.sizes:
@@ -222,6 +223,20 @@ def _num(options, key, default, *, lo=None, hi=None, lo_open=False, integer=Fals
             raise TypeError(f"options['{key}'] must be an integer, got {v}")
         return int(v)
     return float(v)
+
+
+def _flag(options, key, default):
+    v = options.get(key, default)
+    if not isinstance(v, bool):
+        raise TypeError(f"options['{key}'] must be True or False, got {v!r}")
+    return v
+
+
+def _choice(options, key, default, choices):
+    v = options.get(key, default)
+    if v not in choices:
+        raise ValueError(f"options['{key}'] must be one of {choices}, got {v!r}")
+    return v
 
 
 def check_options(options, adaptive: bool, method: str) -> dict:

@@ -1,12 +1,11 @@
 """Statistics (NFE, accepted/rejected) and the one-host-sync-per-step property."""
 
-import contextlib
-
 import pytest
 import torch
 
 import fastnode
 from fastnode import last_stats, odeint
+from fastnode._debug import count_host_transfers
 
 F64 = torch.float64
 
@@ -57,29 +56,6 @@ def test_rejections_are_counted():
     odeint(lambda t, y: -50 * y, torch.ones(3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64), rtol=1e-8,
            atol=1e-10, options={"first_step": 0.9})
     assert last_stats().n_rejected >= 1
-
-
-@contextlib.contextmanager
-def count_host_transfers():
-    """Count every tensor -> Python conversion (each one is a blocking device-to-host sync on a GPU)."""
-    names = ["item", "tolist", "__bool__", "__float__", "__int__", "__index__"]
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-    counter = {"n": 0}
-
-    def wrap(fn):
-        def inner(self, *a, **k):
-            counter["n"] += 1
-            return fn(self, *a, **k)
-
-        return inner
-
-    for n in names:
-        setattr(torch.Tensor, n, wrap(saved[n]))
-    try:
-        yield counter
-    finally:
-        for n, fn in saved.items():
-            setattr(torch.Tensor, n, fn)
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
