@@ -43,7 +43,7 @@ def select_initial_step(f: FlatFunc, t0, y0, k0, order: int, rtol, atol, norm: C
     small = (d0 < 1e-5) | (d1 < 1e-5)
     h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300))
     y1 = y0 + h0.to(y0.dtype).unsqueeze(1) * k0
-    k1 = f(t0 + h0, y1)
+    k1 = f.probe(t0 + h0, y1)
     d2 = norm((k1 - k0) / scale).to(t0.dtype) / h0
     dmax = torch.maximum(d1, d2)
     h1 = torch.where(
@@ -102,6 +102,7 @@ def solve_adaptive(
     on_failure: str = "raise",
     event_fn: Callable | None = None,
     stats: st.SolveStats,
+    hooks=None,
 ):
     """Integrate ``y' = f(tau, y)`` from ``tau[..., 0]``; return outputs ``[T, G, N]`` (or the event pair).
 
@@ -109,9 +110,13 @@ def solve_adaptive(
         y0: [G, N] flat initial state.
         tau: [T] or [G, T] increasing output times (time dtype).
         event_fn: flat event function ``(tau [G], y [G, N]) -> [G]``; when given, ``tau`` holds only the start.
+        hooks: the adjoint's backward solve (``fastnode._adjoint.BackwardHooks``): steps land exactly on every
+            output time, where ``hooks.land`` changes the state (cotangents added, state reset) and the
+            derivative is re-evaluated; ``hooks`` also sees every evaluation and step decision (parameter
+            quadrature) and may add to the error ratio. No outputs are stored.
     Returns:
         ``out: [T, G, N]`` (rows never reached are NaN when ``on_failure="return"``), or with ``event_fn``
-        ``(event_tau [G], out [2, G, N])``.
+        ``(event_tau [G], out [2, G, N])``; with ``hooks`` the final state ``[G, N]``.
     """
     G, N = y0.shape
     sync = _SyncCounter()
@@ -120,8 +125,9 @@ def solve_adaptive(
     t_out = tau if tau.dim() == 2 else tau.unsqueeze(0).expand(G, -1)
     t_out = t_out.contiguous()
     T = t_out.shape[1]
-    out = torch.full((T + 1, G, N), math.nan, dtype=y0.dtype, device=dev)  # row T: scratch for masked writes
-    out[0] = y0
+    if hooks is None:
+        out = torch.full((T + 1, G, N), math.nan, dtype=y0.dtype, device=dev)  # row T: scratch for masked writes
+        out[0] = y0
     rows = torch.arange(G, device=dev)
 
     t = t_out[:, 0].contiguous()
@@ -131,7 +137,7 @@ def solve_adaptive(
         t_end = torch.full_like(t, math.inf)
     if event_fn is None and T == 1:
         stats.n_host_syncs += sync.n
-        return out[:T]
+        return y0 if hooks is not None else out[:T]
 
     # Where steps must stop: output end, step_t (grid points to step onto) and jump_t (discontinuities,
     # where the derivative is re-evaluated on the far side).
@@ -147,12 +153,14 @@ def solve_adaptive(
     status = torch.where(bad0, st.NON_FINITE, 0).to(torch.int8)
     k1 = torch.where(bad0.unsqueeze(1), torch.zeros_like(k1), k1)
     running = (t < t_end) & (status == 0)
+    if hooks is not None:
+        hooks.k1_evaluated(torch.ones_like(running), k1)
     if event_fn is not None:
         with torch.no_grad():
             sign0 = torch.sign(event_fn(t, y0))
         fired = sign0 == 0
         running = running & ~fired
-        ev_lo = t.detach().clone()
+        ev_lo = t.clone()
         ev_h = torch.zeros_like(t)
         ev_y = y0
         ev_K = None
@@ -181,7 +189,7 @@ def solve_adaptive(
     code = {k: torch.tensor(k, dtype=torch.int8, device=dev) for k in st.STATUS_NAMES}
     # Gradients w.r.t. the times flow only if some time tensor needs them (the step size itself is detached).
     time_grad = torch.is_grad_enabled() and (t_out.requires_grad)
-    step_to_outputs = tableau.step_to_outputs and event_fn is None
+    step_to_outputs = (tableau.step_to_outputs or hooks is not None) and event_fn is None
     c_is_one = [ci == 1.0 for ci in tableau.c]
     end_perturb = -1 if (jump_t is not None and jump_t.numel()) else 0
     iterations = 0
@@ -212,6 +220,8 @@ def solve_adaptive(
         t_end_stage = f.user_time(t_new, perturb=end_perturb)
         hy = h_eff.to(ydt)
 
+        if hooks is not None:
+            hooks.begin_step(hy)
         K = ops.new_stages(tableau, y)
         K = ops.set_stage(K, 0, k1)
         for i in range(1, S):
@@ -222,6 +232,8 @@ def solve_adaptive(
                 K = ops.set_stage(K, i, f(None, yi, t_user=t_end_stage))
             else:
                 K = ops.set_stage(K, i, f(None, yi, t_user=t_stage[i]))
+            if hooks is not None:
+                hooks.stage_evaluated(i)
         y_new, ratio = ops.step_finish(tableau, y, K, hy, rtol, atol, norm)
         k_last = ops.stage(K, S - 1)
 
@@ -229,6 +241,8 @@ def solve_adaptive(
             # One pass flags a non-finite new state or derivative (the sum is non-finite iff either is,
             # barring overflow of the sum itself, which is as good as non-finite here).
             new_ok = torch.isfinite(y_new + k_last).all(dim=1)
+            if hooks is not None:
+                ratio = hooks.step_ratio(ratio)
             ratio = torch.where(new_ok, ratio.to(tdt), math.inf)
             accept, h_next, prev_ratio = ops.controller(ctrl, h_ctl, ratio, prev_ratio, running)
             # A step shortened to land on a stop is no evidence for a smaller step: keep the proposal.
@@ -256,6 +270,8 @@ def solve_adaptive(
                 n_le = torch.searchsorted(t_out, t_new_d.unsqueeze(1), right=True).squeeze(1)
                 crossed = torch.where(accept, n_le - next_idx, zero_i)
                 running_next = running & (t_fut < t_end) & ~stuck
+                if hooks is not None:
+                    hooks.end_step(accept, running_next)
             else:
                 ev = event_fn(t_new_d, y_new.detach())
                 newly = accept & ((torch.sign(ev) != sign0) | (ev == 0))
@@ -272,17 +288,38 @@ def solve_adaptive(
         if event_fn is not None:
             with torch.no_grad():
                 fired = fired | newly
-            ev_lo = torch.where(newly, t_old.detach(), ev_lo)
+            ev_lo = torch.where(newly, t_old, ev_lo)  # keeps t[0]'s graph when times need gradients
             ev_h = torch.where(newly, h_eff.detach(), ev_h)
             ev_y = torch.where(newly.unsqueeze(1), y_old, ev_y)
             ev_K = list(K) if ev_K is None else [torch.where(newly.unsqueeze(1), k, e) for k, e in zip(K, ev_K)]
 
         flags = [running_next.any(), stuck.any()] + ([jumped.any()] if jumped is not None else [])
+        n_hook = 0
+        if hooks is not None:
+            # The adjoint's own questions ride on the same transfer: does any sample that landed on an output
+            # time keep running (its derivative must be re-evaluated there), plus the parameter quadrature's.
+            extra = [((crossed > 0) & running_next).any()] + hooks.packet_flags()
+            n_hook = len(extra)
+            flags += extra
         packet = torch.cat([torch.stack(flags).to(torch.int64), crossed.max().reshape(1)])
         got = sync.fetch(packet)
         any_running, any_failed = got[0], got[1]
         any_jump = got[2] if jumped is not None else 0
         n_cross = got[-1]
+        if hooks is not None:
+            hook_got = got[len(flags) - n_hook : len(flags)]
+            hooks.after_fetch(hook_got[1:])
+            if n_cross:
+                landed = crossed > 0
+                y = hooks.land(next_idx, landed, y)
+                next_idx = next_idx + crossed
+                if hook_got[0]:
+                    # The state jumped (cotangent added, state reset to the forward's): fresh derivative there.
+                    k_new = f(t, y)
+                    mask = landed & running_next
+                    k1 = torch.where(mask.unsqueeze(1), k_new, k1)
+                    hooks.k1_evaluated(mask, k_new)
+            n_cross = 0
 
         for m in range(n_cross):
             j = next_idx + m
@@ -301,6 +338,8 @@ def solve_adaptive(
             # Past a discontinuity the derivative is re-evaluated on the far side (one extra evaluation).
             k_far = f(t, y, perturb=1)
             k1 = torch.where(jumped.unsqueeze(1), k_far, k1)
+            if hooks is not None:
+                hooks.k1_evaluated(jumped, k_far)
 
         running = running_next
 
@@ -322,6 +361,8 @@ def solve_adaptive(
         if on_failure == "raise":
             raise st.SolverError(msg, status=stats.status, samples=bad, times=times)
 
+    if hooks is not None:
+        return y
     if event_fn is None:
         return out[:T]
 
@@ -344,20 +385,26 @@ def _locate_events(ops: StepOps, tableau: ButcherTableau, event_fn: Callable, si
     """Event times and states inside each group's bracketing step, by bisection on the dense output.
 
     ``lo_t``, ``h``: [G] start and size of the step in which the sign changed (``h == 0``: the event holds at
-    the start). Costs event_fn calls only, no func evaluations. Returns ``(event_tau [G], y_event [G, N])``.
+    the start). Costs event_fn calls only, no func evaluations. Returns ``(event_tau [G], y_event [G, N])``:
+    the event time carries no gradient; the state is differentiable at that fixed time (also w.r.t. ``t[0]``,
+    through ``lo_t``). ``fastnode.odeint_event`` adds the implicit gradient through the event time.
     """
     ydt = y0.dtype
     hy = h.to(ydt)
+    lo_d = lo_t.detach()
     with torch.no_grad():
         lo = torch.zeros_like(h)
         hi = torch.ones_like(h)
         # Enough halvings to resolve theta to the time dtype's resolution.
         for _ in range(60 if h.dtype == torch.float64 else 30):
             mid = 0.5 * (lo + hi)
-            same = torch.sign(event_fn(lo_t + mid * h, ops.interpolate(tableau, y0, K, hy, mid))) == sign0
+            same = torch.sign(event_fn(lo_d + mid * h, ops.interpolate(tableau, y0, K, hy, mid))) == sign0
             lo = torch.where(same, mid, lo)
             hi = torch.where(same, hi, mid)
         at_start = h == 0
         theta = torch.where(at_start, 0.0, hi)
-    y_ev = torch.where(at_start.unsqueeze(1), y0, ops.interpolate(tableau, y0, K, hy, theta))
-    return lo_t + theta * h, y_ev
+        event_tau = lo_d + theta * h
+    # theta as a function of the step's start: moving t[0] shifts the step, not the event's fixed time.
+    theta_g = torch.where(at_start, 0.0, (event_tau - lo_t) / torch.where(at_start, 1.0, h))
+    y_ev = torch.where(at_start.unsqueeze(1), y0, ops.interpolate(tableau, y0, K, hy, theta_g))
+    return event_tau, y_ev

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -11,6 +12,7 @@ from ._adaptive import solve_adaptive
 from ._fixed import check_grid, solve_fixed, step_size_grid
 from ._problem import (
     FlatFunc,
+    StateSpec,
     _choice,
     _flag,
     _num,
@@ -53,6 +55,54 @@ def _make_norm(options: dict, spec):
     return norm
 
 
+@dataclass
+class Prepared:
+    """A checked and normalised ``odeint`` call: everything the solver loops need."""
+
+    func: Callable
+    spec: StateSpec
+    tau: torch.Tensor  # [T] or [G, T], increasing integration time (time dtype)
+    sign: float  # t = sign * tau
+    method: str
+    solver: type
+    options: dict
+    rtol: torch.Tensor | float
+    atol: torch.Tensor | float
+    ops: object
+    f: FlatFunc
+    stats: st.SolveStats
+    event_fn: Callable | None
+
+    @property
+    def per_sample(self) -> bool:
+        return self.spec.per_sample
+
+
+def prepare(func, y0, t, rtol, atol, method, options, event_fn) -> Prepared:
+    """Check every argument of an ``odeint`` call (clear errors naming the argument) and normalise it."""
+    check_func(func)
+    solver = get_solver(method)
+    method = method or "dopri5"
+    options = check_options(options, solver.adaptive, method)
+    per_sample = _flag(options, "per_sample", False)
+    if per_sample and not solver.adaptive:
+        raise ValueError(f"options['per_sample']=True needs an adaptive method (per-sample step control); "
+                         f"{method!r} is a fixed-grid method")
+    if event_fn is not None and not callable(event_fn):
+        raise TypeError(f"event_fn must be callable as event_fn(t, y), got {type(event_fn).__name__}")
+    if event_fn is not None and not solver.adaptive:
+        raise ValueError(f"event_fn needs an adaptive method; {method!r} is a fixed-grid method")
+    spec = check_y0(y0, per_sample)
+    tdt = time_dtype_of(options)
+    tau, sign = check_t(t, spec, tdt, event=event_fn is not None)
+    rtol_v = check_tol("rtol", rtol, spec)
+    atol_v = check_tol("atol", atol, spec)
+    ops = get_backend(options.get("backend", "auto"), spec.device)
+    f = FlatFunc(func, spec, sign)
+    stats = st.SolveStats(method=method, per_sample=per_sample)
+    return Prepared(func, spec, tau, sign, method, solver, options, rtol_v, atol_v, ops, f, stats, event_fn)
+
+
 def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method: str | None = None,
            options: dict | None = None, event_fn: Callable | None = None):
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` and return ``y`` at every time in ``t``.
@@ -78,7 +128,9 @@ def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method:
 
     Returns:
         ``[T, *y0.shape]`` (a tuple of such for tuple states); with ``event_fn``: ``(event_t, solution)`` where
-        ``solution`` holds the state at ``t[0]`` and at the event.
+        ``solution`` holds the state at ``t[0]`` and at the event. As in torchdiffeq, ``event_t`` carries no
+        gradient here and ``solution[-1]`` is differentiated at a fixed time; ``fastnode.odeint_event`` adds
+        the gradients through the event time.
 
     Example:
         >>> import torch
@@ -87,40 +139,30 @@ def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method:
         >>> round(float(y[-1, 0]), 6) == round(float(torch.exp(torch.tensor(-1.0))), 6)
         True
     """
-    check_func(func)
-    solver = get_solver(method)
-    method = method or "dopri5"
-    options = check_options(options, solver.adaptive, method)
-    per_sample = _flag(options, "per_sample", False)
-    if per_sample and not solver.adaptive:
-        raise ValueError(f"options['per_sample']=True needs an adaptive method (per-sample step control); "
-                         f"{method!r} is a fixed-grid method")
-    if event_fn is not None and not callable(event_fn):
-        raise TypeError(f"event_fn must be callable as event_fn(t, y), got {type(event_fn).__name__}")
-    spec = check_y0(y0, per_sample)
-    tdt = time_dtype_of(options)
-    tau, sign = check_t(t, spec, tdt, event=event_fn is not None)
-    rtol_v = check_tol("rtol", rtol, spec)
-    atol_v = check_tol("atol", atol, spec)
-    ops = get_backend(options.get("backend", "auto"), spec.device)
-    y0_flat = spec.flatten(y0, "y0")
-    f = FlatFunc(func, spec, sign)
-    stats = st.SolveStats(method=method, per_sample=per_sample)
-    st._set_last(stats)
+    p = prepare(func, y0, t, rtol, atol, method, options, event_fn)
+    st._set_last(p.stats)
     try:
-        if solver.adaptive:
-            result = _run_adaptive(f, spec, y0_flat, tau, sign, solver.tableau, ops, options, rtol_v, atol_v,
-                                   event_fn, stats)
-        else:
-            if event_fn is not None:
-                raise ValueError(f"event_fn needs an adaptive method; {method!r} is a fixed-grid method")
-            result = _run_fixed(func, y0, t, f, spec, y0_flat, tau, sign, solver.tableau, ops, options, stats)
+        if p.solver.adaptive:
+            res = run_adaptive(p, p.spec.flatten(y0, "y0"))
+            return result_to_user(p, res)
+        return _run_fixed(func, y0, t, p)
     finally:
-        stats.nfe = f.nfe
-    return result
+        p.stats.nfe = p.f.nfe
 
 
-def _run_adaptive(f, spec, y0_flat, tau, sign, tableau, ops, options, rtol_v, atol_v, event_fn, stats):
+@dataclass
+class AdaptiveConfig:
+    """Parsed adaptive-solver options (everything ``solve_adaptive`` takes besides the problem)."""
+
+    ctrl: ControllerConfig
+    first_step: float | None
+    max_num_steps: int
+    on_failure: str
+    step_t: torch.Tensor | None
+    jump_t: torch.Tensor | None
+
+
+def parse_adaptive_options(options: dict, tableau, sign: float, tdt, device) -> AdaptiveConfig:
     min_step = _num(options, "min_step", 0.0, lo=0.0)
     max_step = _num(options, "max_step", float("inf"), lo=0.0, lo_open=True)
     if max_step < min_step:
@@ -141,14 +183,22 @@ def _run_adaptive(f, spec, y0_flat, tau, sign, tableau, ops, options, rtol_v, at
         first_step = _num(options, "first_step", None, lo=0.0, lo_open=True)
     max_num_steps = _num(options, "max_num_steps", 2**31 - 1, lo=1, integer=True)
     on_failure = _choice(options, "on_failure", "raise", ("raise", "return"))
-    step_t = check_times_option(options, "step_t", sign, tau.dtype, spec.device)
-    jump_t = check_times_option(options, "jump_t", sign, tau.dtype, spec.device)
+    step_t = check_times_option(options, "step_t", sign, tdt, device)
+    jump_t = check_times_option(options, "jump_t", sign, tdt, device)
     if step_t is not None and jump_t is not None and step_t.numel() and jump_t.numel():
         common = set(step_t.tolist()) & set(jump_t.tolist())
         if common:
             raise ValueError(f"options['step_t'] and options['jump_t'] both contain the time(s) "
                              f"{sorted(x * sign for x in common)}; a time may be in only one of them")
-    norm = _make_norm(options, spec)
+    return AdaptiveConfig(ctrl, first_step, max_num_steps, on_failure, step_t, jump_t)
+
+
+def run_adaptive(p: Prepared, y0_flat: torch.Tensor):
+    """Flat result: ``out [T, G, N]``, or with ``event_fn`` ``(event_tau [G] (no grad), out [2, G, N])``."""
+    spec, f, event_fn = p.spec, p.f, p.event_fn
+    tableau = p.solver.tableau
+    cfg = parse_adaptive_options(p.options, tableau, p.sign, p.tau.dtype, spec.device)
+    norm = _make_norm(p.options, spec)
 
     flat_event = None
     if event_fn is not None:
@@ -161,16 +211,19 @@ def _run_adaptive(f, spec, y0_flat, tau, sign, tableau, ops, options, rtol_v, at
                                  f"{'one per sample' if spec.per_sample else 'one (combine several events with min/max)'}")
             return v.reshape(spec.batch).to(tau_g.dtype)
 
-    res = solve_adaptive(f, spec, y0_flat, tau, tableau, ops, ctrl, rtol_v, atol_v, norm, first_step=first_step,
-                         max_num_steps=max_num_steps, step_t=step_t, jump_t=jump_t, on_failure=on_failure,
-                         event_fn=flat_event, stats=stats)
-    if event_fn is None:
-        return _to_user(spec, res)
+    return solve_adaptive(f, spec, y0_flat, p.tau, tableau, p.ops, cfg.ctrl, p.rtol, p.atol, norm,
+                          first_step=cfg.first_step, max_num_steps=cfg.max_num_steps, step_t=cfg.step_t,
+                          jump_t=cfg.jump_t, on_failure=cfg.on_failure, event_fn=flat_event, stats=p.stats)
+
+
+def result_to_user(p: Prepared, res):
+    if p.event_fn is None:
+        return _to_user(p.spec, res)
     ev_tau, sol = res
-    ev_t = (ev_tau * sign).to(spec.dtype)
-    if not spec.per_sample:
+    ev_t = (ev_tau * p.sign).to(p.spec.dtype)
+    if not p.spec.per_sample:
         ev_t = ev_t.reshape(())
-    return ev_t, _to_user(spec, sol)
+    return ev_t, _to_user(p.spec, sol)
 
 
 def _to_user(spec, out):
@@ -179,7 +232,8 @@ def _to_user(spec, out):
     return spec.unflatten(out, lead=(T,)) if spec.per_sample else spec.unflatten(out[:, 0], lead=(T,))
 
 
-def _run_fixed(func, y0, t, f, spec, y0_flat, tau, sign, tableau, ops, options, stats):
+def _run_fixed(func, y0, t, p: Prepared):
+    options, tau, sign = p.options, p.tau, p.sign
     step_size = options.get("step_size")
     gc = options.get("grid_constructor")
     interp = _choice(options, "interp", "linear", ("linear", "cubic"))
@@ -195,5 +249,5 @@ def _run_fixed(func, y0, t, f, spec, y0_flat, tau, sign, tableau, ops, options, 
         grid = check_grid(gc(func, y0, t), tau, sign)
     else:
         grid = tau
-    out = solve_fixed(f, y0_flat, tau, grid, tableau, ops, interp, perturb, stats)
-    return _to_user(spec, out)
+    out = solve_fixed(p.f, p.spec.flatten(y0, "y0"), tau, grid, p.solver.tableau, p.ops, interp, perturb, p.stats)
+    return _to_user(p.spec, out)

@@ -311,3 +311,7 @@ class FlatFunc:
         out = self.func(t_user, self.spec.unflatten(y))
         flat = self.spec.flatten(out, "func")
         return flat if self.sign > 0 else -flat
+
+    def probe(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """An evaluation that is not a stage of any step (the initial-step probe)."""
+        return self(tau, y)
