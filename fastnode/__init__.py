@@ -8,6 +8,7 @@ Example:
     (5, 4)
 """
 
+from ._adjoint import odeint_adjoint, odeint_event
 from ._odeint import odeint
 from ._stats import MAX_STEPS, NON_FINITE, STATUS_NAMES, STEP_UNDERFLOW, SUCCESS, SolverError, SolveStats, last_stats
 from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, SOLVERS
@@ -25,5 +26,7 @@ __all__ = [
                      "SolverError",
                      "last_stats",
                      "odeint",
+                     "odeint_adjoint",
+                     "odeint_event",
 ]
 __version__ = "0.1.0"

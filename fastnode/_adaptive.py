@@ -271,7 +271,7 @@ def solve_adaptive(
                 crossed = torch.where(accept, n_le - next_idx, zero_i)
                 running_next = running & (t_fut < t_end) & ~stuck
                 if hooks is not None:
-                    hooks.end_step(accept, running_next)
+                    hooks.end_step(accept, running_next, new_ok | ~running)
             else:
                 ev = event_fn(t_new_d, y_new.detach())
                 newly = accept & ((torch.sign(ev) != sign0) | (ev == 0))

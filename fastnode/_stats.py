@@ -48,8 +48,11 @@ class SolveStats:
     status: torch.Tensor | None = None
     t_reached: torch.Tensor | None = None
     messages: list = field(default_factory=list)
-    # Backward-pass counters, filled by the adjoint.
+    # Backward-pass counters, filled by odeint_adjoint's backward (added up over repeated backward calls).
     nfe_backward: int = 0
+    n_accepted_backward: IntOrTensor = 0
+    n_rejected_backward: IntOrTensor = 0
+    backward: SolveStats | None = None  # the latest backward solve's own statistics
 
     @property
     def success(self) -> bool:
