@@ -169,7 +169,9 @@ def solve_adaptive(
 
     h = torch.zeros(G, dtype=tdt, device=dev)
     if any_running and not (any_failed and on_failure == "raise"):
-        if first_step is not None:
+        if isinstance(first_step, torch.Tensor):
+            h = first_step.to(dtype=tdt, device=dev).expand(G).clone()
+        elif first_step is not None:
             h = torch.full((G,), float(first_step), dtype=tdt, device=dev)
         else:
             h = select_initial_step(f, t.detach(), y0.detach(), k1.detach(), ctrl.order, rtol, atol, norm)
@@ -344,6 +346,7 @@ def solve_adaptive(
         running = running_next
 
     stats.n_iterations = iterations
+    stats.h_final = h.detach()
     stats.n_host_syncs += sync.n
     n_rej = n_att - n_acc
     t_user = t.detach() * f.sign

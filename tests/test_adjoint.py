@@ -1,0 +1,522 @@
+"""odeint_adjoint: gradients against independent truth, per-sample control with rejections, memory, errors.
+
+Truth, in order of independence: closed forms (linear ODEs), ``gradcheck`` (finite differences), and backprop
+through ``fastnode.odeint`` (the reference path: no adjoint code involved) at tight tolerances in float64.
+The adjoint's gradient is a different discretisation of the same derivative, so agreement is measured
+relative to the gradient's size with a bound a few hundred times the tolerance.
+
+Low-order methods (bosh3, fehlberg2, adaptive_heun) would need 10^4 - 10^6 steps at rtol=1e-10; they are
+checked at a tolerance their order affords (``_METHOD_TOL``) against a dopri8 reference at rtol=1e-12.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd import gradcheck
+
+import fastnode
+from fastnode import ADAPTIVE_METHODS, odeint, odeint_adjoint, odeint_event
+
+DT = torch.float64
+
+# method -> (rtol, atol, allowed relative gradient error)
+_METHOD_TOL = {
+    "dopri5": (1e-10, 1e-12, 1e-7),
+    "tsit5": (1e-10, 1e-12, 1e-7),
+    "dopri8": (1e-10, 1e-12, 1e-7),
+    "bosh3": (1e-8, 1e-10, 1e-5),
+    "fehlberg2": (1e-6, 1e-8, 1e-3),
+    "adaptive_heun": (1e-6, 1e-8, 1e-3),
+}
+assert set(_METHOD_TOL) == set(ADAPTIVE_METHODS)
+
+
+class Field(nn.Module):
+    """dy/dt = W2 tanh(W1 y + b1) * cos(t) + b2: nonlinear, non-autonomous; ``unused`` never enters."""
+
+    def __init__(self, n=3, hidden=8, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.l1 = nn.Linear(n, hidden).to(DT)
+        self.l2 = nn.Linear(hidden, n).to(DT)
+        self.unused = nn.Linear(2, 2).to(DT)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=DT) * 0.7)
+
+    def forward(self, t, y):
+        tt = t if t.dim() == 0 else t.unsqueeze(-1)
+        return self.l2(torch.tanh(self.l1(y))) * torch.cos(tt)
+
+
+def _y0(B=4, n=3, seed=1):
+    return torch.randn(B, n, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+def _weights(shape, seed=3):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+def _grads(solve, func, y0, t, **kw):
+    """Gradients of a weighted sum of all outputs w.r.t. (y0, t, *func.parameters())."""
+    func.zero_grad(set_to_none=True)
+    y0 = y0.clone().requires_grad_(True)
+    t = t.clone().requires_grad_(True)
+    ys = solve(func, y0, t, **kw)
+    if isinstance(ys, tuple):
+        loss = sum((y * _weights(y.shape, 3 + i)).sum() for i, y in enumerate(ys))
+    else:
+        loss = (ys * _weights(ys.shape)).sum()
+    loss.backward()
+    ps = [p.grad if p.grad is not None else torch.zeros_like(p) for p in func.parameters()]
+    return [y0.grad, t.grad, *ps]
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _assert_close(got, ref, bound, names=None):
+    for i, (g, r) in enumerate(zip(got, ref)):
+        if r.abs().max() == 0:
+            assert g.abs().max() == 0, f"{names[i] if names else i}: expected exactly zero"
+            continue
+        err = _rel(g, r)
+        assert err < bound, f"{names[i] if names else i}: relative error {err:.2e} >= {bound:.0e}"
+
+
+NAMES = ["y0", "t", "l1.weight", "l1.bias", "l2.weight", "l2.bias", "unused.weight", "unused.bias"]
+
+
+@pytest.mark.parametrize("method", ADAPTIVE_METHODS)
+@pytest.mark.parametrize("direction", ["increasing", "decreasing"])
+def test_matches_backprop_every_method(method, direction):
+    rtol, atol, bound = _METHOD_TOL[method]
+    f = Field()
+    t = torch.tensor([0.0, 0.4, 1.1, 1.5], dtype=DT)
+    if direction == "decreasing":
+        t = t.flip(0)
+    got = _grads(odeint_adjoint, f, _y0(), t, rtol=rtol, atol=atol, method=method)
+    ref = _grads(odeint, f, _y0(), t, rtol=1e-12, atol=1e-14, method="dopri8")
+    # time gradients of backprop through a discretisation are only O(tol) accurate: checked against
+    # finite differences in test_time_gradients_finite_differences instead.
+    _assert_close(got[:1] + got[2:], ref[:1] + ref[2:], bound, NAMES[:1] + NAMES[2:])
+    assert torch.equal(got[-1], torch.zeros_like(got[-1])) and torch.equal(got[-2], torch.zeros_like(got[-2]))
+
+
+@pytest.mark.parametrize("T", [2, 3, 7, 20])
+@pytest.mark.parametrize("norm", ["default", "seminorm"])
+def test_output_counts_and_norms(T, norm):
+    f = Field()
+    t = torch.linspace(0.0, 2.0, T, dtype=DT)
+    opts = {} if norm == "default" else {"norm": "seminorm"}
+    got = _grads(odeint_adjoint, f, _y0(), t, rtol=1e-10, atol=1e-12, adjoint_options=opts)
+    ref = _grads(odeint, f, _y0(), t, rtol=1e-12, atol=1e-14)
+    _assert_close(got[:1] + got[2:], ref[:1] + ref[2:], 1e-7, NAMES[:1] + NAMES[2:])
+
+
+def test_time_gradients_finite_differences():
+    """dL/dt_i from the adjoint (g_i . f(t_i, y_i) and -a(t_0) . f(t_0, y_0)) against central differences."""
+    f = Field()
+    t = torch.tensor([0.1, 0.5, 0.9, 1.6], dtype=DT)
+    y0 = _y0()
+    g = _grads(odeint_adjoint, f, y0, t, rtol=1e-11, atol=1e-13)[1]
+    w = _weights((4, *y0.shape))
+
+    def loss(tt):
+        with torch.no_grad():
+            return float((odeint(f, y0, tt, rtol=1e-13, atol=1e-15) * w).sum())
+
+    eps = 1e-5
+    fd = []
+    for i in range(4):
+        tp, tm = t.clone(), t.clone()
+        tp[i] += eps
+        tm[i] -= eps
+        fd.append((loss(tp) - loss(tm)) / (2 * eps))
+    fd = torch.tensor(fd, dtype=DT)
+    assert (g - fd).abs().max() < 1e-8 * fd.abs().max()
+
+
+class TupleField(nn.Module):
+    """Coupled tuple state (x [B, 2], v [B, 3])."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.A = nn.Parameter(torch.randn(2, 3, generator=g, dtype=DT) * 0.5)
+        self.B = nn.Parameter(torch.randn(3, 2, generator=g, dtype=DT) * 0.5)
+
+    def forward(self, t, state):
+        x, v = state
+        return torch.tanh(v @ self.A.T) - 0.1 * x, torch.sin(x @ self.B.T) * (1 + t)
+
+
+def test_tuple_state():
+    f = TupleField()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 2, generator=g, dtype=DT, requires_grad=True)
+    v0 = torch.randn(4, 3, generator=g, dtype=DT, requires_grad=True)
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=DT)
+
+    def run(solve, **kw):
+        f.zero_grad(set_to_none=True)
+        x, v = x0.detach().clone().requires_grad_(), v0.detach().clone().requires_grad_()
+        xs, vs = solve(f, (x, v), t, **kw)
+        ((xs * _weights(xs.shape, 1)).sum() + (vs * _weights(vs.shape, 2)).sum()).backward()
+        return [x.grad, v.grad, f.A.grad, f.B.grad]
+
+    got = run(odeint_adjoint, rtol=1e-10, atol=1e-12)
+    ref = run(odeint, rtol=1e-12, atol=1e-14)
+    _assert_close(got, ref, 1e-7)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-sample step control: each sample accepts/rejects on its own in the backward solve too.
+# --------------------------------------------------------------------------------------------------------------
+
+class VdP(nn.Module):
+    """Van der Pol, one learnable mu per sample, plus a shared learnable scale: stiff and easy samples mixed."""
+
+    def __init__(self, mu):
+        super().__init__()
+        self.mu = nn.Parameter(mu.clone())
+        self.scale = nn.Parameter(torch.tensor(1.0, dtype=DT))
+
+    def forward(self, t, y):
+        x, v = y[:, 0], y[:, 1]
+        return torch.stack([v * self.scale, self.mu * (1 - x * x) * v - x], dim=1)
+
+
+@pytest.mark.parametrize("times", ["shared", "per-sample"])
+def test_per_sample_forced_rejections(times):
+    """A first step far too large (every sample rejects) and stiff/easy samples mixed (rejections at
+    different iterations): gradients still match, so rejected samples' parameter contributions were dropped."""
+    # NOTE: mu up to 5 over t <= 2.2: stiffer samples make the reverse-time problem ill-conditioned (at mu=8 over
+    # t=3 the gradient itself is only good to ~1e-5 at rtol=1e-9, for backprop and adjoint alike).
+    mu = torch.tensor([0.3, 3.0, 1.0, 5.0, 0.5], dtype=DT)
+    f = VdP(mu)
+    y0 = torch.stack([torch.linspace(1.0, 2.0, 5, dtype=DT), torch.zeros(5, dtype=DT)], dim=1)
+    if times == "shared":
+        t = torch.linspace(0.0, 2.0, 4, dtype=DT)
+    else:  # irregular per-sample output times [B, T]
+        t = torch.stack([torch.tensor([0.0, 0.5, 1.3, 2.0]) * (1 + 0.1 * b) for b in range(5)]).to(DT)
+    opts = {"per_sample": True, "first_step": 2.0}
+    got = _grads(odeint_adjoint, f, y0, t, rtol=1e-10, atol=1e-12, options=opts)
+    st = fastnode.last_stats()
+    rej = st.backward.n_rejected
+    assert rej.min() >= 1, "the large first step must be rejected by every sample"
+    assert len(set(rej.tolist())) > 1, "samples should reject different numbers of steps"
+    ref = _grads(odeint, f, y0, t, rtol=1e-13, atol=1e-15, options={"per_sample": True})
+    names = ["y0", "t", "mu", "scale"]
+    _assert_close(got[:1] + got[2:], ref[:1] + ref[2:], 1e-7, names[:1] + names[2:])
+    if times == "shared":  # and against a shared-step solve of the same batch
+        shared = _grads(odeint, f, y0, t, rtol=1e-13, atol=1e-15)
+        _assert_close(got[2:], shared[2:], 1e-7, names[2:])
+
+
+def test_per_sample_rows_independent():
+    """Per-sample adjoint: one sample's gradient does not depend on what else is in the batch."""
+    mu = torch.tensor([0.5, 6.0, 2.0], dtype=DT)
+    y0 = torch.tensor([[1.5, 0.0], [2.0, 0.5], [1.0, -1.0]], dtype=DT)
+    t = torch.linspace(0.0, 2.0, 3, dtype=DT)
+    opts = {"per_sample": True}
+
+    def g_of(idx):
+        f = VdP(mu[idx])
+        y = y0[idx].clone().requires_grad_(True)
+        ys = odeint_adjoint(f, y, t, rtol=1e-8, atol=1e-10, options=opts)
+        ys[-1, :, 0].sum().backward()
+        return y.grad, f.mu.grad
+
+    gy_all, gmu_all = g_of([0, 1, 2])
+    for i in range(3):
+        gy, gmu = g_of([i])
+        torch.testing.assert_close(gy_all[i], gy[0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(gmu_all[i], gmu[0], rtol=1e-12, atol=1e-14)
+
+
+class SqrtField(nn.Module):
+    """dy/dt = w * sqrt(y): NaN below y = 0, which an over-long backward step reaches for small samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(1.3, dtype=DT))
+
+    def forward(self, t, y):
+        return self.w * torch.sqrt(y)
+
+
+def test_per_sample_nonfinite_rejection_does_not_poison_parameters():
+    """In one backward iteration a sample's stages hit NaN (rejected) while others accept: the shared parameter
+    gradient must still match (0 * NaN from the rejected rows would otherwise poison it)."""
+    f = SqrtField()
+    y0 = torch.tensor([[0.02], [1.0], [4.0], [0.05]], dtype=DT)
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+    kw = {"rtol": 1e-4, "atol": 1e-6, "options": {"per_sample": True}}
+    got = _grads(odeint_adjoint, f, y0, t, adjoint_options={"per_sample": True, "first_step": 1.0}, **kw)
+    assert torch.isfinite(got[2]).all()
+    # exact: y(1) = (sqrt(y0) + w/2)^2
+    w = f.w.detach()
+    ys = torch.stack([y0, (y0.sqrt() + w / 2) ** 2])
+    wt = _weights(ys.shape)
+    # dL/dw = sum over samples of weight * dy(1)/dw = wt[1] * (sqrt(y0) + w/2)
+    dw = (wt[1] * (y0.sqrt() + w / 2)).sum()
+    dy0 = wt[0] + wt[1] * (y0.sqrt() + w / 2) / y0.sqrt()
+    assert abs(float(got[2]) - float(dw)) < 1e-3 * abs(float(dw))
+    torch.testing.assert_close(got[0], dy0, rtol=1e-3, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Closed forms and finite differences
+# --------------------------------------------------------------------------------------------------------------
+
+def test_linear_ode_closed_form():
+    """y' = A y: y(T) = expm(A (T - t0)) y0. Gradients of c . y(T) w.r.t. A, y0, t0, T from the matrix exponential."""
+    g = torch.Generator().manual_seed(7)
+    A0 = torch.randn(3, 3, generator=g, dtype=DT) * 0.6
+    y00 = torch.randn(3, generator=g, dtype=DT)
+    c = torch.randn(3, generator=g, dtype=DT)
+    t_ = torch.tensor([0.2, 1.4], dtype=DT)
+
+    A = A0.clone().requires_grad_(True)
+    y0 = y00.clone().requires_grad_(True)
+    t = t_.clone().requires_grad_(True)
+    ys = odeint_adjoint(lambda tt, y: A @ y, y0, t, rtol=1e-11, atol=1e-13, adjoint_params=(A,))
+    (c @ ys[-1]).backward()
+
+    Ae = A0.clone().requires_grad_(True)
+    ye = y00.clone().requires_grad_(True)
+    te = t_.clone().requires_grad_(True)
+    (c @ (torch.linalg.matrix_exp(Ae * (te[1] - te[0])) @ ye)).backward()
+    for got, exp in [(A.grad, Ae.grad), (y0.grad, ye.grad), (t.grad, te.grad)]:
+        torch.testing.assert_close(got, exp, rtol=1e-8, atol=1e-10)
+
+
+def test_gradcheck_float64():
+    f = Field(n=2, hidden=3)
+    names = [n for n, _ in f.named_parameters() if not n.startswith("unused")]
+    base = {n: p.detach() for n, p in f.named_parameters()}
+
+    def fn(y0, t, *ps):
+        params = dict(base)
+        params.update(dict(zip(names, ps)))
+
+        def rhs(tt, y):
+            return torch.func.functional_call(f, params, (tt, y))
+
+        return odeint_adjoint(rhs, y0, t, rtol=1e-11, atol=1e-13, adjoint_params=ps)
+
+    y0 = _y0(2, 2).requires_grad_(True)
+    t = torch.tensor([0.0, 0.45, 0.8], dtype=DT, requires_grad=True)
+    ps = tuple(base[n].clone().requires_grad_(True) for n in names)
+    assert gradcheck(fn, (y0, t, *ps), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Memory: nothing per step is kept
+# --------------------------------------------------------------------------------------------------------------
+
+def _saved_bytes(solve, n_steps):
+    f = Field()
+    y0 = _y0().requires_grad_(True)
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+    total = [0]
+
+    def pack(x):
+        total[0] += x.numel() * x.element_size()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        ys = solve(f, y0, t, rtol=1e-3, atol=1e-3, options={"max_step": 1.0 / n_steps, "first_step": 1.0 / n_steps})
+    assert fastnode.last_stats().n_accepted >= n_steps
+    return total[0], ys
+
+
+def test_graph_does_not_grow_with_steps():
+    small, _ = _saved_bytes(odeint_adjoint, 10)
+    large, _ = _saved_bytes(odeint_adjoint, 1000)
+    assert small == large
+    # contrast: backprop through the solver keeps every step
+    bp_small, _ = _saved_bytes(odeint, 10)
+    bp_large, _ = _saved_bytes(odeint, 100)
+    assert bp_large > 5 * bp_small
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Statistics and backward cost
+# --------------------------------------------------------------------------------------------------------------
+
+def test_backward_statistics():
+    f = Field()
+    y0 = _y0().requires_grad_(True)
+    ys = odeint_adjoint(f, y0, torch.linspace(0, 1, 5, dtype=DT), rtol=1e-8, atol=1e-10)
+    st = fastnode.last_stats()
+    assert st.nfe_backward == 0 and st.backward is None
+    ys.sum().backward()
+    assert st.nfe_backward == st.backward.nfe > 0
+    assert st.n_accepted_backward == st.backward.n_accepted > 0
+    assert st.n_rejected_backward == st.backward.n_rejected
+    assert st.backward.method == "dopri5" and st.backward.success
+
+
+def test_backward_nfe_one_continuous_solve():
+    """Backward NFE at len(t)=10 against torchdiffeq's per-interval restarts (a count, not a timing)."""
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    f = Field()
+    t = torch.linspace(0, 2, 10, dtype=DT)
+    counts = {}
+    for name, solve in [("fastnode", odeint_adjoint), ("torchdiffeq", torchdiffeq.odeint_adjoint)]:
+        calls = [0]
+
+        class Counted(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.f = f
+
+            def forward(self, tt, y):
+                calls[0] += 1
+                return self.f(tt, y)
+
+        y0 = _y0().requires_grad_(True)
+        ys = solve(Counted(), y0, t, rtol=1e-7, atol=1e-9)
+        before = calls[0]
+        (ys * _weights(ys.shape)).sum().backward()
+        counts[name] = calls[0] - before
+    assert counts["fastnode"] <= 0.6 * counts["torchdiffeq"], counts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Events: gradients through the event time (implicit function theorem)
+# --------------------------------------------------------------------------------------------------------------
+
+class Decay(nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.k = nn.Parameter(torch.tensor(k, dtype=DT))
+
+    def forward(self, t, y):
+        return -self.k * y
+
+
+@pytest.mark.parametrize("interface", ["odeint", "odeint_adjoint"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_event_closed_form(interface, reverse):
+    """y' = -k y from t0 until y = c: t* = t0 + s log(y0 / c) / k with s = +-1 (reverse_time solves y' = -k y
+    backwards, so y grows and the event is y = c above y0)."""
+    solve = odeint if interface == "odeint" else odeint_adjoint
+    f = Decay(0.7)
+    y0 = torch.tensor([2.0], dtype=DT, requires_grad=True)
+    t0 = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    c = torch.tensor(0.5 if not reverse else 5.0, dtype=DT, requires_grad=True)
+    t_ev, sol = odeint_event(f, y0, t0, event_fn=lambda t, y: y[0] - c, reverse_time=reverse,
+                             odeint_interface=solve, rtol=1e-11, atol=1e-13)
+    k = 0.7
+    s = -1.0 if reverse else 1.0
+    exp_t = 0.3 + s * math.log(2.0 / float(c)) / k
+    assert abs(float(t_ev) - exp_t) < 1e-8
+    torch.testing.assert_close(sol[-1, 0], c.detach(), rtol=1e-8, atol=1e-10)
+    (t_ev + 3.0 * sol[-1, 0]).backward()
+    # t* = t0 + s log(y0/c)/k; the state at the event is c whatever the inputs: d(sol)/dc = 1.
+    assert abs(float(y0.grad) - s / (k * 2.0)) < 1e-7
+    assert abs(float(t0.grad) - 1.0) < 1e-7
+    assert abs(float(f.k.grad) - (-s * math.log(2.0 / float(c)) / k**2)) < 1e-7
+    assert abs(float(c.grad) - (-s / (k * float(c)) + 3.0)) < 1e-7
+
+
+def test_event_per_sample_and_tuple():
+    """Projectile (tuple state (height, velocity)) per sample with its own start time: t* of h = 0."""
+    g = 9.81
+    h0 = torch.tensor([1.0, 2.0, 5.0], dtype=DT, requires_grad=True)
+    v0 = torch.tensor([0.5, -1.0, 3.0], dtype=DT, requires_grad=True)
+    t0 = torch.tensor([0.0, 0.5, 1.0], dtype=DT, requires_grad=True)
+
+    def field(t, s):
+        return s[1], torch.full_like(s[1], -g)
+
+    for solve in (odeint, odeint_adjoint):
+        for x in (h0, v0, t0):
+            x.grad = None
+        kw = {"adjoint_params": ()} if solve is odeint_adjoint else {}
+        t_ev, (hs, vs) = odeint_event(field, (h0, v0), t0, event_fn=lambda t, s: s[0], odeint_interface=solve,
+                                      rtol=1e-11, atol=1e-13, options={"per_sample": True}, **kw)
+        disc = (v0**2 + 2 * g * h0).sqrt()
+        exp_t = t0 + (v0 + disc) / g
+        torch.testing.assert_close(t_ev, exp_t.detach(), rtol=1e-9, atol=1e-9)
+        t_ev.sum().backward()
+        torch.testing.assert_close(h0.grad, (1 / disc).detach(), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(v0.grad, ((1 + v0 / disc) / g).detach(), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(t0.grad, torch.ones(3, dtype=DT), rtol=1e-6, atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad input and failures
+# --------------------------------------------------------------------------------------------------------------
+
+def test_errors():
+    y0 = _y0()
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+    f = Field()
+    with pytest.raises(ValueError, match="nn.Module"):
+        odeint_adjoint(lambda tt, y: -y, y0, t)
+    frozen = torch.ones(3, dtype=DT)
+    with pytest.raises(ValueError, match=r"adjoint_params\[0\].*does not require grad"):
+        odeint_adjoint(lambda tt, y: -y * frozen, y0, t, adjoint_params=(frozen,))
+    with pytest.raises(TypeError, match="single tensor"):
+        odeint_adjoint(f, y0, t, adjoint_params=torch.ones(2, requires_grad=True))
+    with pytest.raises(TypeError, match=r"adjoint_params\[1\] must be a torch.Tensor"):
+        odeint_adjoint(f, y0, t, adjoint_params=(f.l1.weight, 3.0))
+    with pytest.raises(ValueError, match="adjoint_options"):
+        odeint_adjoint(f, y0, t, method="dopri5", options={"max_step": 0.1}, adjoint_method="bosh3")
+    with pytest.raises(ValueError, match="seminorm"):
+        odeint_adjoint(f, y0, t, adjoint_options={"norm": "semi"})
+    with pytest.raises(ValueError, match="unknown option 'stepsize' in adjoint_options"):
+        odeint_adjoint(f, y0, t, adjoint_options={"stepsize": 0.1})
+    with pytest.raises(ValueError, match="per_sample"):
+        odeint_adjoint(f, y0, t, adjoint_options={"per_sample": True})
+    with pytest.raises(ValueError, match="fixed-grid"):
+        odeint_adjoint(f, y0, t, method="rk4")
+    with pytest.raises(ValueError, match="adjoint_method"):
+        odeint_adjoint(f, y0, t, adjoint_method="euler", adjoint_options={})
+    with pytest.raises(ValueError, match="callable is not supported"):
+        odeint_adjoint(f, y0, t, options={"per_sample": True}, adjoint_options={"norm": lambda x: 0.0})
+    with pytest.raises(ValueError, match=r"adjoint_options\['max_step'\]|options\['max_step'\]"):
+        odeint_adjoint(f, y0, t, adjoint_options={"max_step": -1.0})
+    with pytest.raises(TypeError, match="adjoint_options must be a dict"):
+        odeint_adjoint(f, y0, t, adjoint_options=[1])
+
+
+def test_backward_failure_names_the_solve():
+    f = Field()
+    y0 = _y0().requires_grad_(True)
+    ys = odeint_adjoint(f, y0, torch.tensor([0.0, 5.0], dtype=DT), rtol=1e-10, atol=1e-12,
+                        adjoint_options={"max_num_steps": 3})
+    with pytest.raises(fastnode.SolverError, match=r"adjoint \(backward\) solve failed.*max_num_steps"):
+        ys.sum().backward()
+
+
+def test_custom_adjoint_norm_sees_every_part():
+    f = Field()
+    seen = []
+
+    def norm(parts):
+        seen.append(len(parts))
+        return max(float(x.abs().max()) if x.numel() else 0.0 for x in parts)
+
+    got = _grads(odeint_adjoint, f, _y0(), torch.tensor([0.0, 1.0], dtype=DT), rtol=1e-9, atol=1e-11,
+                 adjoint_options={"norm": norm})
+    ref = _grads(odeint, f, _y0(), torch.tensor([0.0, 1.0], dtype=DT), rtol=1e-12, atol=1e-14)
+    assert seen and set(seen) == {3 + len(list(f.parameters()))}
+    _assert_close(got[:1] + got[2:], ref[:1] + ref[2:], 1e-6, NAMES[:1] + NAMES[2:])
+
+
+def test_frozen_module_parameters_are_skipped():
+    f = Field()
+    f.l1.weight.requires_grad_(False)
+    y0 = _y0().requires_grad_(True)
+    odeint_adjoint(f, y0, torch.tensor([0.0, 1.0], dtype=DT)).sum().backward()
+    assert f.l1.weight.grad is None and f.l2.weight.grad is not None
