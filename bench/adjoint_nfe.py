@@ -16,6 +16,7 @@ cotangent: the case where torchdiffeq's per-interval restarts cost the most.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ class VdP(nn.Module):
 
     def __init__(self, batch=16):
         super().__init__()
-        self.mu = nn.Parameter(torch.logspace(-0.3, 0.7, batch, dtype=F64))
+        self.mu = nn.Parameter(torch.logspace(-0.3, 0.3, batch, dtype=F64))
         self.calls = 0
 
     def forward(self, t, y):
@@ -66,7 +67,9 @@ def problems():
     g = torch.Generator().manual_seed(1)
     yield "mlp B128 N32 H64", MLP(), torch.randn(128, 32, generator=g, dtype=F64) * 0.5, 1.0, (1e-6, 1e-8)
     x0 = 1.0 + torch.rand(16, generator=g, dtype=F64)
-    yield "vdp B16 mu 0.5..5", VdP(), torch.stack([x0, torch.zeros_like(x0)], 1), 5.0, (1e-6, 1e-8)
+    # NOTE: with mu up to 5 over [0, 5] the len(t)=2 backward solve fails for both providers: van der Pol run
+    # backwards is unstable, and only the state resets at intermediate output times keep it on track.
+    yield "vdp B16 mu 0.5..2", VdP(), torch.stack([x0, torch.zeros_like(x0)], 1), 3.0, (1e-6, 1e-8)
 
 
 def loss_of(ys, w):
@@ -111,12 +114,10 @@ def main():
             scale = ref.abs().max()
             for norm in ("default", "seminorm"):
                 aopt = {} if norm == "default" else {"norm": "seminorm"}
-                runs = {
-                    "torchdiffeq": lambda: grads(func, y0, t, w, torchdiffeq.odeint_adjoint, rtol=rtol, atol=atol,
-                                                 adjoint_options=dict(aopt)),
-                    "fastnode": lambda: grads(func, y0, t, w, fastnode.odeint_adjoint, rtol=rtol, atol=atol,
-                                              adjoint_options=dict(aopt)),
-                }
+                kw = {"rtol": rtol, "atol": atol, "adjoint_options": aopt}
+                runs = {name_: functools.partial(grads, func, y0, t, w, solve, **kw)
+                        for name_, solve in (("torchdiffeq", torchdiffeq.odeint_adjoint),
+                                             ("fastnode", fastnode.odeint_adjoint))}
                 res = {}
                 for k, fn in runs.items():
                     try:
@@ -139,8 +140,8 @@ def main():
     lines = [
         f"# Adjoint: fastnode vs torchdiffeq {torchdiffeq.__version__} (torch {torch.__version__}, {dev})",
         "",
-        "Command: `.venv/bin/python bench/adjoint_nfe.py`. Gradient w.r.t. y0 and all parameters; error = max abs "
-        "difference / max abs of a backprop reference at rtol=1e-12. ms = median forward+backward wall time.",
+        ("Command: `.venv/bin/python bench/adjoint_nfe.py`. Gradient w.r.t. y0 and all parameters; error = max abs "
+         "difference / max abs of a backprop reference at rtol=1e-12. ms = median forward+backward wall time."),
         "",
         "| problem | len(t) | adjoint norm | provider | fwd NFE | bwd NFE | bwd NFE ratio | grad rel err | ms | ms ratio |",
         "|---|--:|---|---|--:|--:|--:|--:|--:|--:|",

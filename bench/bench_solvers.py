@@ -3,8 +3,9 @@
 Modes:
     fwd: one solve under ``torch.no_grad()``.
     full: one solve with autograd recording, then the gradient of ``sum(ys)`` with respect to ``y0`` and the
-        parameters, by backpropagation through the solver (torchdiffeq ``odeint``, not the adjoint). MLP problems
-        only.
+        parameters: by backpropagation through the solver (``fastnode``, ``fastnode-per-sample``, ``torchdiffeq``)
+        or by the adjoint (``fastnode-adjoint``, ``torchdiffeq-adjoint``; NFE counts the forward only, see
+        ``bench/adjoint_nfe.py`` for backward NFE). MLP problems only.
 
 Each benchmark records in ``extra_info`` what is needed to read its time: device, dtype, versions, NFE,
 accepted/rejected steps, the maximum relative error against the scipy reference, the median time of one ``func``
@@ -47,7 +48,7 @@ WAIT_TOTAL_S = float(os.environ.get("FASTNODE_BENCH_WAIT_QUIET_S", "120"))
 _wait_left = WAIT_TOTAL_S
 
 FWD_PROVIDERS = ("fastnode", "fastnode-per-sample", "torchdiffeq", "torchode")
-FULL_PROVIDERS = ("fastnode", "fastnode-per-sample", "torchdiffeq")
+FULL_PROVIDERS = ("fastnode", "fastnode-per-sample", "torchdiffeq", "fastnode-adjoint", "torchdiffeq-adjoint")
 
 
 def _cases() -> list:

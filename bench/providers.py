@@ -182,6 +182,17 @@ class FastnodeProvider(Provider):
         return {k: getattr(s, k, None) for k in ("nfe", "n_steps", "n_accepted", "n_rejected")}
 
 
+class FastnodeAdjointProvider(FastnodeProvider):
+    """fastnode's ``odeint_adjoint`` (gradients from one backward adjoint solve, memory constant in the steps)."""
+
+    def __init__(self, problem: Problem, tol: Tolerance, device: torch.device, per_sample: bool = False):
+        super().__init__(problem, tol, device, per_sample=per_sample)
+        from fastnode import odeint_adjoint
+
+        self._odeint = odeint_adjoint
+        self.name = "fastnode-adjoint" + ("-per-sample" if per_sample else "")
+
+
 class TorchdiffeqProvider(Provider):
     """torchdiffeq's ``odeint`` (backpropagation through the solver, not the adjoint)."""
 
@@ -197,6 +208,18 @@ class TorchdiffeqProvider(Provider):
 
     def solve(self, func: nn.Module, y0: torch.Tensor) -> torch.Tensor:
         return self._odeint(func, y0, self.t_eval, rtol=self.tol.rtol, atol=self.tol.atol, method=METHOD)
+
+
+class TorchdiffeqAdjointProvider(TorchdiffeqProvider):
+    """torchdiffeq's ``odeint_adjoint`` (default adjoint options)."""
+
+    name = "torchdiffeq-adjoint"
+
+    def __init__(self, problem: Problem, tol: Tolerance, device: torch.device):
+        super().__init__(problem, tol, device)
+        import torchdiffeq
+
+        self._odeint = torchdiffeq.odeint_adjoint
 
 
 class TorchodeProvider(Provider):
@@ -259,7 +282,9 @@ class TorchodeProvider(Provider):
 PROVIDERS: dict[str, Callable[..., Provider]] = {
     "fastnode": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=False),
     "fastnode-per-sample": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=True),
+    "fastnode-adjoint": lambda p, tol, dev: FastnodeAdjointProvider(p, tol, dev, per_sample=False),
     "torchdiffeq": TorchdiffeqProvider,
+    "torchdiffeq-adjoint": TorchdiffeqAdjointProvider,
     "torchode": TorchodeProvider,
 }
 

@@ -285,7 +285,7 @@ def solve_adaptive(
         y = torch.where(acc2, y_new, y)
         t = torch.where(accept, t_new, t) if time_grad else t_fut
         k1 = torch.where(acc2, k_last, k1)
-        h = h_next
+        h = torch.where(running, h_next, h)  # a finished sample keeps its last proposal (seeds the adjoint)
 
         if event_fn is not None:
             with torch.no_grad():

@@ -60,7 +60,7 @@ from .solvers import get_solver
 class _Eval:
     """One evaluation of the augmented dynamics, kept (graph alive) until its parameter weight is final."""
 
-    __slots__ = ("out", "cot", "w", "mask", "t", "y", "tainted")
+    __slots__ = ("cot", "mask", "out", "t", "tainted", "w", "y")
 
     def __init__(self, out, cot, t, y):
         self.out = out  # [G, N] f(t, y) with its graph to the parameters
@@ -70,6 +70,36 @@ class _Eval:
         self.w = None  # [G] accumulated weight (integration-time units)
         self.mask = None  # [G] samples whose current first stage is this evaluation
         self.tainted = False  # some sample produced non-finite values in this evaluation's step
+
+
+class ParamLayout:
+    """The parameters as one flat vector ``[P]`` (one dtype), so the quadrature costs a few ops per step
+    whatever the number of parameter tensors."""
+
+    def __init__(self, params: tuple):
+        self.params = params
+        self.sizes = [p.numel() for p in params]
+        self.dtype = params[0].dtype if params else torch.float32
+        for p in params[1:]:
+            self.dtype = torch.promote_types(self.dtype, p.dtype)
+        dev = params[0].device if params else None
+        self.P = sum(self.sizes)
+        self.seg = torch.repeat_interleave(torch.arange(len(params), device=dev),
+                                           torch.tensor(self.sizes, device=dev)) if params else None
+        self.count = torch.tensor(self.sizes, dtype=self.dtype, device=dev).clamp_min(1) if params else None
+
+    def flat(self, grads) -> torch.Tensor:
+        parts = [torch.zeros(n, dtype=self.dtype, device=p.device) if g is None else g.reshape(-1).to(self.dtype)
+                 for p, g, n in zip(self.params, grads, self.sizes)]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=self.dtype)
+
+    def split(self, v: torch.Tensor) -> list[torch.Tensor]:
+        return [x.reshape(p.shape).to(p.dtype) for x, p in zip(v.split(self.sizes), self.params)]
+
+    def rms_max(self, x: torch.Tensor) -> torch.Tensor:
+        """max over parameter tensors of each tensor's RMS (torchdiffeq's mixed norm), in one pass."""
+        sq = torch.zeros(len(self.sizes), dtype=x.dtype, device=x.device).index_add_(0, self.seg, x.square())
+        return (sq / self.count).sqrt().amax()
 
 
 class AugmentedFunc(FlatFunc):
@@ -86,6 +116,7 @@ class AugmentedFunc(FlatFunc):
         self.state_spec = spec
         self.n = sum(spec.sizes)
         self.params = params
+        self.layout = ParamLayout(params)
         self.mode = mode
         self.last = None
 
@@ -109,15 +140,14 @@ class AugmentedFunc(FlatFunc):
                 if mode == "eager":
                     grads = torch.autograd.grad(fy, (y_, *self.params), cot, allow_unused=True)
                     vy = grads[0]
-                    s = self.sign
-                    self.last = [torch.zeros_like(p) if g is None else (g if s > 0 else -g)
-                                 for p, g in zip(self.params, grads[1:])]
+                    v = self.layout.flat(grads[1:])
+                    self.last = v if self.sign > 0 else -v
                 else:
                     (vy,) = torch.autograd.grad(fy, (y_,), cot, allow_unused=True, retain_graph=mode == "deferred")
                     if mode == "deferred":
                         self.last = _Eval(fy, cot if self.sign > 0 else -cot, t_user, y)
             elif mode == "eager":
-                self.last = [torch.zeros_like(p) for p in self.params]
+                self.last = self.layout.flat([None] * len(self.params))
             elif mode == "deferred":
                 self.last = _Eval(None, cot, t_user, y)
         if vy is None:
@@ -145,7 +175,8 @@ class BackwardHooks:
         G = Y.shape[1]
         self.rows = torch.arange(G, device=Y.device)
         self.params = aug.params
-        self.A = [torch.zeros_like(p) for p in self.params]
+        self.layout = aug.layout
+        self.A = self.layout.flat([None] * len(self.params))
         self.mode = aug.mode
         self.theta_norm = theta_norm  # None: not in the error control; "rms": torchdiffeq's default
         self.rtol, self.atol = theta_rtol, theta_atol
@@ -176,7 +207,7 @@ class BackwardHooks:
         if self.mode == "eager":
             m = mask.reshape(())
             last = self.aug.last
-            self.k1 = last if self.k1 is None else [torch.where(m, x, o) for x, o in zip(last, self.k1)]
+            self.k1 = last if self.k1 is None else torch.where(m, last, self.k1)
         elif self.mode == "deferred":
             e = self.aug.last
             e.mask = mask.clone()
@@ -190,8 +221,8 @@ class BackwardHooks:
         if self.mode == "eager":
             h = hy.reshape(())
             b0, e0 = self.tab.b[0], self.tab.e[0]
-            self.S = [k * (h * b0) for k in self.k1]
-            self.E = [k * (h * e0) for k in self.k1] if self.need_err else None
+            self.S = self.k1 * (h * b0)
+            self.E = self.k1 * (h * e0) if self.need_err else None
         elif self.mode == "deferred":
             self.stage_evals = []
 
@@ -201,11 +232,9 @@ class BackwardHooks:
             th = self.aug.last
             b, e = self.tab.b[i], self.tab.e[i]
             if b:
-                for s, x in zip(self.S, th):
-                    s.add_(x * (h * b))
+                self.S.add_(th * (h * b))
             if e and self.E is not None:
-                for s, x in zip(self.E, th):
-                    s.add_(x * (h * e))
+                self.E.add_(th * (h * e))
         elif self.mode == "deferred":
             self.stage_evals.append((i, self.aug.last))
 
@@ -215,19 +244,16 @@ class BackwardHooks:
         self.stashed = x
         return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
 
-    def _theta_scaled(self):
-        out = []
-        for a, s, e in zip(self.A, self.S, self.E):
-            scale = torch.maximum(a.abs(), (a + s).abs()).mul_(self.rtol).add_(self.atol)
-            out.append(e / scale)
-        return out
+    def _theta_scaled(self) -> torch.Tensor:
+        scale = torch.maximum(self.A.abs(), (self.A + self.S).abs()).mul_(self.rtol).add_(self.atol)
+        return self.E / scale
 
     def step_ratio(self, ratio: torch.Tensor) -> torch.Tensor:
         if self.custom_norm is not None:
             n = self.aug.n
             x = self.stashed
             spec = self.aug.state_spec
-            errs = self._theta_scaled() if self.params else []
+            errs = self.layout.split(self._theta_scaled()) if self.params else []
             v = self.custom_norm((torch.zeros((), dtype=x.dtype, device=x.device), spec.unflatten(x[:, :n]),
                                   spec.unflatten(x[:, n:]), *errs))
             v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
@@ -235,8 +261,7 @@ class BackwardHooks:
                 raise ValueError(f"adjoint_options['norm'] must return a scalar, got {v.numel()} values")
             return v.reshape(1).abs()
         if self.theta_norm and self.params:
-            r = torch.stack([x.square().mean().sqrt() if x.numel() else x.new_zeros(())
-                             for x in self._theta_scaled()]).amax()
+            r = self.layout.rms_max(self._theta_scaled())
             return torch.maximum(ratio, r.to(ratio.dtype))
         return ratio
 
@@ -245,9 +270,8 @@ class BackwardHooks:
         if self.mode == "eager":
             acc = accept.reshape(())
             # where, not multiply: a rejected step may hold non-finite values.
-            self.A = [torch.where(acc, a + s, a) for a, s in zip(self.A, self.S)]
-            last = self.aug.last
-            self.k1 = [torch.where(acc, x, o) for x, o in zip(last, self.k1)]
+            self.A = torch.where(acc, self.A + self.S, self.A)
+            self.k1 = torch.where(acc, self.aug.last, self.k1)
         elif self.mode == "deferred":
             hb = torch.where(accept, self.h, 0.0)
             b = self.tab.b
@@ -323,9 +347,7 @@ class BackwardHooks:
                 self._add(torch.autograd.grad(out, self.params, cot, allow_unused=True))
 
     def _add(self, grads) -> None:
-        for a, g in zip(self.A, grads):
-            if g is not None:
-                a.add_(g)
+        self.A.add_(self.layout.flat(grads))
 
     # --- output times ---------------------------------------------------------------------------------------
     def land(self, j: torch.Tensor, landed: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -343,7 +365,7 @@ class BackwardHooks:
             rest = self.entries + [ev for _, ev in self.stage_evals if ev.w is not None]
             self.entries, self.stage_evals = [], []
             self._retire(rest)
-        return self.A
+        return self.layout.split(self.A)
 
 
 @dataclass
@@ -498,7 +520,7 @@ class OdeintAdjointFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads):
         plan = ctx.plan
-        out, t, *params = ctx.saved_tensors
+        out, t, *_params = ctx.saved_tensors  # params saved so in-place changes before backward are caught
         grad_out = grads[-1]
         if grad_out is None:
             grad_out = torch.zeros_like(out)

@@ -29,8 +29,8 @@ _METHOD_TOL = {
     "tsit5": (1e-10, 1e-12, 1e-7),
     "dopri8": (1e-10, 1e-12, 1e-7),
     "bosh3": (1e-8, 1e-10, 1e-5),
-    "fehlberg2": (1e-6, 1e-8, 1e-3),
-    "adaptive_heun": (1e-6, 1e-8, 1e-3),
+    "fehlberg2": (1e-5, 1e-7, 1e-3),
+    "adaptive_heun": (1e-5, 1e-7, 1e-3),
 }
 assert set(_METHOD_TOL) == set(ADAPTIVE_METHODS)
 
@@ -364,30 +364,52 @@ def test_backward_statistics():
     assert st.backward.method == "dopri5" and st.backward.success
 
 
-def test_backward_nfe_one_continuous_solve():
-    """Backward NFE at len(t)=10 against torchdiffeq's per-interval restarts (a count, not a timing)."""
+class MLPField(nn.Module):
+    """A typical neural-ODE field: dy/dt = W2 tanh(W1 [y, t] + b1) + b2 with 1/sqrt(fan-in) weights."""
+
+    def __init__(self, n=8, hidden=32):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.l1 = nn.Linear(n + 1, hidden).to(DT)
+        self.l2 = nn.Linear(hidden, n).to(DT)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=DT) / p.shape[-1] ** 0.5)
+        self.calls = 0
+
+    def forward(self, t, y):
+        self.calls += 1
+        return self.l2(torch.tanh(self.l1(torch.cat([y, t.expand(y.shape[0], 1)], dim=1))))
+
+
+@pytest.mark.parametrize("norm", ["default", "seminorm"])
+def test_backward_nfe_one_continuous_solve(norm):
+    """Backward NFE at len(t)=10 against torchdiffeq's per-interval restarts (a deterministic count, not a
+    timing): at most half, with a gradient at least as accurate."""
     torchdiffeq = pytest.importorskip("torchdiffeq")
-    f = Field()
-    t = torch.linspace(0, 2, 10, dtype=DT)
-    counts = {}
+    f = MLPField()
+    y0 = 0.5 * torch.randn(16, 8, generator=torch.Generator().manual_seed(1), dtype=DT)
+    t = torch.linspace(0, 1, 10, dtype=DT)
+    ref = _grads(odeint, f, y0, t, rtol=1e-12, atol=1e-14)
+    res = {}
     for name, solve in [("fastnode", odeint_adjoint), ("torchdiffeq", torchdiffeq.odeint_adjoint)]:
-        calls = [0]
+        f.calls = 0
+        got = _grads(_counting(solve, f, res, name), f, y0, t, rtol=1e-6, atol=1e-8,
+                     adjoint_options={} if norm == "default" else {"norm": "seminorm"})
+        res[name] = (res[name], f.calls - res[name], max(_rel(g, r) for g, r in zip(got[2:], ref[2:])))
+    assert res["fastnode"][1] <= 0.5 * res["torchdiffeq"][1], res
+    assert res["fastnode"][2] <= 1.5 * res["torchdiffeq"][2], res
 
-        class Counted(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.f = f
 
-            def forward(self, tt, y):
-                calls[0] += 1
-                return self.f(tt, y)
+def _counting(solve, f, res, name):
+    """``solve`` that records in ``res[name]`` how many func calls the forward made."""
 
-        y0 = _y0().requires_grad_(True)
-        ys = solve(Counted(), y0, t, rtol=1e-7, atol=1e-9)
-        before = calls[0]
-        (ys * _weights(ys.shape)).sum().backward()
-        counts[name] = calls[0] - before
-    assert counts["fastnode"] <= 0.6 * counts["torchdiffeq"], counts
+    def run(*a, **kw):
+        out = solve(*a, **kw)
+        res[name] = f.calls
+        return out
+
+    return run
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -406,8 +428,8 @@ class Decay(nn.Module):
 @pytest.mark.parametrize("interface", ["odeint", "odeint_adjoint"])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_event_closed_form(interface, reverse):
-    """y' = -k y from t0 until y = c: t* = t0 + s log(y0 / c) / k with s = +-1 (reverse_time solves y' = -k y
-    backwards, so y grows and the event is y = c above y0)."""
+    """y' = -k y from t0 until y = c: t* = t0 + log(y0 / c) / k in either direction (with reverse_time the solve
+    runs backwards from t0, y grows, and the event y = c > y0 lies before t0)."""
     solve = odeint if interface == "odeint" else odeint_adjoint
     f = Decay(0.7)
     y0 = torch.tensor([2.0], dtype=DT, requires_grad=True)
@@ -415,17 +437,17 @@ def test_event_closed_form(interface, reverse):
     c = torch.tensor(0.5 if not reverse else 5.0, dtype=DT, requires_grad=True)
     t_ev, sol = odeint_event(f, y0, t0, event_fn=lambda t, y: y[0] - c, reverse_time=reverse,
                              odeint_interface=solve, rtol=1e-11, atol=1e-13)
-    k = 0.7
-    s = -1.0 if reverse else 1.0
-    exp_t = 0.3 + s * math.log(2.0 / float(c)) / k
-    assert abs(float(t_ev) - exp_t) < 1e-8
+    k, cv = 0.7, float(c.detach())
+    exp_t = 0.3 + math.log(2.0 / cv) / k
+    assert (float(t_ev.detach()) < 0.3) == reverse
+    assert abs(float(t_ev.detach()) - exp_t) < 1e-8
     torch.testing.assert_close(sol[-1, 0], c.detach(), rtol=1e-8, atol=1e-10)
     (t_ev + 3.0 * sol[-1, 0]).backward()
-    # t* = t0 + s log(y0/c)/k; the state at the event is c whatever the inputs: d(sol)/dc = 1.
-    assert abs(float(y0.grad) - s / (k * 2.0)) < 1e-7
+    # the state at the event is c whatever the inputs: d(sol)/dc = 1, and no other dependence.
+    assert abs(float(y0.grad) - 1.0 / (k * 2.0)) < 1e-7
     assert abs(float(t0.grad) - 1.0) < 1e-7
-    assert abs(float(f.k.grad) - (-s * math.log(2.0 / float(c)) / k**2)) < 1e-7
-    assert abs(float(c.grad) - (-s / (k * float(c)) + 3.0)) < 1e-7
+    assert abs(float(f.k.grad) - (-math.log(2.0 / cv) / k**2)) < 1e-7
+    assert abs(float(c.grad) - (-1.0 / (k * cv) + 3.0)) < 1e-7
 
 
 def test_event_per_sample_and_tuple():
@@ -442,7 +464,7 @@ def test_event_per_sample_and_tuple():
         for x in (h0, v0, t0):
             x.grad = None
         kw = {"adjoint_params": ()} if solve is odeint_adjoint else {}
-        t_ev, (hs, vs) = odeint_event(field, (h0, v0), t0, event_fn=lambda t, s: s[0], odeint_interface=solve,
+        t_ev, _ = odeint_event(field, (h0, v0), t0, event_fn=lambda t, s: s[0], odeint_interface=solve,
                                       rtol=1e-11, atol=1e-13, options={"per_sample": True}, **kw)
         disc = (v0**2 + 2 * g * h0).sqrt()
         exp_t = t0 + (v0 + disc) / g
