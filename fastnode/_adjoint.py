@@ -43,6 +43,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _stats as st
 from ._adaptive import solve_adaptive
+from ._fixed import step_size_grid
 from ._odeint import (
     Prepared,
     _make_norm,
@@ -50,8 +51,9 @@ from ._odeint import (
     parse_adaptive_options,
     prepare,
     run_adaptive,
+    run_fixed,
 )
-from ._problem import ADAPTIVE_OPTIONS, FlatFunc, StateSpec, _flag, check_tol, time_dtype_of
+from ._problem import ADAPTIVE_OPTIONS, FIXED_OPTIONS, FlatFunc, StateSpec, _flag, _num, check_tol, time_dtype_of
 from .backends import get_backend
 from .backends.torch_ops import rms_norm
 from .solvers import get_solver
@@ -196,14 +198,19 @@ class BackwardHooks:
         self.stashed = None
 
     # --- evaluations -------------------------------------------------------------------------------------
-    def k1_evaluated(self, mask: torch.Tensor, k: torch.Tensor) -> None:
-        """A new first stage for the groups in ``mask`` (start, after an output time, after a jump)."""
+    def k1_evaluated(self, mask: torch.Tensor, k: torch.Tensor, at_output: torch.Tensor | None = None) -> None:
+        """A new first stage for the groups in ``mask`` (start, after an output time, after a jump).
+
+        ``at_output``: groups for which this evaluation sits at the output time last landed on (default: ``mask``);
+        its ``f`` gives that time's gradient.
+        """
         if self.tdots is not None:
+            mask_t = mask if at_output is None else at_output
             n = self.aug.n
             fy = k[:, :n] if self.aug.sign > 0 else -k[:, :n]
             dots = (fy * self.Gc[self.j_land, self.rows]).sum(dim=1)
             cur = self.tdots[self.j_land, self.rows]
-            self.tdots.index_put_((self.j_land, self.rows), torch.where(mask, dots, cur))
+            self.tdots.index_put_((self.j_land, self.rows), torch.where(mask_t, dots, cur))
         if self.mode == "eager":
             m = mask.reshape(())
             last = self.aug.last
@@ -220,7 +227,7 @@ class BackwardHooks:
         self.h = hy
         if self.mode == "eager":
             h = hy.reshape(())
-            b0, e0 = self.tab.b[0], self.tab.e[0]
+            b0, e0 = self.tab.b[0], (self.tab.e[0] if self.need_err else 0.0)
             self.S = self.k1 * (h * b0)
             self.E = self.k1 * (h * e0) if self.need_err else None
         elif self.mode == "deferred":
@@ -230,7 +237,7 @@ class BackwardHooks:
         if self.mode == "eager":
             h = self.h.reshape(())
             th = self.aug.last
-            b, e = self.tab.b[i], self.tab.e[i]
+            b, e = self.tab.b[i], (self.tab.e[i] if self.E is not None else 0.0)
             if b:
                 self.S.add_(th * (h * b))
             if e and self.E is not None:
@@ -380,12 +387,16 @@ class _Plan:
     bwd_atol: object
     norm_mode: object  # "default" | "seminorm" | callable
     t_requires_grad: bool
+    y0_user: object = None  # as given (a fixed-grid grid_constructor receives them)
+    t_user: object = None
 
 
 def _forward(plan: _Plan, y0_flat: torch.Tensor):
     p = plan.p
     with torch.no_grad():
-        return run_adaptive(p, y0_flat)
+        if p.solver.adaptive:
+            return run_adaptive(p, y0_flat)
+        return run_fixed(p, y0_flat, plan.y0_user, plan.t_user)
 
 
 def _backward(plan: _Plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: torch.Tensor):
@@ -410,7 +421,7 @@ def _backward(plan: _Plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: t
     tau_b = (-tau_fwd).flip(-1).contiguous()
     tdt = time_dtype_of(opts) if "dtype" in opts else p.tau.dtype
     tau_b = tau_b.to(tdt)
-    cfg = parse_adaptive_options(opts, tableau, sign_b, tdt, spec.device)
+    cfg = parse_adaptive_options(opts, tableau, sign_b, tdt, spec.device) if solver.adaptive else None
     ops = get_backend(opts.get("backend", "auto"), spec.device)
 
     aug_spec = StateSpec(False, [(G, 2 * N)], spec.per_sample, G, [2 * N], spec.dtype, spec.device)
@@ -435,7 +446,9 @@ def _backward(plan: _Plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: t
     if params:
         mode = "deferred" if spec.per_sample else "eager"
     custom = plan.norm_mode if callable(plan.norm_mode) else None
-    theta_norm = "rms" if (plan.norm_mode == "default" and mode == "eager") else None
+    theta_norm = "rms" if (plan.norm_mode == "default" and mode == "eager" and solver.adaptive) else None
+    if not solver.adaptive:
+        custom = None
     aug = AugmentedFunc(p.func, spec, aug_spec, sign_b, params, mode)
     hooks = BackwardHooks(aug, tableau, Y, Gc, plan.t_requires_grad, theta_norm, rtol_th, atol_th, custom)
 
@@ -450,18 +463,21 @@ def _backward(plan: _Plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: t
         def norm(x):
             return rms_norm(x, segments)
 
-    first = cfg.first_step
+    first = cfg.first_step if cfg is not None else None
     hf = stats_f.h_final
-    if first is None and hf is not None and bool(((hf > 0) & torch.isfinite(hf)).all()):
+    if cfg is not None and first is None and hf is not None and bool(((hf > 0) & torch.isfinite(hf)).all()):
         # The forward's last proposed step size starts the backward: no probe evaluation, no ramp-up from the
         # (deliberately small) initial-step estimate. Measured in bench/adjoint_nfe.py: fewer backward
         # evaluations in 10 of 12 configurations; a step too large for the adjoint costs one rejection.
         first = hf
     bstats = st.SolveStats(method=plan.bwd_method, per_sample=spec.per_sample)
     try:
-        z_end = solve_adaptive(aug, aug_spec, z0, tau_b, tableau, ops, cfg.ctrl, rtol_b, atol_b, norm,
-                               first_step=first, max_num_steps=cfg.max_num_steps, step_t=cfg.step_t,
-                               jump_t=cfg.jump_t, on_failure="raise", stats=bstats, hooks=hooks)
+        if not solver.adaptive:
+            z_end = _solve_backward_fixed(aug, hooks, z0, tau_b, tableau, ops, opts, bstats)
+        else:
+            z_end = solve_adaptive(aug, aug_spec, z0, tau_b, tableau, ops, cfg.ctrl, rtol_b, atol_b, norm,
+                                   first_step=first, max_num_steps=cfg.max_num_steps, step_t=cfg.step_t,
+                                   jump_t=cfg.jump_t, on_failure="raise", stats=bstats, hooks=hooks)
         grads_theta = hooks.finish()
     except st.SolverError as err:
         raise st.SolverError(f"adjoint (backward) solve failed: {err}", status=err.status, samples=err.samples,
@@ -488,6 +504,54 @@ def _backward(plan: _Plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: t
         tdots[-1] = -(a_plus * f0).sum(dim=1)
         t_grad = tdots.flip(0).transpose(0, 1)  # [G, T] in the forward's order
     return adj_y0, grads_theta, t_grad
+
+
+def _solve_backward_fixed(aug: AugmentedFunc, hooks: BackwardHooks, z0: torch.Tensor, tau_b: torch.Tensor, tableau,
+                          ops, opts: dict, stats: st.SolveStats) -> torch.Tensor:
+    """The backward solve with a fixed-grid method: the ``step_size`` grid from ``t[-1]`` (or the output times)
+    with every output time added as a grid point; cotangents are added there. Returns the final state."""
+    step_size = opts.get("step_size")
+    perturb = _flag(opts, "perturb", False)
+    if step_size is not None:
+        step_size = _num(opts, "step_size", None, lo=0.0, lo_open=True)
+        grid = torch.cat([step_size_grid(tau_b, step_size), tau_b]).unique(sorted=True)
+    else:
+        grid = tau_b
+    grid_v = grid.tolist()
+    out_index = {v: j for j, v in enumerate(tau_b.tolist())}
+    stats.n_host_syncs += 2
+    z = z0
+    dev = z0.device
+    yes, no = torch.ones(1, dtype=torch.bool, device=dev), torch.zeros(1, dtype=torch.bool, device=dev)
+    landed = True  # the first step starts at the last output time
+    S = len(tableau.c)
+    for s in range(len(grid_v) - 1):
+        t0, t1 = grid[s : s + 1], grid[s + 1 : s + 2]
+        h = t1 - t0
+        hy = h.to(z.dtype)
+        K = ops.new_stages(tableau, z)
+        k0 = aug(t0, z, perturb=1 if perturb else 0)
+        hooks.k1_evaluated(yes, k0, at_output=yes if landed else no)
+        hooks.begin_step(hy)
+        K = ops.set_stage(K, 0, k0)
+        for i in range(1, S):
+            zi = ops.stage_input(tableau, i, z, K, hy)
+            at_end = tableau.c[i] == 1.0
+            ti = t1 if at_end else t0 + tableau.c[i] * h
+            K = ops.set_stage(K, i, aug(ti, zi, perturb=-1 if (perturb and at_end) else 0))
+            hooks.stage_evaluated(i)
+        z = ops.solution(tableau, z, K, hy)
+        hooks.end_step(yes, yes, yes)
+        stats.n_accepted += 1
+        j = out_index.get(grid_v[s + 1])
+        landed = j is not None
+        if landed:
+            z = hooks.land(torch.full((1,), j, dtype=torch.int64, device=dev), yes, z)
+    stats.n_steps = stats.n_accepted
+    if not bool(torch.isfinite(z).all()):
+        raise st.SolverError("non-finite values (NaN/inf) in the fixed-grid backward solve; use a smaller "
+                             "step_size or an adaptive adjoint_method", samples=[0])
+    return z
 
 
 def _add_counts(acc, new):
@@ -547,9 +611,6 @@ class OdeintAdjointFunction(torch.autograd.Function):
         return (None, adj_y0, g_t, *g_params)
 
 
-ADJOINT_OPTIONS = ADAPTIVE_OPTIONS
-
-
 def _check_params(func, adjoint_params) -> tuple:
     if adjoint_params is None:
         if not isinstance(func, nn.Module):
@@ -590,9 +651,11 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
 
     Args:
         func: ``func(t, y)``. If it is not an ``nn.Module``, pass the tensors it depends on as ``adjoint_params``.
-        y0, t, rtol, atol, method, options, event_fn: as ``odeint`` (adaptive methods).
+        y0, t, rtol, atol, method, options, event_fn: as ``odeint``.
         adjoint_rtol, adjoint_atol: tolerances of the backward solve (default: ``rtol``, ``atol``).
-        adjoint_method: method of the backward solve (default: ``method``).
+        adjoint_method: method of the backward solve (default: ``method``). With a fixed-grid method the backward
+            grid is ``adjoint_options["step_size"]`` from ``t[-1]`` (default: the output times), with every output
+            time added as a grid point.
         adjoint_options: options of the backward solve. Default: ``options`` without ``norm``; required when
             ``adjoint_method`` differs from ``method`` and ``options`` were given. ``norm`` may be
             ``"seminorm"`` (the parameters' adjoint is left out of the error control) or a callable taking the
@@ -617,19 +680,10 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
         torch.Size([2, 2])
     """
     params = _check_params(func, adjoint_params)
-    fwd_solver = get_solver(method)
+    get_solver(method)
     method_name = method or "dopri5"
-    if not fwd_solver.adaptive:
-        raise ValueError(f"odeint_adjoint supports the adaptive methods ({', '.join(_adaptive_names())}); "
-                         f"{method_name!r} is a fixed-grid method (use odeint to backpropagate through it)")
-    if adjoint_method is None:
-        bwd_method = method_name
-    else:
-        bwd_solver = get_solver(adjoint_method)
-        bwd_method = adjoint_method
-        if not bwd_solver.adaptive:
-            raise ValueError(f"adjoint_method must be an adaptive method ({', '.join(_adaptive_names())}), got "
-                             f"{adjoint_method!r}")
+    bwd_method = method_name if adjoint_method is None else adjoint_method
+    bwd_solver = get_solver(bwd_method)
     if bwd_method != method_name and options is not None and adjoint_options is None:
         raise ValueError(f"adjoint_method ({bwd_method!r}) differs from method ({method_name!r}), so adjoint_options "
                          "cannot be inherited from options; pass adjoint_options as well (e.g. adjoint_options={})")
@@ -652,10 +706,19 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
     elif p.per_sample:
         raise ValueError("adjoint_options['norm'] as a callable is not supported with options['per_sample']=True: "
                          "per-sample error control uses each sample's own (y, adj_y) error (a seminorm)")
+    valid = ADAPTIVE_OPTIONS if bwd_solver.adaptive else FIXED_OPTIONS
     for k in bwd_options:
-        if k not in ADJOINT_OPTIONS:
-            raise ValueError(f"unknown option {k!r} in adjoint_options; valid options: "
-                             f"{', '.join(sorted(ADJOINT_OPTIONS | {'norm'}))}")
+        if k not in valid:
+            raise ValueError(f"unknown option {k!r} in adjoint_options for the "
+                             f"{'adaptive' if bwd_solver.adaptive else 'fixed-grid'} method {bwd_method!r}; valid "
+                             f"options: {', '.join(sorted(valid | {'norm'}))}")
+    if not bwd_solver.adaptive:
+        if "grid_constructor" in bwd_options:
+            raise ValueError("adjoint_options['grid_constructor'] is not supported for the backward solve; give "
+                             "adjoint_options['step_size'] (output times are always grid points)")
+        if callable(norm_mode):
+            raise ValueError(f"adjoint_options['norm'] has no effect with the fixed-grid adjoint_method "
+                             f"{bwd_method!r} (no error control); leave it out")
     if "per_sample" in bwd_options and _flag(bwd_options, "per_sample", False) != p.per_sample:
         raise ValueError(f"adjoint_options['per_sample'] ({bwd_options['per_sample']}) must match "
                          f"options['per_sample'] ({p.per_sample}): the backward solve uses the forward's step mode")
@@ -665,7 +728,12 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
     bwd_options.pop("per_sample", None)
     bwd_options.pop("on_failure", None)
     # Check the backward options now, not in the middle of backward().
-    parse_adaptive_options(bwd_options, get_solver(bwd_method).tableau, -p.sign, p.tau.dtype, p.spec.device)
+    if bwd_solver.adaptive:
+        parse_adaptive_options(bwd_options, bwd_solver.tableau, -p.sign, p.tau.dtype, p.spec.device)
+    else:
+        if bwd_options.get("step_size") is not None:
+            _num(bwd_options, "step_size", None, lo=0.0, lo_open=True)
+        _flag(bwd_options, "perturb", False)
     if "dtype" in bwd_options:
         time_dtype_of(bwd_options)
     bwd_rtol = rtol if adjoint_rtol is None else adjoint_rtol
@@ -674,7 +742,7 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
     check_tol("adjoint_atol", bwd_atol, p.spec)
 
     t_req = isinstance(t, torch.Tensor) and t.requires_grad
-    plan = _Plan(p, params, bwd_method, bwd_options, bwd_rtol, bwd_atol, norm_mode, t_req)
+    plan = _Plan(p, params, bwd_method, bwd_options, bwd_rtol, bwd_atol, norm_mode, t_req, y0, t)
     st._set_last(p.stats)
     y0_flat = p.spec.flatten(y0, "y0")
     try:
@@ -687,12 +755,6 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
     if not p.spec.per_sample:
         ev_t = ev_t.reshape(())
     return ev_t, _to_user(p.spec, sol)
-
-
-def _adaptive_names():
-    from .solvers import ADAPTIVE_METHODS
-
-    return ADAPTIVE_METHODS
 
 
 # ---------------------------------------------------------------------------------------------------------------

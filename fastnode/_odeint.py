@@ -145,7 +145,7 @@ def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method:
         if p.solver.adaptive:
             res = run_adaptive(p, p.spec.flatten(y0, "y0"))
             return result_to_user(p, res)
-        return _run_fixed(func, y0, t, p)
+        return _to_user(p.spec, run_fixed(p, p.spec.flatten(y0, "y0"), y0, t))
     finally:
         p.stats.nfe = p.f.nfe
 
@@ -232,8 +232,9 @@ def _to_user(spec, out):
     return spec.unflatten(out, lead=(T,)) if spec.per_sample else spec.unflatten(out[:, 0], lead=(T,))
 
 
-def _run_fixed(func, y0, t, p: Prepared):
-    options, tau, sign = p.options, p.tau, p.sign
+def run_fixed(p: Prepared, y0_flat: torch.Tensor, y0, t) -> torch.Tensor:
+    """Flat fixed-grid solve: ``[T, 1, N]``. ``y0``, ``t`` as the user gave them (for ``grid_constructor``)."""
+    options, tau, sign, func = p.options, p.tau, p.sign, p.func
     step_size = options.get("step_size")
     gc = options.get("grid_constructor")
     interp = _choice(options, "interp", "linear", ("linear", "cubic"))
@@ -249,5 +250,4 @@ def _run_fixed(func, y0, t, p: Prepared):
         grid = check_grid(gc(func, y0, t), tau, sign)
     else:
         grid = tau
-    out = solve_fixed(p.f, p.spec.flatten(y0, "y0"), tau, grid, p.solver.tableau, p.ops, interp, perturb, p.stats)
-    return _to_user(p.spec, out)
+    return solve_fixed(p.f, y0_flat, tau, grid, p.solver.tableau, p.ops, interp, perturb, p.stats)
