@@ -182,7 +182,8 @@ class TupleField(nn.Module):
 
     def forward(self, t, state):
         x, v = state
-        return torch.tanh(v @ self.A.T) - 0.1 * x, torch.sin(x @ self.B.T) * (1 + t)
+        tt = t if t.dim() == 0 else t.unsqueeze(-1)  # [B] in per-sample mode
+        return torch.tanh(v @ self.A.T) - 0.1 * x, torch.sin(x @ self.B.T) * (1 + tt)
 
 
 def test_tuple_state():
@@ -280,15 +281,22 @@ class SqrtField(nn.Module):
         return self.w * torch.sqrt(y)
 
 
-def test_per_sample_nonfinite_rejection_does_not_poison_parameters():
+def test_per_sample_nonfinite_rejection_does_not_poison_parameters(monkeypatch):
     """In one backward iteration a sample's stages hit NaN (rejected) while others accept: the shared parameter
-    gradient must still match (0 * NaN from the rejected rows would otherwise poison it)."""
+    gradient must still match (0 * NaN from the rejected rows would otherwise poison it; without the subset
+    re-evaluation this test fails)."""
+    import fastnode._adjoint as adj
+
+    subset_calls = []
+    orig = adj.BackwardHooks._retire_subset
+    monkeypatch.setattr(adj.BackwardHooks, "_retire_subset", lambda self, e: subset_calls.append(1) or orig(self, e))
     f = SqrtField()
     y0 = torch.tensor([[0.02], [1.0], [4.0], [0.05]], dtype=DT)
     t = torch.tensor([0.0, 1.0], dtype=DT)
     kw = {"rtol": 1e-4, "atol": 1e-6, "options": {"per_sample": True}}
     got = _grads(odeint_adjoint, f, y0, t, adjoint_options={"per_sample": True, "first_step": 1.0}, **kw)
     assert torch.isfinite(got[2]).all()
+    assert subset_calls, "the test must hit a step where some samples produced NaN while others accepted"
     # exact: y(1) = (sqrt(y0) + w/2)^2
     w = f.w.detach()
     ys = torch.stack([y0, (y0.sqrt() + w / 2) ** 2])
@@ -575,3 +583,64 @@ def test_frozen_module_parameters_are_skipped():
     y0 = _y0().requires_grad_(True)
     odeint_adjoint(f, y0, torch.tensor([0.0, 1.0], dtype=DT)).sum().backward()
     assert f.l1.weight.grad is None and f.l2.weight.grad is not None
+
+
+def test_float32_state():
+    """float32: the adjoint's gradient is as accurate as backprop's in float32 (against a float64 reference)."""
+    f64 = Field()
+    f32 = Field().float()
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=DT)
+    ref = _grads(odeint, f64, _y0(), t, rtol=1e-12, atol=1e-14)
+    got = _grads(odeint_adjoint, f32, _y0().float(), t.float(), rtol=1e-6, atol=1e-7)
+    bp = _grads(odeint, f32, _y0().float(), t.float(), rtol=1e-6, atol=1e-7)
+    assert all(g.dtype == torch.float32 for g in got)
+    for i in (0, 2, 3, 4, 5):
+        err_adj, err_bp = _rel(got[i].double(), ref[i]), _rel(bp[i].double(), ref[i])
+        assert err_adj < max(3 * err_bp, 1e-5), (NAMES[i], err_adj, err_bp)
+
+
+def test_per_sample_tuple_state_with_parameters():
+    f = TupleField()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 2, generator=g, dtype=DT)
+    v0 = torch.randn(4, 3, generator=g, dtype=DT)
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=DT)
+
+    def run(solve, **kw):
+        f.zero_grad(set_to_none=True)
+        x, v = x0.clone().requires_grad_(), v0.clone().requires_grad_()
+        xs, vs = solve(f, (x, v), t, options={"per_sample": True, "first_step": 0.9}, **kw)
+        ((xs * _weights(xs.shape, 1)).sum() + (vs * _weights(vs.shape, 2)).sum()).backward()
+        return [x.grad, v.grad, f.A.grad, f.B.grad]
+
+    got = run(odeint_adjoint, rtol=1e-10, atol=1e-12)
+    assert fastnode.last_stats().backward.n_rejected.sum() > 0
+    ref = run(odeint, rtol=1e-12, atol=1e-14)
+    _assert_close(got, ref, 1e-7)
+
+
+class Switch(nn.Module):
+    """dy/dt = w * y for t < 0.5, -w * y after: a discontinuity in time at 0.5."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.8, dtype=DT))
+
+    def forward(self, t, y):
+        sign = torch.where(t < 0.5, 1.0, -1.0).to(y.dtype)
+        return self.w * (sign.unsqueeze(-1) if sign.dim() else sign) * y
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_jump_t_in_backward(per_sample):
+    """jump_t is inherited by the backward solve, which steps onto the discontinuity and re-evaluates there.
+    Closed form: y(0.75) = y0 exp(0.5 w - 0.25 w)."""
+    f = Switch()
+    y0 = torch.tensor([[1.0], [2.0]], dtype=DT, requires_grad=True)
+    t = torch.tensor([0.0, 0.75], dtype=DT)
+    ys = odeint_adjoint(f, y0, t, rtol=1e-10, atol=1e-12, options={"jump_t": [0.5], "per_sample": per_sample})
+    ys[-1].sum().backward()
+    w = 0.8
+    torch.testing.assert_close(y0.grad, torch.full_like(y0, math.exp(0.25 * w)), rtol=1e-8, atol=0)
+    exp_w = float(sum(y0.detach()) * 0.25 * math.exp(0.25 * w))
+    assert abs(float(f.w.grad) - exp_w) < 1e-8 * abs(exp_w)
