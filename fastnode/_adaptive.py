@@ -341,7 +341,7 @@ def solve_adaptive(
             k_far = f(t, y, perturb=1)
             k1 = torch.where(jumped.unsqueeze(1), k_far, k1)
             if hooks is not None:
-                hooks.k1_evaluated(jumped, k_far)
+                hooks.k1_evaluated(jumped, k_far, at_output=torch.zeros_like(jumped))  # not an output time
 
         running = running_next
 

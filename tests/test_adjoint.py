@@ -637,10 +637,13 @@ def test_jump_t_in_backward(per_sample):
     Closed form: y(0.75) = y0 exp(0.5 w - 0.25 w)."""
     f = Switch()
     y0 = torch.tensor([[1.0], [2.0]], dtype=DT, requires_grad=True)
-    t = torch.tensor([0.0, 0.75], dtype=DT)
+    t = torch.tensor([0.0, 0.75], dtype=DT, requires_grad=True)
     ys = odeint_adjoint(f, y0, t, rtol=1e-10, atol=1e-12, options={"jump_t": [0.5], "per_sample": per_sample})
     ys[-1].sum().backward()
     w = 0.8
     torch.testing.assert_close(y0.grad, torch.full_like(y0, math.exp(0.25 * w)), rtol=1e-8, atol=0)
-    exp_w = float(sum(y0.detach()) * 0.25 * math.exp(0.25 * w))
+    y_end = float(y0.detach().sum()) * math.exp(0.25 * w)
+    exp_w = y_end * 0.25
     assert abs(float(f.w.grad) - exp_w) < 1e-8 * abs(exp_w)
+    # y(T) = y0 exp(w (0.5 - t0) - w (T - 0.5)): dL/dt0 = dL/dT = -w y(T); the jump is not an output time.
+    torch.testing.assert_close(t.grad, torch.full((2,), -w * y_end, dtype=DT), rtol=1e-8, atol=0)
