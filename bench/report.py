@@ -167,7 +167,8 @@ def _footer() -> list[str]:
         "overhead: t_solve / (NFE x t_func) - 1, the solver's own cost relative to the unavoidable `func` work.",
         (
             "modes: `fwd` = one solve under no_grad; `full` = solve + gradient of sum(ys) w.r.t. y0 and parameters"
-            " by backpropagation through the solver."
+            " by backpropagation through the solver, or by the adjoint for the `-adjoint` providers (their NFE and"
+            " overhead count the forward only; backward NFE: `bench/results/<device>/adjoint_nfe.md`)."
         ),
     )
     return ["", *(f"- {n}" for n in notes)]

@@ -312,27 +312,26 @@ def solve_adaptive(
             hook_got = got[len(flags) - n_hook : len(flags)]
             hooks.after_fetch(hook_got[1:])
             if n_cross:
+                # Steps land exactly on output times here (step_to_outputs): change the state there.
                 landed = crossed > 0
                 y = hooks.land(next_idx, landed, y)
-                next_idx = next_idx + crossed
                 if hook_got[0]:
                     # The state jumped (cotangent added, state reset to the forward's): fresh derivative there.
                     k_new = f(t, y)
                     mask = landed & running_next
                     k1 = torch.where(mask.unsqueeze(1), k_new, k1)
                     hooks.k1_evaluated(mask, k_new)
-            n_cross = 0
-
-        for m in range(n_cross):
-            j = next_idx + m
-            valid = m < crossed
-            jj = torch.where(valid, j, T)
-            tj = t_out[rows, j.clamp_max(T - 1)]
-            theta = (tj - t_old) / torch.where(h_eff > 0, h_eff, 1.0)
-            val = ops.interpolate(tableau, y_old, K, hy, theta)
-            # Exactly at the step's end the solution itself is returned (no interpolation rounding).
-            val = torch.where((tj == t_new).unsqueeze(1), y_new, val)
-            out.index_put_((jj, rows), val)
+        else:
+            for m in range(n_cross):
+                j = next_idx + m
+                valid = m < crossed
+                jj = torch.where(valid, j, T)
+                tj = t_out[rows, j.clamp_max(T - 1)]
+                theta = (tj - t_old) / torch.where(h_eff > 0, h_eff, 1.0)
+                val = ops.interpolate(tableau, y_old, K, hy, theta)
+                # Exactly at the step's end the solution itself is returned (no interpolation rounding).
+                val = torch.where((tj == t_new).unsqueeze(1), y_new, val)
+                out.index_put_((jj, rows), val)
         if n_cross:
             next_idx = next_idx + crossed
 

@@ -43,7 +43,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _stats as st
 from ._adaptive import solve_adaptive
-from ._fixed import step_size_grid
+from ._fixed import solve_fixed, step_size_grid
 from ._odeint import (
     Prepared,
     _make_norm,
@@ -511,43 +511,12 @@ def _solve_backward_fixed(aug: AugmentedFunc, hooks: BackwardHooks, z0: torch.Te
     """The backward solve with a fixed-grid method: the ``step_size`` grid from ``t[-1]`` (or the output times)
     with every output time added as a grid point; cotangents are added there. Returns the final state."""
     step_size = opts.get("step_size")
-    perturb = _flag(opts, "perturb", False)
     if step_size is not None:
         step_size = _num(opts, "step_size", None, lo=0.0, lo_open=True)
         grid = torch.cat([step_size_grid(tau_b, step_size), tau_b]).unique(sorted=True)
     else:
         grid = tau_b
-    grid_v = grid.tolist()
-    out_index = {v: j for j, v in enumerate(tau_b.tolist())}
-    stats.n_host_syncs += 2
-    z = z0
-    dev = z0.device
-    yes, no = torch.ones(1, dtype=torch.bool, device=dev), torch.zeros(1, dtype=torch.bool, device=dev)
-    landed = True  # the first step starts at the last output time
-    S = len(tableau.c)
-    for s in range(len(grid_v) - 1):
-        t0, t1 = grid[s : s + 1], grid[s + 1 : s + 2]
-        h = t1 - t0
-        hy = h.to(z.dtype)
-        K = ops.new_stages(tableau, z)
-        k0 = aug(t0, z, perturb=1 if perturb else 0)
-        hooks.k1_evaluated(yes, k0, at_output=yes if landed else no)
-        hooks.begin_step(hy)
-        K = ops.set_stage(K, 0, k0)
-        for i in range(1, S):
-            zi = ops.stage_input(tableau, i, z, K, hy)
-            at_end = tableau.c[i] == 1.0
-            ti = t1 if at_end else t0 + tableau.c[i] * h
-            K = ops.set_stage(K, i, aug(ti, zi, perturb=-1 if (perturb and at_end) else 0))
-            hooks.stage_evaluated(i)
-        z = ops.solution(tableau, z, K, hy)
-        hooks.end_step(yes, yes, yes)
-        stats.n_accepted += 1
-        j = out_index.get(grid_v[s + 1])
-        landed = j is not None
-        if landed:
-            z = hooks.land(torch.full((1,), j, dtype=torch.int64, device=dev), yes, z)
-    stats.n_steps = stats.n_accepted
+    z = solve_fixed(aug, z0, tau_b, grid, tableau, ops, "linear", _flag(opts, "perturb", False), stats, hooks=hooks)
     if not bool(torch.isfinite(z).all()):
         raise st.SolverError("non-finite values (NaN/inf) in the fixed-grid backward solve; use a smaller "
                              "step_size or an adaptive adjoint_method", samples=[0])

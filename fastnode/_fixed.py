@@ -26,8 +26,12 @@ def step_size_grid(tau: torch.Tensor, step_size: float) -> torch.Tensor:
 
 
 def solve_fixed(f: FlatFunc, y0: torch.Tensor, tau: torch.Tensor, grid: torch.Tensor, tableau: ButcherTableau,
-                ops: StepOps, interp: str, perturb: bool, stats: st.SolveStats) -> torch.Tensor:
-    """Integrate on ``grid`` (increasing, [M], from tau[0] to tau[-1]); return outputs [T, 1, N]."""
+                ops: StepOps, interp: str, perturb: bool, stats: st.SolveStats, hooks=None) -> torch.Tensor:
+    """Integrate on ``grid`` (increasing, [M], from tau[0] to tau[-1]); return outputs [T, 1, N].
+
+    ``hooks``: the adjoint's backward solve (``fastnode._adjoint.BackwardHooks``): ``grid`` then contains every
+    output time, where ``hooks.land`` changes the state; the final state ``[1, N]`` is returned.
+    """
     grid_v = grid.detach().tolist()
     tau_v = tau.detach().tolist()
     stats.n_host_syncs += 2
@@ -36,6 +40,9 @@ def solve_fixed(f: FlatFunc, y0: torch.Tensor, tau: torch.Tensor, grid: torch.Te
     j = 1
     y = y0
     S = len(tableau.c)
+    if hooks is not None:
+        one = torch.ones(1, dtype=torch.bool, device=y0.device)
+        at_output = one  # the first step starts at an output time
     for s in range(len(grid_v) - 1):
         if j >= T:
             break
@@ -44,13 +51,26 @@ def solve_fixed(f: FlatFunc, y0: torch.Tensor, tau: torch.Tensor, grid: torch.Te
         hy = h.to(y.dtype)
         K = ops.new_stages(tableau, y)
         K = ops.set_stage(K, 0, f(t0, y, perturb=1 if perturb else 0))
+        if hooks is not None:
+            hooks.k1_evaluated(one, ops.stage(K, 0), at_output=at_output)
+            hooks.begin_step(hy)
         for i in range(1, S):
             yi = ops.stage_input(tableau, i, y, K, hy)
             at_end = tableau.c[i] == 1.0
             ti = t1 if at_end else t0 + tableau.c[i] * h
             K = ops.set_stage(K, i, f(ti, yi, perturb=-1 if (perturb and at_end) else 0))
+            if hooks is not None:
+                hooks.stage_evaluated(i)
         y1 = ops.solution(tableau, y, K, hy)
         stats.n_accepted += 1
+        if hooks is not None:
+            hooks.end_step(one, one, one)
+            at_output = torch.full_like(one, tau_v[j] == grid_v[s + 1])
+            if tau_v[j] == grid_v[s + 1]:
+                y1 = hooks.land(torch.full((1,), j, dtype=torch.int64, device=y.device), one, y1)
+                j += 1
+            y = y1
+            continue
         f1 = None
         while j < T and tau_v[j] <= grid_v[s + 1]:
             if tau_v[j] == grid_v[s + 1]:
@@ -66,6 +86,8 @@ def solve_fixed(f: FlatFunc, y0: torch.Tensor, tau: torch.Tensor, grid: torch.Te
             j += 1
         y = y1
     stats.n_steps = stats.n_accepted
+    if hooks is not None:
+        return y
     return torch.stack(outs, dim=0)
 
 
