@@ -647,3 +647,31 @@ def test_jump_t_in_backward(per_sample):
     assert abs(float(f.w.grad) - exp_w) < 1e-8 * abs(exp_w)
     # y(T) = y0 exp(w (0.5 - t0) - w (T - 0.5)): dL/dt0 = dL/dT = -w y(T); the jump is not an output time.
     torch.testing.assert_close(t.grad, torch.full((2,), -w * y_end, dtype=DT), rtol=1e-8, atol=0)
+
+
+def test_per_sample_output_time_gradients_closed_form():
+    """y' = -k_b y per sample with its own output times t[b, :]: L = sum_bi w_bi y_b(t_bi), so
+    dL/dt_bi = -k_b w_bi y_b(t_bi) (i > 0) and dL/dt_b0 = k_b sum_{i>0} w_bi y_b(t_bi)."""
+    k = torch.tensor([0.5, 1.5, 3.0], dtype=DT)
+
+    class Decay3(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = nn.Parameter(k.clone())
+
+        def forward(self, t, y):
+            return -self.k.unsqueeze(1) * y
+
+    f = Decay3()
+    y0 = torch.tensor([[1.0], [2.0], [0.5]], dtype=DT, requires_grad=True)
+    t = torch.tensor([[0.0, 0.3, 1.0], [0.2, 0.9, 1.4], [-0.5, 0.1, 0.6]], dtype=DT, requires_grad=True)
+    w = torch.tensor([[0.0, 1.0, -2.0], [0.0, 0.5, 1.0], [0.0, -1.0, 3.0]], dtype=DT)  # [B, T]
+    ys = odeint_adjoint(f, y0, t, rtol=1e-11, atol=1e-13, options={"per_sample": True})  # [T, B, 1]
+    (ys[..., 0].T * w).sum().backward()
+    td = t.detach()
+    y_exact = y0.detach() * torch.exp(-k.unsqueeze(1) * (td - td[:, :1]))  # [B, T]
+    exp_t = -k.unsqueeze(1) * w * y_exact
+    exp_t[:, 0] = (k.unsqueeze(1) * w * y_exact)[:, 1:].sum(dim=1)
+    torch.testing.assert_close(t.grad, exp_t, rtol=1e-8, atol=1e-12)
+    exp_k = (w * y_exact * -(td - td[:, :1])).sum(dim=1)
+    torch.testing.assert_close(f.k.grad, exp_k, rtol=1e-8, atol=1e-12)
