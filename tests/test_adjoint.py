@@ -675,3 +675,34 @@ def test_per_sample_output_time_gradients_closed_form():
     torch.testing.assert_close(t.grad, exp_t, rtol=1e-8, atol=1e-12)
     exp_k = (w * y_exact * -(td - td[:, :1])).sum(dim=1)
     torch.testing.assert_close(f.k.grad, exp_k, rtol=1e-8, atol=1e-12)
+
+
+def test_edge_cases_single_time_scalar_state_generator_params_twice():
+    # one output time: the output is y0 itself
+    f = Field()
+    y0 = _y0().requires_grad_(True)
+    t1 = torch.tensor([0.3], dtype=DT, requires_grad=True)
+    odeint_adjoint(f, y0, t1).sum().backward()
+    assert torch.equal(y0.grad, torch.ones_like(y0)) and torch.equal(t1.grad, torch.zeros_like(t1))
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in f.parameters())
+
+    # 0-d state, parameters passed as a generator, and a non-leaf parameter (gradient reaches its source)
+    base = torch.tensor(0.35, dtype=DT, requires_grad=True)
+    k = base * 2.0
+    x0 = torch.tensor(1.5, dtype=DT, requires_grad=True)
+    xs = odeint_adjoint(lambda t, x: -k * x, x0, torch.tensor([0.0, 1.2], dtype=DT),
+                        rtol=1e-11, atol=1e-13, adjoint_params=(p for p in [k]))
+    xs[-1].backward()
+    assert abs(float(x0.grad) - math.exp(-0.84)) < 1e-9
+    assert abs(float(base.grad) - (-2.0 * 1.2 * 1.5 * math.exp(-0.84))) < 1e-9
+
+    # backward twice through the same graph: same gradients, statistics add up
+    g = Field()
+    y0 = _y0().requires_grad_(True)
+    ys = odeint_adjoint(g, y0, torch.tensor([0.0, 1.0], dtype=DT), rtol=1e-8, atol=1e-10)
+    st = fastnode.last_stats()
+    ys.sum().backward(retain_graph=True)
+    first, n1 = y0.grad.clone(), st.nfe_backward
+    ys.sum().backward()
+    torch.testing.assert_close(y0.grad, 2 * first, rtol=0, atol=0)
+    assert st.nfe_backward == 2 * n1
