@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+from report import write_markdown  # scripts run as `python bench/<name>.py`: bench/ is on sys.path
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,11 +101,7 @@ def main():
              f"| steps | mode | accepted steps | graph MB (saved for backward) | {peak_name} |", "|--:|---|--:|--:|--:|"]
     for r in rows:
         lines.append(f"| {r['n']} | {r['mode']} | {r['steps']} | {r['graph_mb']:.2f} | {r['peak_mb']:.1f} |")
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / dev / "adjoint_memory.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_markdown("\n".join(lines) + "\n", args.out, "adjoint_memory.md", dev)
 
 
 if __name__ == "__main__":

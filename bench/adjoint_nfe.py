@@ -19,10 +19,10 @@ import argparse
 import functools
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torchdiffeq
+from report import write_markdown  # scripts run as `python bench/<name>.py`: bench/ is on sys.path
 from torch import nn
 
 import fastnode
@@ -161,11 +161,7 @@ def main():
             lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | "
                          f"{f'{r[5] / td[5]:.2f}' if ok else '-'} | {r[6]:.1e} | {r[7]:.1f} | "
                          f"{f'{r[7] / td[7]:.2f}' if ok else '-'} |")
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / dev / "adjoint_nfe.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_markdown("\n".join(lines) + "\n", args.out, "adjoint_nfe.md", dev)
 
 
 if __name__ == "__main__":

@@ -193,6 +193,15 @@ def render(data: dict) -> str:
     return "\n".join(_header(data) + body + _footer()) + "\n"
 
 
+def write_markdown(text: str, out: Path | str | None, default_name: str, device: str) -> Path:
+    """Print ``text`` and write it to ``out`` (default ``bench/results/<device>/<default_name>``); return the path."""
+    path = Path(out) if out else Path(__file__).parent / "results" / device / default_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
