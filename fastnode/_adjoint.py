@@ -47,15 +47,14 @@ from ._fixed import solve_fixed, step_size_grid
 from ._odeint import (
     Prepared,
     _make_norm,
-    _to_user,
     parse_adaptive_options,
     prepare,
+    result_to_user,
     run_adaptive,
     run_fixed,
 )
-from ._problem import ADAPTIVE_OPTIONS, FIXED_OPTIONS, FlatFunc, StateSpec, _flag, _num, check_tol, time_dtype_of
+from ._problem import FlatFunc, StateSpec, _flag, _num, check_options, check_tol, time_dtype_of
 from .backends import get_backend
-from .backends.torch_ops import rms_norm
 from .solvers import get_solver
 
 
@@ -440,28 +439,21 @@ def _backward(plan: _Plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: t
     atol_b, atol_th = tol(plan.bwd_atol, "adjoint_atol")
 
     state_norm = _make_norm(p.options, spec)
-    segs = spec.segments
 
     mode = None
     if params:
         mode = "deferred" if spec.per_sample else "eager"
     custom = plan.norm_mode if callable(plan.norm_mode) else None
     theta_norm = "rms" if (plan.norm_mode == "default" and mode == "eager" and solver.adaptive) else None
-    if not solver.adaptive:
-        custom = None
     aug = AugmentedFunc(p.func, spec, aug_spec, sign_b, params, mode)
     hooks = BackwardHooks(aug, tableau, Y, Gc, plan.t_requires_grad, theta_norm, rtol_th, atol_th, custom)
 
     if custom is not None:
         norm = hooks.stash_norm
-    elif "norm" in p.options:
+    else:
+        # torchdiffeq's adjoint norm on [y, a]: the state's norm of each part, the larger one.
         def norm(x):
             return torch.maximum(state_norm(x[:, :N]), state_norm(x[:, N:]))
-    else:
-        segments = segs + [(s + N, e + N) for s, e in segs]
-
-        def norm(x):
-            return rms_norm(x, segments)
 
     first = cfg.first_step if cfg is not None else None
     hf = stats_f.h_final
@@ -480,6 +472,14 @@ def _backward(plan: _Plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: t
                                    first_step=first, max_num_steps=cfg.max_num_steps, step_t=cfg.step_t,
                                    jump_t=cfg.jump_t, on_failure="raise", stats=bstats, hooks=hooks)
         grads_theta = hooks.finish()
+        f0 = None
+        if hooks.tdots is not None:
+            # f(t_0, y_0) for dL/dt_0 (below); one more evaluation of func, counted with the backward's.
+            t_last = tau_b[..., -1]
+            t0_user = aug.user_time(t_last.expand(G) if spec.per_sample else t_last.reshape(1))
+            with torch.no_grad():
+                aug.nfe += 1
+                f0 = aug._f(t0_user, Y[-1])
     except st.SolverError as err:
         raise st.SolverError(f"adjoint (backward) solve failed: {err}", status=err.status, samples=err.samples,
                              times=err.times) from None
@@ -492,15 +492,9 @@ def _backward(plan: _Plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: t
 
     adj_y0 = z_end[:, N:]
     t_grad = None
-    if hooks.tdots is not None:
+    if f0 is not None:
         # dL/dt_0 = -a(t_0+) . f(t_0, y_0), with a(t_0+) the adjoint before t_0's own cotangent.
         a_plus = adj_y0 - Gc[-1]
-        t_last = tau_b[..., -1]
-        t0_user = aug.user_time(t_last.expand(G) if spec.per_sample else t_last.reshape(1))
-        with torch.no_grad():
-            aug.nfe += 1
-            stats_f.nfe_backward += 1
-            f0 = aug._f(t0_user, Y[-1])
         tdots = hooks.tdots.clone()
         tdots[-1] = -(a_plus * f0).sum(dim=1)
         t_grad = tdots.flip(0).transpose(0, 1)  # [G, T] in the forward's order
@@ -540,15 +534,14 @@ class OdeintAdjointFunction(torch.autograd.Function):
             ctx.tau_fwd = plan.p.tau
             return res
         ev_tau, sol = res
-        ev_t = (ev_tau * plan.p.sign).to(plan.p.spec.dtype)
-        ctx.mark_non_differentiable(ev_t)
+        ctx.mark_non_differentiable(ev_tau)
         ctx.save_for_backward(sol, t, *params)
         tau0 = plan.p.tau[..., 0]
         tau0 = tau0.expand(ev_tau.shape[0]) if tau0.dim() == 0 else tau0
         ctx.tau_fwd = torch.stack([tau0, ev_tau], dim=1)  # [G, 2]
         if not plan.p.spec.per_sample:
             ctx.tau_fwd = ctx.tau_fwd[0]
-        return ev_t, sol
+        return ev_tau, sol
 
     @staticmethod
     @once_differentiable
@@ -661,10 +654,9 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
         raise TypeError(f"options must be a dict, got {type(options).__name__}")
     if adjoint_options is None:
         bwd_options = {k: v for k, v in (options or {}).items() if k != "norm"}
-    elif not isinstance(adjoint_options, dict):
-        raise TypeError(f"adjoint_options must be a dict, got {type(adjoint_options).__name__}")
     else:
-        bwd_options = dict(adjoint_options)
+        bwd_options = check_options(adjoint_options, bwd_solver.adaptive, bwd_method, name="adjoint_options",
+                                    extra=frozenset({"norm"}))
 
     p = prepare(func, y0, t, rtol, atol, method, options, event_fn)
     norm_mode = bwd_options.pop("norm", "default")
@@ -676,12 +668,6 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
     elif p.per_sample:
         raise ValueError("adjoint_options['norm'] as a callable is not supported with options['per_sample']=True: "
                          "per-sample error control uses each sample's own (y, adj_y) error (a seminorm)")
-    valid = ADAPTIVE_OPTIONS if bwd_solver.adaptive else FIXED_OPTIONS
-    for k in bwd_options:
-        if k not in valid:
-            raise ValueError(f"unknown option {k!r} in adjoint_options for the "
-                             f"{'adaptive' if bwd_solver.adaptive else 'fixed-grid'} method {bwd_method!r}; valid "
-                             f"options: {', '.join(sorted(valid | {'norm'}))}")
     if not bwd_solver.adaptive:
         if "grid_constructor" in bwd_options:
             raise ValueError("adjoint_options['grid_constructor'] is not supported for the backward solve; give "
@@ -719,12 +705,7 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
         res = OdeintAdjointFunction.apply(plan, y0_flat, t, *params)
     finally:
         p.stats.nfe = p.f.nfe
-    if event_fn is None:
-        return _to_user(p.spec, res)
-    ev_t, sol = res
-    if not p.spec.per_sample:
-        ev_t = ev_t.reshape(())
-    return ev_t, _to_user(p.spec, sol)
+    return result_to_user(p, res)
 
 
 # ---------------------------------------------------------------------------------------------------------------

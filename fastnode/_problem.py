@@ -239,16 +239,19 @@ def _choice(options, key, default, choices):
     return v
 
 
-def check_options(options, adaptive: bool, method: str) -> dict:
+def check_options(options, adaptive: bool, method: str, name: str = "options", extra: frozenset = frozenset()) -> dict:
+    """A copy of ``options`` after checking every key; ``name`` is the argument named in errors, ``extra`` keys
+    that are also valid (``adjoint_options`` takes ``norm`` even for a fixed-grid method)."""
     if options is None:
         return {}
     if not isinstance(options, dict):
-        raise TypeError(f"options must be a dict, got {type(options).__name__}")
-    valid = ADAPTIVE_OPTIONS if adaptive else FIXED_OPTIONS
+        raise TypeError(f"{name} must be a dict, got {type(options).__name__}")
+    valid = (ADAPTIVE_OPTIONS if adaptive else FIXED_OPTIONS) | extra
+    where = "" if name == "options" else f" in {name}"
     for k in options:
         if k not in valid:
             kind = "adaptive" if adaptive else "fixed-grid"
-            raise ValueError(f"unknown option {k!r} for the {kind} method {method!r}; valid options: "
+            raise ValueError(f"unknown option {k!r}{where} for the {kind} method {method!r}; valid options: "
                              f"{', '.join(sorted(valid))}")
     return dict(options)
 

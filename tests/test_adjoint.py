@@ -399,6 +399,11 @@ def test_backward_statistics():
     assert st.n_accepted_backward == st.backward.n_accepted > 0
     assert st.n_rejected_backward == st.backward.n_rejected
     assert st.backward.method == "dopri5" and st.backward.success
+    # with time gradients the extra f(t_0, y_0) evaluation is counted in both places
+    t = torch.linspace(0, 1, 5, dtype=DT, requires_grad=True)
+    odeint_adjoint(f, _y0().requires_grad_(True), t, rtol=1e-8, atol=1e-10).sum().backward()
+    st = fastnode.last_stats()
+    assert st.nfe_backward == st.backward.nfe > 0
 
 
 class MLPField(nn.Module):
