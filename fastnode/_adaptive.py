@@ -236,17 +236,16 @@ def solve_adaptive(
                 K = ops.set_stage(K, i, f(None, yi, t_user=t_stage[i]))
             if hooks is not None:
                 hooks.stage_evaluated(i)
-        y_new, ratio = ops.step_finish(tableau, y, K, hy, rtol, atol, norm)
+        if hooks is None:
+            floor = adjust = None
+        else:
+            floor = hooks.ratio_floor()
+            adjust = hooks.step_ratio if hooks.custom_norm is not None else None
+        y_new, ratio, new_ok, accept, h_next, prev_ratio = ops.finish_control(
+            tableau, y, K, hy, rtol, atol, norm, ctrl, h_ctl, prev_ratio, running, ratio_floor=floor, adjust=adjust)
         k_last = ops.stage(K, S - 1)
 
         with torch.no_grad():
-            # One pass flags a non-finite new state or derivative (the sum is non-finite iff either is,
-            # barring overflow of the sum itself, which is as good as non-finite here).
-            new_ok = torch.isfinite(y_new + k_last).all(dim=1)
-            if hooks is not None:
-                ratio = hooks.step_ratio(ratio)
-            ratio = torch.where(new_ok, ratio.to(tdt), math.inf)
-            accept, h_next, prev_ratio = ops.controller(ctrl, h_ctl, ratio, prev_ratio, running)
             # A step shortened to land on a stop is no evidence for a smaller step: keep the proposal.
             h_next = torch.where(clipped & accept, torch.maximum(h_next, h), h_next)
             t_new_d = t_new.detach()

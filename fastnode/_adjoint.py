@@ -55,6 +55,7 @@ from ._odeint import (
 )
 from ._problem import FlatFunc, StateSpec, _flag, _num, check_options, check_tol, time_dtype_of
 from .backends import get_backend
+from .backends.torch_ops import RMSNorm
 from .solvers import get_solver
 
 
@@ -266,10 +267,13 @@ class BackwardHooks:
             if v.numel() != 1:
                 raise ValueError(f"adjoint_options['norm'] must return a scalar, got {v.numel()} values")
             return v.reshape(1).abs()
-        if self.theta_norm and self.params:
-            r = self.layout.rms_max(self._theta_scaled())
-            return torch.maximum(ratio, r.to(ratio.dtype))
         return ratio
+
+    def ratio_floor(self) -> torch.Tensor | None:
+        """The parameter adjoint's error ratio (torchdiffeq's default adjoint norm), max'ed into the step's."""
+        if self.theta_norm and self.params and self.custom_norm is None:
+            return self.layout.rms_max(self._theta_scaled())
+        return None
 
     # --- decisions ------------------------------------------------------------------------------------------
     def end_step(self, accept: torch.Tensor, running_next: torch.Tensor, finite: torch.Tensor) -> None:
@@ -452,8 +456,13 @@ def _backward(plan: _Plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: t
         norm = hooks.stash_norm
     else:
         # torchdiffeq's adjoint norm on [y, a]: the state's norm of each part, the larger one.
-        def norm(x):
-            return torch.maximum(state_norm(x[:, :N]), state_norm(x[:, N:]))
+        if isinstance(state_norm, RMSNorm):
+            # The built-in norm stays data (a fast backend fuses it): y's segments, then a's.
+            segs = state_norm.segments or [(0, N)]
+            norm = RMSNorm(segs + [(s + N, e + N) for s, e in segs])
+        else:
+            def norm(x):
+                return torch.maximum(state_norm(x[:, :N]), state_norm(x[:, N:]))
 
     first = cfg.first_step if cfg is not None else None
     hf = stats_f.h_final

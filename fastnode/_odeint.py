@@ -25,7 +25,7 @@ from ._problem import (
     time_dtype_of,
 )
 from .backends import get_backend
-from .backends.torch_ops import ControllerConfig, rms_norm
+from .backends.torch_ops import ControllerConfig, RMSNorm
 from .solvers import get_solver
 
 
@@ -39,7 +39,7 @@ def _make_norm(options: dict, spec):
     user = options.get("norm")
     segments = spec.segments if spec.is_tuple else None
     if user is None:
-        return lambda x: rms_norm(x, segments)
+        return RMSNorm(segments)
     if not callable(user):
         raise TypeError(f"options['norm'] must be callable (norm(error) -> scalar), got {type(user).__name__}")
 

@@ -42,6 +42,31 @@ def rms_norm(x: torch.Tensor, segments: list[tuple[int, int]] | None = None) -> 
     return torch.stack(parts, dim=0).amax(dim=0)
 
 
+class RMSNorm:
+    """The solver's built-in error norm as data, so a fast backend can fuse it into the step's finish.
+
+    ``RMSNorm(segments)(x)`` is ``rms_norm(x, segments)``: per row of ``x: [G, N]``, the max over the column
+    segments ``[(start, end), ...]`` of each segment's RMS (``None``: one segment, the whole row). A user's norm
+    stays a plain callable; backends then compute the scaled error fused and call it.
+    """
+
+    __slots__ = ("segments",)
+
+    def __init__(self, segments: list[tuple[int, int]] | None = None):
+        self.segments = None if segments is None or len(segments) <= 1 else [(int(s), int(e)) for s, e in segments]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.segments)
+
+    def bounds(self, n: int) -> list[int]:
+        """Flat ``[s0, e0, s1, e1, ...]`` of the non-empty segments of a row of ``n`` columns."""
+        segs = self.segments or [(0, n)]
+        return [v for s, e in segs if e > s for v in (s, e)]
+
+    def __repr__(self) -> str:
+        return f"RMSNorm({self.segments})"
+
+
 class StepOps:
     """Interface of a backend. ``K`` is the stage store returned by ``new_stages``/``set_stage``."""
 
@@ -75,6 +100,35 @@ class StepOps:
     def interpolate(self, tableau: ButcherTableau, y, K, h, theta) -> torch.Tensor:
         """Dense output at ``t0 + theta * h``: ``theta: [G]`` -> [G, N]."""
         raise NotImplementedError
+
+    def finish_control(self, tableau, y, K, h, rtol, atol, norm: Callable, cfg: ControllerConfig, h_ctl,
+                       prev_ratio, running, ratio_floor=None, adjust: Callable | None = None):
+        """A step's whole finish: solution, error ratio, finiteness, accept/reject and the next step size.
+
+        Args:
+            y: [G, N] state at the step's start; ``K`` the stage store; ``h``: [G] step (state dtype).
+            h_ctl: [G] the same step in the time dtype (0 for groups not running), what the controller scales.
+            prev_ratio: [G] controller memory (PI); ``running``: [G] bool.
+            ratio_floor: optional [G] lower bound of the error ratio (the adjoint's parameter-error term).
+            adjust: optional callable replacing the ratio (a custom adjoint norm); forces the unfused path.
+        Returns:
+            ``(y_new [G, N], ratio [G] (time dtype, inf where not finite), ok [G], accept [G], h_next [G],
+            prev_ratio [G])``; ``ok`` is False where the new state or the last stage is non-finite.
+
+        This composition is the reference; fast backends fuse it into one pass with no host sync.
+        """
+        y_new, ratio = self.step_finish(tableau, y, K, h, rtol, atol, norm)
+        with torch.no_grad():
+            # One pass flags a non-finite new state or derivative (the sum is non-finite iff either is,
+            # barring overflow of the sum itself, which is as good as non-finite here).
+            ok = torch.isfinite(y_new + self.stage(K, tableau.num_stages - 1)).all(dim=1)
+            if adjust is not None:
+                ratio = adjust(ratio)
+            if ratio_floor is not None:
+                ratio = torch.maximum(ratio, ratio_floor.to(ratio.dtype))
+            ratio = torch.where(ok, ratio.to(h_ctl.dtype), math.inf)
+            accept, h_next, prev_ratio = self.controller(cfg, h_ctl, ratio, prev_ratio, running)
+        return y_new, ratio, ok, accept, h_next, prev_ratio
 
 
 def _lincomb(K: list, weights) -> torch.Tensor | None:
