@@ -21,6 +21,7 @@ import torch
 from . import _stats as st
 from ._problem import FlatFunc, StateSpec
 from ._tableau import ButcherTableau
+from .backends import for_recording
 from .backends.torch_ops import ControllerConfig, StepOps
 
 
@@ -147,6 +148,10 @@ def solve_adaptive(
         stop_grid = torch.cat([stop_grid, stop_grid.new_full((1,), math.inf)])
 
     k1 = f(t, y0)
+    # Only now is it known whether this solve records an autograd graph (func's parameters may need grad).
+    ops = for_recording(ops, torch.is_grad_enabled() and (y0.requires_grad or k1.requires_grad or
+                                                          t_out.requires_grad))
+    stats.backend = ops.name
     # A non-finite derivative at the start cannot be fixed by any step size: those groups fail at once.
     with torch.no_grad():
         bad0 = ~torch.isfinite(k1).all(dim=1)

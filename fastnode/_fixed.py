@@ -13,6 +13,7 @@ import torch
 from . import _stats as st
 from ._problem import FlatFunc
 from ._tableau import ButcherTableau
+from .backends import for_recording
 from .backends.torch_ops import StepOps
 
 
@@ -49,8 +50,14 @@ def solve_fixed(f: FlatFunc, y0: torch.Tensor, tau: torch.Tensor, grid: torch.Te
         t0, t1 = grid[s : s + 1], grid[s + 1 : s + 2]
         h = t1 - t0
         hy = h.to(y.dtype)
+        k0 = f(t0, y, perturb=1 if perturb else 0)
+        if s == 0:
+            # Only now is it known whether this solve records an autograd graph (func's parameters may need grad).
+            ops = for_recording(ops, torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad or
+                                                                  grid.requires_grad or tau.requires_grad))
+            stats.backend = ops.name
         K = ops.new_stages(tableau, y)
-        K = ops.set_stage(K, 0, f(t0, y, perturb=1 if perturb else 0))
+        K = ops.set_stage(K, 0, k0)
         if hooks is not None:
             hooks.k1_evaluated(one, ops.stage(K, 0), at_output=at_output)
             hooks.begin_step(hy)

@@ -1,23 +1,88 @@
 """StepOps backends: every piece of the solver's own arithmetic goes through one of these.
 
-The ``torch`` backend (``torch_ops``) is the reference; faster backends (Triton kernels on CUDA, the compiled
-extension on CPU) implement the same interface and are tested op by op against it.
+- ``torch`` (``torch_ops``): the pure-PyTorch reference, any device, records autograd graphs.
+- ``ext`` (``ext_ops``): the compiled extension ``fastnode._C`` (CPU; its CUDA build adds the adjoint step ops).
+- ``triton`` (``fastnode.kernels``): Triton kernels for CUDA tensors (on CPU only under ``TRITON_INTERPRET=1``).
+
+``backend="auto"`` picks triton for CUDA tensors when triton is importable and the extension for CPU tensors
+when it is built; otherwise torch. Fast backends compute no gradients by backpropagation through the solver
+(``supports_autograd = False``): when a solve records an autograd graph, ``auto`` runs it on torch and a
+forced fast backend raises. ``odeint_adjoint``'s forward and backward solves record no graph, so they run
+fast. Each solve's ``SolveStats.backend`` names the backend that ran it.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from .torch_ops import StepOps, TorchStepOps
 
-_BACKENDS = {"torch": TorchStepOps}
-BACKEND_NAMES = ("auto", "torch")
+BACKEND_NAMES = ("auto", "torch", "ext", "triton")
+
+
+def _ext_ops(device: torch.device, forced: bool) -> StepOps | None:
+    from . import ext_ops
+
+    why = ext_ops.unavailable_reason(device)
+    if why is None:
+        return ext_ops.ExtStepOps(forced=forced)
+    if forced:
+        raise ValueError(f"options['backend']='ext' is not available for {device.type} tensors: {why}")
+    return None
+
+
+def _triton_ops(device: torch.device, forced: bool) -> StepOps | None:
+    why = None
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        why = "the Triton kernels run on CUDA tensors (on CPU only in Triton's interpreter, TRITON_INTERPRET=1)"
+    else:
+        try:
+            from .. import kernels
+        except ImportError as exc:  # triton itself missing or broken
+            why = f"triton could not be imported ({exc})"
+        else:
+            why = kernels.unavailable_reason(device)
+    if why is None:
+        return kernels.TritonStepOps(forced=forced)
+    if forced:
+        raise ValueError(f"options['backend']='triton' is not available for {device.type} tensors: {why}")
+    return None
 
 
 def get_backend(name: str, device: torch.device) -> StepOps:
-    """Return the StepOps for ``name`` (``"auto"`` picks the fastest available for ``device``)."""
+    """Return the StepOps for ``name`` (``"auto"`` picks the fastest available for ``device``).
+
+    Example:
+        >>> import torch
+        >>> get_backend("torch", torch.device("cpu")).name
+        'torch'
+    """
     if not isinstance(name, str) or name not in BACKEND_NAMES:
         raise ValueError(f"options['backend'] must be one of {BACKEND_NAMES}, got {name!r}")
-    if name == "auto":
-        name = "torch"
-    return _BACKENDS[name]()
+    if name == "torch":
+        return TorchStepOps()
+    if name == "ext":
+        return _ext_ops(device, forced=True)
+    if name == "triton":
+        return _triton_ops(device, forced=True)
+    ops = _triton_ops(device, forced=False) if device.type == "cuda" else _ext_ops(device, forced=False)
+    return ops if ops is not None else TorchStepOps()
+
+
+def for_recording(ops: StepOps, recording: bool) -> StepOps:
+    """The backend a solve runs on once it is known whether it records an autograd graph.
+
+    ``recording``: grad mode is on and the state, a stage or a time tensor requires grad (backpropagation
+    through the solver). Fast backends do not record graphs: ``auto`` falls back to torch, a forced one raises.
+    """
+    if not recording or ops.supports_autograd:
+        return ops
+    if getattr(ops, "forced", False):
+        raise ValueError(
+            f"options['backend']={ops.name!r} computes no gradients by backpropagation through the solver, and "
+            "this solve records an autograd graph (y0, t or func's parameters require grad). Use "
+            "fastnode.odeint_adjoint (its solves record no graph and run on this backend), run under "
+            "torch.no_grad(), or pick backend='auto' or 'torch'.")
+    return TorchStepOps()

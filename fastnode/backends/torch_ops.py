@@ -71,6 +71,8 @@ class StepOps:
     """Interface of a backend. ``K`` is the stage store returned by ``new_stages``/``set_stage``."""
 
     name = "abstract"
+    supports_autograd = False  # whether gradients flow through the ops (backpropagation through the solver)
+    forced = False  # chosen explicitly by options['backend'] (not by "auto")
 
     def new_stages(self, tableau: ButcherTableau, y: torch.Tensor):
         raise NotImplementedError
@@ -152,6 +154,7 @@ class TorchStepOps(StepOps):
     """Pure-PyTorch reference implementation of every StepOps operation."""
 
     name = "torch"
+    supports_autograd = True
 
     def new_stages(self, tableau, y):
         return []

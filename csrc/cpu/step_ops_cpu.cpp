@@ -1,0 +1,313 @@
+// CPU implementations of the fastnode step ops: one pass over memory per op, parallel over rows and column
+// chunks with at::parallel_for, float32 and float64 states, float64 time.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../step_ops.h"
+
+namespace fastnode {
+namespace {
+
+// Work is split into tiles of one row x up to kChunk columns; a thread takes at least kGrainElems elements so
+// small problems (the common neural-ODE case) run on the calling thread with no fork/join cost.
+constexpr int64_t kChunk = 16384;
+constexpr int64_t kGrainElems = 65536;
+
+struct Tiles {
+  int64_t G, N, chunks, n, grain;
+  Tiles(int64_t G_, int64_t N_) : G(G_), N(N_) {
+    chunks = std::max<int64_t>(1, (N + kChunk - 1) / kChunk);
+    n = G * chunks;
+    const int64_t per_tile = std::min(N, kChunk);
+    grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, per_tile));
+  }
+  int64_t row(int64_t t) const { return t / chunks; }
+  int64_t lo(int64_t t) const { return (t % chunks) * kChunk; }
+  int64_t hi(int64_t t) const { return std::min(N, lo(t) + kChunk); }
+};
+
+std::vector<at::Tensor> contiguous_stages(at::TensorList K, size_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t j = 0; j < n; ++j) out.push_back(K[j].contiguous());
+  return out;
+}
+
+at::Tensor rk_combine_cpu(const at::Tensor& y_in, at::TensorList K, const at::Tensor& h_in, at::ArrayRef<double> w) {
+  check_stages(y_in, K, w.size(), "rk_combine");
+  check_rows(h_in, y_in, y_in.scalar_type(), "h", "rk_combine");
+  auto y = y_in.contiguous();
+  auto h = h_in.contiguous();
+  std::vector<int64_t> idx;
+  for (size_t j = 0; j < w.size(); ++j)
+    if (w[j] != 0.0) idx.push_back(static_cast<int64_t>(j));
+  auto Kc = contiguous_stages(K, w.size());
+  auto out = at::empty_like(y);
+  const int64_t G = y.size(0), N = y.size(1);
+  if (G * N == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "rk_combine_cpu", [&] {
+    using T = scalar_t;
+    std::vector<const T*> kp;
+    std::vector<T> wv;
+    for (auto j : idx) {
+      kp.push_back(Kc[j].data_ptr<T>());
+      wv.push_back(static_cast<T>(w[j]));
+    }
+    const T* yp = y.data_ptr<T>();
+    const T* hp = h.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    const size_t S = kp.size();
+    Tiles tl(G, N);
+    at::parallel_for(0, tl.n, tl.grain, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t r = tl.row(t), off = r * N;
+        const T hr = hp[r];
+        for (int64_t i = off + tl.lo(t); i < off + tl.hi(t); ++i) {
+          // Same association as the reference: acc = w0 k0 + w1 k1 + ...; y + h * acc.
+          T acc = 0;
+          for (size_t s = 0; s < S; ++s) acc = s == 0 ? wv[0] * kp[0][i] : acc + wv[s] * kp[s][i];
+          op[i] = S == 0 ? yp[i] : yp[i] + hr * acc;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_control_cpu(
+    const at::Tensor& y_in, at::TensorList K, const at::Tensor& h_in, at::ArrayRef<double> b,
+    at::ArrayRef<double> e, const c10::optional<at::Tensor>& rtol_t, double rtol, const c10::optional<at::Tensor>& atol_t,
+    double atol, at::IntArrayRef segments, const at::Tensor& h_ctl_in, const at::Tensor& prev_in,
+    const at::Tensor& running_in, const c10::optional<at::Tensor>& floor_in, at::ArrayRef<double> ctrl) {
+  const char* op = "finish_control";
+  check_stages(y_in, K, std::max(b.size(), e.size()), op);
+  TORCH_CHECK(b.size() == K.size() && e.size() == K.size(), "fastnode.finish_control: b and e need one weight per "
+              "stage (", K.size(), "), got ", b.size(), " and ", e.size());
+  check_rows(h_in, y_in, y_in.scalar_type(), "h", op);
+  check_rows(h_ctl_in, y_in, at::kDouble, "h_ctl", op);
+  check_rows(prev_in, y_in, at::kDouble, "prev_ratio", op);
+  check_rows(running_in, y_in, at::kBool, "running", op);
+  if (floor_in.has_value()) check_rows(*floor_in, y_in, at::kDouble, "ratio_floor", op);
+  check_tol(rtol_t, y_in, "rtol_t", op);
+  check_tol(atol_t, y_in, "atol_t", op);
+  const int64_t G = y_in.size(0), N = y_in.size(1);
+  check_segments(segments, N, op);
+  const CtrlCfg cfg = unpack_ctrl(ctrl);
+
+  auto y = y_in.contiguous();
+  auto h = h_in.contiguous();
+  auto Kc = contiguous_stages(K, K.size());
+  auto rt = rtol_t.has_value() ? rtol_t->contiguous() : at::Tensor();
+  auto at_ = atol_t.has_value() ? atol_t->contiguous() : at::Tensor();
+  auto y_new = at::empty_like(y);
+  const int64_t nseg = static_cast<int64_t>(segments.size() / 2);
+  Tiles tl(G, N);
+  // Per tile: the sum of squares of the scaled error in each segment, and whether all its values are finite.
+  std::vector<double> part(static_cast<size_t>(tl.n * nseg), 0.0);
+  std::vector<uint8_t> finite(static_cast<size_t>(tl.n), 1);
+
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "finish_control_cpu", [&] {
+    using T = scalar_t;
+    const size_t S = Kc.size();
+    // Zero weights are skipped, as in the reference (a non-finite stage with weight 0 must not leak in).
+    std::vector<const T*> bk, ek;
+    std::vector<T> bv, ev;
+    for (size_t j = 0; j < S; ++j) {
+      if (b[j] != 0.0) {
+        bk.push_back(Kc[j].data_ptr<T>());
+        bv.push_back(static_cast<T>(b[j]));
+      }
+      if (e[j] != 0.0) {
+        ek.push_back(Kc[j].data_ptr<T>());
+        ev.push_back(static_cast<T>(e[j]));
+      }
+    }
+    const size_t SB = bk.size(), SE = ek.size();
+    const T* yp = y.data_ptr<T>();
+    const T* hp = h.data_ptr<T>();
+    const T* rp = rt.defined() ? rt.data_ptr<T>() : nullptr;
+    const T* ap = at_.defined() ? at_.data_ptr<T>() : nullptr;
+    const int64_t r_stride = rt.defined() && rt.size(0) > 1 ? N : 0;
+    const int64_t a_stride = at_.defined() && at_.size(0) > 1 ? N : 0;
+    const T rtol_s = static_cast<T>(rtol), atol_s = static_cast<T>(atol);
+    T* yn = y_new.data_ptr<T>();
+    const T* klast = Kc[S - 1].data_ptr<T>();
+    at::parallel_for(0, tl.n, tl.grain, [&](int64_t tb, int64_t te) {
+      for (int64_t t = tb; t < te; ++t) {
+        const int64_t r = tl.row(t), off = r * N, lo = tl.lo(t), hi = tl.hi(t);
+        const T hr = hp[r];
+        bool fin = true;
+        for (int64_t s = 0; s < nseg; ++s) {
+          const int64_t a = std::max(lo, segments[2 * s]), z = std::min(hi, segments[2 * s + 1]);
+          double sq = 0.0;
+          for (int64_t c = a; c < z; ++c) {
+            const int64_t i = off + c;
+            // Same association as the reference (see rk_combine_cpu); zero weights add exact zeros.
+            T sb = 0, se = 0;
+            for (size_t j = 0; j < SB; ++j) sb = j == 0 ? bv[0] * bk[0][i] : sb + bv[j] * bk[j][i];
+            for (size_t j = 0; j < SE; ++j) se = j == 0 ? ev[0] * ek[0][i] : se + ev[j] * ek[j][i];
+            const T yv = yp[i];
+            const T ynv = SB == 0 ? yv : yv + hr * sb;
+            yn[i] = ynv;
+            const T rtv = rp ? rp[r * r_stride + c] : rtol_s;
+            const T atv = ap ? ap[r * a_stride + c] : atol_s;
+            const T scale = std::max(std::abs(yv), std::abs(ynv)) * rtv + atv;
+            const T x = (se * hr) / scale;
+            sq += static_cast<double>(x) * static_cast<double>(x);
+            fin = fin && std::isfinite(ynv) && std::isfinite(klast[i]);
+          }
+          part[t * nseg + s] += sq;
+        }
+        // Columns outside every segment still count for finiteness and still need y_new.
+        for (int64_t c = lo; c < hi; ++c) {
+          bool inside = false;
+          for (int64_t s = 0; s < nseg && !inside; ++s) inside = segments[2 * s] <= c && c < segments[2 * s + 1];
+          if (inside) continue;
+          const int64_t i = off + c;
+          T sb = 0;
+          for (size_t j = 0; j < SB; ++j) sb = j == 0 ? bv[0] * bk[0][i] : sb + bv[j] * bk[j][i];
+          yn[i] = SB == 0 ? yp[i] : yp[i] + hr * sb;
+          fin = fin && std::isfinite(yn[i]) && std::isfinite(klast[i]);
+        }
+        finite[t] = fin;
+      }
+    });
+  });
+
+  auto dopt = y.options().dtype(at::kDouble);
+  auto ratio = at::empty({G}, dopt);
+  auto ok = at::empty({G}, y.options().dtype(at::kBool));
+  auto accept = at::empty({G}, y.options().dtype(at::kBool));
+  auto h_next = at::empty({G}, dopt);
+  auto prev_out = at::empty({G}, dopt);
+  auto hc = h_ctl_in.contiguous();
+  auto pv = prev_in.contiguous();
+  auto rn = running_in.contiguous();
+  auto fl = floor_in.has_value() ? floor_in->contiguous() : at::Tensor();
+  const double* hcp = hc.data_ptr<double>();
+  const double* pvp = pv.data_ptr<double>();
+  const bool* rnp = rn.data_ptr<bool>();
+  const double* flp = fl.defined() ? fl.data_ptr<double>() : nullptr;
+  double* rat = ratio.data_ptr<double>();
+  bool* okp = ok.data_ptr<bool>();
+  bool* acp = accept.data_ptr<bool>();
+  double* hnp = h_next.data_ptr<double>();
+  double* pop = prev_out.data_ptr<double>();
+  for (int64_t r = 0; r < G; ++r) {
+    double rr = 0.0;
+    bool fin = true;
+    for (int64_t s = 0; s < nseg; ++s) {
+      double sq = 0.0;
+      for (int64_t c = 0; c < tl.chunks; ++c) sq += part[(r * tl.chunks + c) * nseg + s];
+      const double len = static_cast<double>(segments[2 * s + 1] - segments[2 * s]);
+      const double v = std::sqrt(sq / len);
+      // max that propagates NaN, as torch.amax does.
+      rr = (std::isnan(v) || v > rr) ? v : rr;
+    }
+    for (int64_t c = 0; c < tl.chunks; ++c) fin = fin && finite[r * tl.chunks + c];
+    if (flp) rr = (std::isnan(flp[r]) || flp[r] > rr) ? flp[r] : rr;
+    if (!fin) rr = std::numeric_limits<double>::infinity();
+    rat[r] = rr;
+    okp[r] = fin;
+    control_one(cfg, hcp[r], rr, pvp[r], rnp[r], &acp[r], &hnp[r], &pop[r]);
+  }
+  return {y_new, ratio, ok, accept, h_next, prev_out};
+}
+
+at::Tensor interpolate_cpu(const at::Tensor& y_in, at::TensorList K, const at::Tensor& h_in, const at::Tensor& theta_in,
+                           at::ArrayRef<double> dense, int64_t P) {
+  const char* op = "interpolate";
+  check_stages(y_in, K, 0, op);
+  TORCH_CHECK(P >= 1 && static_cast<int64_t>(dense.size()) == static_cast<int64_t>(K.size()) * P,
+              "fastnode.interpolate: dense must hold S * P = ", K.size(), " * ", P, " values, got ", dense.size());
+  check_rows(h_in, y_in, y_in.scalar_type(), "h", op);
+  check_rows(theta_in, y_in, y_in.scalar_type(), "theta", op);
+  auto y = y_in.contiguous();
+  auto h = h_in.contiguous();
+  auto th = theta_in.contiguous();
+  const int64_t S = static_cast<int64_t>(K.size());
+  std::vector<int64_t> used;
+  for (int64_t j = 0; j < S; ++j) {
+    bool any = false;
+    for (int64_t p = 0; p < P; ++p) any = any || dense[j * P + p] != 0.0;
+    if (any) used.push_back(j);
+  }
+  std::vector<at::Tensor> Kc;
+  for (auto j : used) Kc.push_back(K[j].contiguous());
+  auto out = at::empty_like(y);
+  const int64_t G = y.size(0), N = y.size(1);
+  if (G * N == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "interpolate_cpu", [&] {
+    using T = scalar_t;
+    const size_t U = used.size();
+    // Per-row weights w_j(theta_g) = sum_p dense[j, p] theta^(p+1), in the state dtype as the reference.
+    std::vector<T> W(static_cast<size_t>(G) * U);
+    const T* thp = th.data_ptr<T>();
+    for (int64_t r = 0; r < G; ++r) {
+      for (size_t u = 0; u < U; ++u) {
+        T acc = 0, pw = thp[r];
+        for (int64_t p = 0; p < P; ++p) {
+          const T term = pw * static_cast<T>(dense[used[u] * P + p]);
+          acc = p == 0 ? term : acc + term;
+          pw = pw * thp[r];
+        }
+        W[r * U + u] = acc;
+      }
+    }
+    std::vector<const T*> kp(U);
+    for (size_t u = 0; u < U; ++u) kp[u] = Kc[u].data_ptr<T>();
+    const T* yp = y.data_ptr<T>();
+    const T* hp = h.data_ptr<T>();
+    T* op_ = out.data_ptr<T>();
+    Tiles tl(G, N);
+    at::parallel_for(0, tl.n, tl.grain, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t r = tl.row(t), off = r * N;
+        const T* wr = &W[r * U];
+        for (int64_t i = off + tl.lo(t); i < off + tl.hi(t); ++i) {
+          T acc = 0;
+          for (size_t u = 0; u < U; ++u) acc = u == 0 ? wr[0] * kp[0][i] : acc + wr[u] * kp[u][i];
+          op_[i] = U == 0 ? yp[i] : yp[i] + hp[r] * acc;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor adjoint_weights_cpu(const at::Tensor& h_in, const at::Tensor& accept_in, at::ArrayRef<double> b) {
+  TORCH_CHECK(h_in.dim() == 1 && (h_in.scalar_type() == at::kFloat || h_in.scalar_type() == at::kDouble),
+              "fastnode.adjoint_weights: h must be a float32/float64 [G] tensor, got ", h_in.scalar_type(), " ",
+              h_in.sizes());
+  check_rows(accept_in, h_in, at::kBool, "accept", "adjoint_weights");
+  auto h = h_in.contiguous();
+  auto acc = accept_in.contiguous();
+  const int64_t G = h.size(0), S = static_cast<int64_t>(b.size());
+  auto out = at::empty({S, G}, h.options());
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "adjoint_weights_cpu", [&] {
+    using T = scalar_t;
+    const T* hp = h.data_ptr<T>();
+    const bool* ap = acc.data_ptr<bool>();
+    T* op = out.data_ptr<T>();
+    for (int64_t j = 0; j < S; ++j)
+      for (int64_t g = 0; g < G; ++g) op[j * G + g] = (ap[g] ? hp[g] : T(0)) * static_cast<T>(b[j]);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastnode, CPU, m) {
+  m.impl("rk_combine", &rk_combine_cpu);
+  m.impl("finish_control", &finish_control_cpu);
+  m.impl("interpolate", &interpolate_cpu);
+  m.impl("adjoint_weights", &adjoint_weights_cpu);
+}
+
+}  // namespace fastnode

@@ -1,0 +1,161 @@
+"""The ``ext`` StepOps backend: the compiled extension ``fastnode._C`` (csrc/).
+
+Each op is registered with ``torch.library`` (schemas in ``csrc/step_ops.cpp``, CPU in ``csrc/cpu``, CUDA in
+``csrc/cuda``) and gets a fake (meta) implementation here, so ``torch.compile`` and ``torch.library.opcheck``
+see them. The ops cover the solver's arithmetic with no autograd: stage inputs and solutions (``rk_combine``),
+a step's whole finish with the built-in norm and the controller (``finish_control``), dense output
+(``interpolate``) and the adjoint's per-sample quadrature weights (``adjoint_weights``). Anything they do not
+cover (a user norm, a custom adjoint norm, float16/bfloat16, a float32 time dtype) runs on the torch reference,
+op by op, inside the same solve.
+
+Example:
+    >>> import torch, fastnode
+    >>> y = fastnode.odeint(lambda t, y: -y, torch.ones(4, 3), torch.linspace(0, 1, 3),
+    ...                     options={"backend": "auto"})
+    >>> fastnode.last_stats().backend in ("ext", "torch")  # "torch" when the extension is not built
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .torch_ops import ControllerConfig, RMSNorm, TorchStepOps, _dense_tensor
+
+_FLOATS = (torch.float32, torch.float64)
+
+try:
+    from .. import _C  # noqa: F401  (loading it registers the fastnode:: ops)
+
+    _LOAD_ERROR = None
+except ImportError as exc:  # not built (FASTNODE_SKIP_EXT=1) or built against another torch
+    _LOAD_ERROR = exc
+
+_WARNED = False
+
+
+def available() -> bool:
+    """Whether ``fastnode._C`` is loaded."""
+    return _LOAD_ERROR is None
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnode::{op}", key)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the extension cannot run on ``device`` (``None`` when it can). Says once when it is not built."""
+    global _WARNED
+    if _LOAD_ERROR is not None:
+        why = f"the compiled extension fastnode._C is not built or does not load ({_LOAD_ERROR})"
+        if not _WARNED and os.environ.get("FASTNODE_SKIP_EXT", "0") != "1":
+            _WARNED = True
+            warnings.warn(f"fastnode: {why}; the solver arithmetic runs on the torch backend "
+                          "(pip install --no-build-isolation -e . builds it)", RuntimeWarning, stacklevel=3)
+        return why
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        return None if _has_kernel("rk_combine", "CUDA") else "this build of fastnode._C has no CUDA kernels"
+    return f"the extension has no kernels for {device.type} tensors"
+
+
+if _LOAD_ERROR is None:
+
+    @torch.library.register_fake("fastnode::rk_combine")
+    def _rk_combine_fake(y, K, h, w):
+        return torch.empty_like(y)
+
+    @torch.library.register_fake("fastnode::finish_control")
+    def _finish_control_fake(y, K, h, b, e, rtol_t, rtol, atol_t, atol, segments, h_ctl, prev_ratio, running,
+                             ratio_floor, ctrl):
+        G = y.shape[0]
+        d = y.new_empty((G,), dtype=torch.float64)
+        m = y.new_empty((G,), dtype=torch.bool)
+        return torch.empty_like(y), d, m, torch.empty_like(m), torch.empty_like(d), torch.empty_like(d)
+
+    @torch.library.register_fake("fastnode::interpolate")
+    def _interpolate_fake(y, K, h, theta, dense, P):
+        return torch.empty_like(y)
+
+    @torch.library.register_fake("fastnode::adjoint_weights")
+    def _adjoint_weights_fake(h, accept, b):
+        return h.new_empty((len(b), h.shape[0]))
+
+
+def ctrl_values(cfg: ControllerConfig) -> list[float]:
+    """The controller settings in the order the ``finish_control`` op takes them."""
+    return [float(cfg.order), cfg.safety, cfg.ifactor, cfg.dfactor, cfg.min_step, cfg.max_step,
+            1.0 if cfg.kind == "pi" else 0.0, cfg.pi_alpha, cfg.pi_beta]
+
+
+def tol_args(tol, y: torch.Tensor):
+    """A tolerance as the ops take it: ``(None, value)`` for a number, ``(tensor [R, N], 0.0)`` otherwise."""
+    if isinstance(tol, torch.Tensor):
+        return tol.reshape(-1, y.shape[1]).contiguous(), 0.0
+    return None, float(tol)
+
+
+class ExtStepOps(TorchStepOps):
+    """StepOps on ``fastnode._C``; falls back to the torch reference op by op where an op does not apply."""
+
+    name = "ext"
+    supports_autograd = False
+
+    def __init__(self, forced: bool = False):
+        self.forced = forced
+        self._ops = torch.ops.fastnode
+
+    @staticmethod
+    def _fits(y: torch.Tensor) -> bool:
+        return y.dtype in _FLOATS and y.dim() == 2
+
+    def stage_input(self, tableau, i, y, K, h):
+        if not self._fits(y):
+            return super().stage_input(tableau, i, y, K, h)
+        return self._ops.rk_combine(y, K[:i], h, list(tableau.a[i][:i]))
+
+    def solution(self, tableau, y, K, h):
+        if not self._fits(y):
+            return super().solution(tableau, y, K, h)
+        return self._ops.rk_combine(y, K, h, list(tableau.b))
+
+    def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
+                       ratio_floor=None, adjust=None):
+        if (adjust is not None or not isinstance(norm, RMSNorm) or not self._fits(y) or h_ctl.dtype != torch.float64
+                or tableau.e is None or len(K) != tableau.num_stages):
+            return super().finish_control(tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
+                                          ratio_floor=ratio_floor, adjust=adjust)
+        rt, rs = tol_args(rtol, y)
+        at, as_ = tol_args(atol, y)
+        floor = None if ratio_floor is None else ratio_floor.to(torch.float64)
+        return self._ops.finish_control(y, K, h, list(tableau.b), list(tableau.e), rt, rs, at, as_,
+                                        norm.bounds(y.shape[1]), h_ctl, prev_ratio, running, floor,
+                                        ctrl_values(cfg))
+
+    def interpolate(self, tableau, y, K, h, theta):
+        if not self._fits(y) or not y.device.type == "cpu":
+            return super().interpolate(tableau, y, K, h, theta)
+        dense = _dense_flat(tableau)
+        P = len(tableau.dense[0])
+        return self._ops.interpolate(y, list(K), h, theta.to(y.dtype).expand(y.shape[0]).contiguous(), dense, P)
+
+    def adjoint_weights(self, h: torch.Tensor, accept: torch.Tensor, b) -> torch.Tensor:
+        """[S, G]: ``h_g * b_j`` where group g's step was accepted, else 0."""
+        return self._ops.adjoint_weights(h, accept, list(b))
+
+
+_DENSE_FLAT: dict = {}
+
+
+def _dense_flat(tableau) -> list[float]:
+    hit = _DENSE_FLAT.get(id(tableau))
+    if hit is None or hit[0] is not tableau:
+        hit = _DENSE_FLAT[id(tableau)] = (tableau, [float(v) for row in tableau.dense for v in row])
+    return hit[1]
+
+
+__all__ = ["ExtStepOps", "available", "unavailable_reason", "ctrl_values", "tol_args", "_dense_tensor"]
