@@ -1,5 +1,53 @@
 """Triton kernels for fastnode's solver arithmetic, installed as ``fastnode.kernels``.
 
-No kernel is registered yet: every StepOps operation runs on the ``torch`` backend
-(``fastnode.backends.torch_ops``), which is also the reference the kernels are tested against.
+Ops (registered with ``torch.library.triton_op`` in the ``fastnode_triton`` namespace, so ``torch.compile`` and
+``torch.library.opcheck`` see them; ``triton_op`` registers each function body as its fake implementation):
+
+- ``rk_combine`` (``rk_combine.py``): stage inputs ``y + h * sum_{j<i} a_ij k_j`` and solutions
+  ``y + h * sum_j b_j k_j`` from one ``[S, G, N]`` stage buffer;
+- ``finish_control`` (``finish_control.py``): solution, scaled error RMS norm (per group, any segments), finiteness,
+  accept/reject and the next step size (I or PI controller), on the device in two launches;
+- ``interpolate`` (``interpolate.py``): dense output at per-row ``theta`` inside a step.
+
+``TritonStepOps`` (``step_ops.py``) plugs them into the solver loop through the StepOps interface; the references
+they are tested against are ``fastnode.backends.torch_ops.TorchStepOps`` (``reference_*`` beside each kernel). The
+adjoint's augmented state ``[G, 2N]`` goes through the same ops.
+
+The kernels run on CUDA tensors, and on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` was set
+before this package was first imported (the tests do that).
 """
+
+from __future__ import annotations
+
+import torch
+
+from ._launch import INTERPRETED
+from .finish_control import finish_control, reference_finish_control
+from .interpolate import interpolate, reference_interpolate
+from .rk_combine import reference_rk_combine, rk_combine
+from .step_ops import TritonStepOps
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the kernels cannot run on ``device`` (``None`` when they can).
+
+    Example:
+        >>> import torch
+        >>> unavailable_reason(torch.device("meta"))
+        'there are no Triton kernels for meta tensors'
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not INTERPRETED and not torch.cuda.is_available():
+            return "CUDA is not available to this torch build"
+        return None
+    if device.type == "cpu":
+        if INTERPRETED:
+            return None
+        return ("Triton compiles kernels for CUDA tensors; CPU tensors run only in Triton's interpreter "
+                "(TRITON_INTERPRET=1 set before fastnode.kernels is first imported)")
+    return f"there are no Triton kernels for {device.type} tensors"
+
+
+__all__ = ["TritonStepOps", "unavailable_reason", "rk_combine", "finish_control", "interpolate",
+           "reference_rk_combine", "reference_finish_control", "reference_interpolate", "INTERPRETED"]

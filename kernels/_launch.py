@@ -1,0 +1,153 @@
+"""Launch helpers shared by the kernels: tile shapes, argument checks and device-resident constants.
+
+Every kernel works on 2-D tiles ``[BLOCK_G, BLOCK_N]`` of a ``[G, N]`` state (rows are groups, columns the
+flattened state), so one layout serves the shared mode (``G = 1``, one long row) and the per-sample mode (``G = B``
+rows, often only a few columns each) without wasting lanes on either.
+
+Constants (Butcher coefficients, tolerances, controller settings, norm segments) live in small float64/int64 device
+tensors that are built once per (value, device) and cached: a compiled Triton kernel takes a Python float argument
+as float32, so passing coefficients as scalars would silently round the float64 arithmetic, and a cached tensor
+costs no host-to-device copy after its first use.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+# Set before the kernels were defined: the kernels then run in Triton's interpreter (CPU tensors, tests).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+# NOTE: on a GPU a tile of 2048 elements (8 warps, 8 per thread: two 16-byte loads of float32) keeps enough
+# loads in flight per SM for streaming kernels. In the interpreter every program instance costs about a
+# millisecond of Python, so tiles there are as large as the problem allows.
+_GPU_TILE = 2048
+_GPU_MAX_COLS = 1024
+_INTERP_TILE = 1 << 16
+_INTERP_MAX_COLS = 1 << 14
+
+
+def tiles(G: int, N: int, device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK_G, BLOCK_N, num_warps)`` for a ``[G, N]`` state on ``device``."""
+    tile, max_cols = (_GPU_TILE, _GPU_MAX_COLS) if device.type == "cuda" else (_INTERP_TILE, _INTERP_MAX_COLS)
+    block_n = min(triton.next_power_of_2(max(N, 1)), max_cols)
+    block_g = max(1, min(triton.next_power_of_2(max(G, 1)), tile // block_n))
+    num_warps = 8 if block_g * block_n >= 2048 else 4
+    return block_g, block_n, num_warps
+
+
+def check_state(y: torch.Tensor, op: str) -> None:
+    """``y`` must be a contiguous ``[G, N]`` float32/float64 tensor."""
+    if not isinstance(y, torch.Tensor) or y.dim() != 2:
+        raise ValueError(f"fastnode_triton.{op}: y must be a [G, N] tensor, got {getattr(y, 'shape', type(y))}")
+    if y.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"fastnode_triton.{op}: y must be float32 or float64, got {y.dtype}")
+    if not y.is_contiguous():
+        raise ValueError(f"fastnode_triton.{op}: y must be contiguous")
+
+
+def check_stages(K: torch.Tensor, y: torch.Tensor, op: str) -> None:
+    """``K`` must be a contiguous ``[S, G, N]`` stage buffer like ``y``."""
+    if not isinstance(K, torch.Tensor) or K.dim() != 3 or K.shape[1:] != y.shape:
+        raise ValueError(f"fastnode_triton.{op}: K must be [S, G, N] with [G, N] = {tuple(y.shape)}, "
+                         f"got {tuple(getattr(K, 'shape', ()))}")
+    if K.dtype != y.dtype or K.device != y.device or not K.is_contiguous():
+        raise ValueError(f"fastnode_triton.{op}: K must be contiguous with y's dtype and device")
+
+
+def check_rows(x: torch.Tensor, G: int, dtype: torch.dtype, name: str, op: str, device: torch.device) -> None:
+    """``x`` must be a contiguous ``[G]`` tensor of ``dtype`` on ``device``."""
+    if not isinstance(x, torch.Tensor) or x.shape != (G,):
+        raise ValueError(f"fastnode_triton.{op}: {name} must be [G] with G = {G}, got {tuple(getattr(x, 'shape', ()))}")
+    if x.dtype != dtype or x.device != device or not x.is_contiguous():
+        raise ValueError(f"fastnode_triton.{op}: {name} must be a contiguous {dtype} tensor on {device}, "
+                         f"got {x.dtype} on {x.device}")
+
+
+def check_weights(w: torch.Tensor, idx: torch.Tensor, S: int, name: str, op: str, device: torch.device) -> None:
+    """``w``: [M] float64 weights of the stages ``idx``: [M] int32 (each in ``[0, S)``), on ``device``."""
+    if w.dim() != 1 or idx.shape != w.shape or w.dtype != torch.float64 or idx.dtype != torch.int32:
+        raise ValueError(f"fastnode_triton.{op}: {name} weights must be float64 [M] with int32 [M] stage indices")
+    if w.device != device or idx.device != device:
+        raise ValueError(f"fastnode_triton.{op}: {name} weights must be on {device}")
+    if w.shape[0] > S:
+        raise ValueError(f"fastnode_triton.{op}: {w.shape[0]} {name} weights for {S} stages")
+
+
+_CONSTS: dict = {}
+_CONSTS_MAX = 256
+
+
+def device_constants(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached device tensor holding ``values`` (built once per values, dtype and device)."""
+    key = (values, dtype, device)
+    hit = _CONSTS.get(key)
+    if hit is None:
+        if len(_CONSTS) >= _CONSTS_MAX:  # tolerances swept in a loop: keep the cache bounded
+            _CONSTS.clear()
+        hit = _CONSTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return hit
+
+
+class TableauConstants:
+    """A tableau's nonzero weights as device tensors: per stage row, solution, error and dense output.
+
+    Zero weights are left out (as the reference skips them: a non-finite stage with weight 0 must not leak in),
+    so every weight group is a pair ``(w: [M] float64, idx: [M] int32)``. One float64 and one int32 tensor hold
+    all groups; the pairs are views into them (one host-to-device copy per tableau and device).
+    """
+
+    def __init__(self, tableau, device: torch.device):
+        S = tableau.num_stages
+        groups: dict = {}
+        flat_w: list[float] = []
+        flat_i: list[int] = []
+
+        def add(key, pairs):
+            groups[key] = (len(flat_w), len(pairs))
+            flat_w.extend(float(w) for _, w in pairs)
+            flat_i.extend(int(j) for j, _ in pairs)
+
+        for i in range(S):
+            add(("a", i), [(j, w) for j, w in enumerate(tableau.a[i][:i]) if w != 0.0])
+        add("b", [(j, w) for j, w in enumerate(tableau.b) if w != 0.0])
+        if tableau.e is not None:
+            add("e", [(j, w) for j, w in enumerate(tableau.e) if w != 0.0])
+        self.P = 0
+        if tableau.dense is not None:
+            self.P = len(tableau.dense[0])
+            used = [j for j in range(S) if any(v != 0.0 for v in tableau.dense[j])]
+            self.dense_off = len(flat_w)
+            flat_w.extend(float(v) for j in used for v in tableau.dense[j])
+            groups["dense_idx"] = (len(flat_i), len(used))
+            flat_i.extend(used)
+            self.n_dense = len(used)
+        self.W = torch.tensor(flat_w, dtype=torch.float64, device=device)
+        self.I = torch.tensor(flat_i, dtype=torch.int32, device=device)
+        self._groups = groups
+
+    def weights(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w, idx)`` of group ``key``: ``("a", i)``, ``"b"`` or ``"e"``."""
+        off, n = self._groups[key]
+        return self.W[off : off + n], self.I[off : off + n]
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(d: [U * P] float64, idx: [U] int32)``: the dense-output rows of the ``U`` stages that have one."""
+        off, n = self._groups["dense_idx"]
+        return self.W[self.dense_off : self.dense_off + n * self.P], self.I[off : off + n]
+
+
+_TABLEAUS: dict = {}
+
+
+def tableau_constants(tableau, device: torch.device) -> TableauConstants:
+    """The cached :class:`TableauConstants` of ``tableau`` on ``device``."""
+    key = (id(tableau), device)
+    hit = _TABLEAUS.get(key)
+    if hit is None or hit[0] is not tableau:
+        hit = _TABLEAUS[key] = (tableau, TableauConstants(tableau, device))
+    return hit[1]

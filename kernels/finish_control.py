@@ -1,0 +1,252 @@
+"""A step's whole finish on the device: solution, scaled error norm, finiteness, accept/reject and next step size.
+
+Two launches, no host sync:
+
+1. ``_step_finish_kernel`` (one pass over the stages): per tile of ``[G, N]`` it writes
+   ``y_new = y + h * sum_j b_j k_j``, forms the error ``h * sum_j e_j k_j`` scaled by
+   ``atol + rtol * max(|y|, |y_new|)``, and stores per row and norm segment the tile's sum of squares (float64)
+   and whether ``y_new`` and the last stage are finite there.
+2. ``_control_kernel`` (one lane per group): adds the tiles' partial sums in a fixed order (deterministic, no
+   atomics), takes the RMS of every segment and their max (``fastnode.backends.torch_ops.RMSNorm``), applies the
+   ratio floor, sets the ratio to inf where a value is non-finite, and runs the I or PI controller
+   (``TorchStepOps.controller``; ``csrc/step_ops.h::control_one``) in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._launch import check_rows, check_stages, check_state, check_weights, tiles
+
+# Offsets into the float64 constants tensor ``consts``: the scalar tolerances, then the controller settings in the
+# order of ``fastnode.backends.ext_ops.ctrl_values``.
+N_CONSTS = 11
+
+
+@triton.jit
+def _step_finish_kernel(y_ptr, k_ptr, h_ptr, bw_ptr, bi_ptr, ew_ptr, ei_ptr, rtol_ptr, atol_ptr, consts_ptr, seg_ptr,
+                        ynew_ptr, part_ptr, fin_ptr, G, N, stride_s, rtol_rs, atol_rs, s_last,
+                        NB: tl.constexpr, NE: tl.constexpr, NSEG: tl.constexpr, RTOL_T: tl.constexpr,
+                        ATOL_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    n_cb = tl.cdiv(N, BLOCK_N)
+    cb = pid % n_cb
+    rows = (pid // n_cb) * BLOCK_G + tl.arange(0, BLOCK_G)
+    cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < G
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    rows64 = rows.to(tl.int64)
+    offs = rows64[:, None] * N + cols[None, :]
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+    h = tl.load(h_ptr + rows, mask=rmask, other=0.0)[:, None]
+
+    # Same association as the reference combination (see _rk_combine_kernel); zero weights are not in the lists.
+    sb = tl.zeros_like(y)
+    for s in tl.static_range(NB):
+        k = tl.load(k_ptr + tl.load(bi_ptr + s).to(tl.int64) * stride_s + offs, mask=mask, other=0.0)
+        if s == 0:
+            sb = tl.load(bw_ptr + s).to(y.dtype) * k
+        else:
+            sb = sb + tl.load(bw_ptr + s).to(y.dtype) * k
+    y_new = y
+    if NB > 0:
+        y_new = y + h * sb
+    tl.store(ynew_ptr + offs, y_new, mask=mask)
+
+    se = tl.zeros_like(y)
+    for s in tl.static_range(NE):
+        k = tl.load(k_ptr + tl.load(ei_ptr + s).to(tl.int64) * stride_s + offs, mask=mask, other=0.0)
+        if s == 0:
+            se = tl.load(ew_ptr + s).to(y.dtype) * k
+        else:
+            se = se + tl.load(ew_ptr + s).to(y.dtype) * k
+    if RTOL_T:
+        rt = tl.load(rtol_ptr + rows64[:, None] * rtol_rs + cols[None, :], mask=mask, other=0.0)
+    else:
+        rt = tl.load(consts_ptr).to(y.dtype)
+    if ATOL_T:
+        at = tl.load(atol_ptr + rows64[:, None] * atol_rs + cols[None, :], mask=mask, other=0.0)
+    else:
+        at = tl.load(consts_ptr + 1).to(y.dtype)
+    scale = tl.maximum(tl.abs(y), tl.abs(y_new)) * rt + at
+    x = (se * h) / scale
+    # Squares in float64, as the ext backend: the norm of a float32 state loses nothing to the accumulation.
+    x = tl.where(mask, x, 0.0).to(tl.float64)
+    sq = x * x
+    for s in tl.static_range(NSEG):
+        lo = tl.load(seg_ptr + 2 * s)
+        hi = tl.load(seg_ptr + 2 * s + 1)
+        inside = (cols >= lo) & (cols < hi)
+        part = tl.sum(tl.where(inside[None, :], sq, 0.0), axis=1)
+        tl.store(part_ptr + (cb * G + rows64) * NSEG + s, part, mask=rmask)
+
+    k_last = tl.load(k_ptr + s_last * stride_s + offs, mask=mask, other=0.0)
+    finite = (tl.abs(y_new) < float("inf")) & (tl.abs(k_last) < float("inf"))
+    finite = tl.where(mask, finite.to(tl.int32), 1)
+    tl.store(fin_ptr + cb * G + rows64, tl.min(finite, axis=1).to(tl.uint8), mask=rmask)
+
+
+@triton.jit
+def _pow(x, p):
+    # x ** p for x >= 0 in float64, with pow's special values (0 ** -p = inf, inf ** -p = 0, x ** 0 = 1).
+    # NOTE: exp(p * log(x)) rather than libdevice's pow, which Triton's interpreter does not provide; it differs from
+    # pow by a few ulp, far below anything the controller resolves. log(0) is kept out of the way (no -inf detour).
+    pos = x > 0.0
+    v = tl.exp(p * tl.log(tl.where(pos, x, 1.0)))
+    v = tl.where(pos, v, tl.where(p < 0.0, float("inf"), 0.0))
+    return tl.where(p == 0.0, 1.0, v)
+
+
+@triton.jit
+def _control_kernel(part_ptr, fin_ptr, seg_ptr, consts_ptr, hctl_ptr, prev_ptr, run_ptr, floor_ptr,
+                    ratio_ptr, ok_ptr, acc_ptr, hnext_ptr, pout_ptr, G, n_cb,
+                    NSEG: tl.constexpr, HAS_FLOOR: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = rows < G
+    inf = float("inf")
+    rr = tl.zeros([BLOCK], dtype=tl.float64)
+    for s in tl.static_range(NSEG):
+        sq = tl.zeros([BLOCK], dtype=tl.float64)
+        for c in range(0, n_cb):
+            sq += tl.load(part_ptr + (c * G + rows) * NSEG + s, mask=m, other=0.0)
+        length = (tl.load(seg_ptr + 2 * s + 1) - tl.load(seg_ptr + 2 * s)).to(tl.float64)
+        v = tl.sqrt(sq / length)
+        rr = tl.where((v != v) | (v > rr), v, rr)  # a max that propagates NaN, as torch.amax
+    fin = tl.full([BLOCK], 1, dtype=tl.int32)
+    for c in range(0, n_cb):
+        fin = fin & tl.load(fin_ptr + c * G + rows, mask=m, other=1).to(tl.int32)
+    if HAS_FLOOR:
+        fl = tl.load(floor_ptr + rows, mask=m, other=0.0)
+        rr = tl.where((fl != fl) | (fl > rr), fl, rr)
+    ok = fin != 0
+    rr = tl.where(ok, rr, inf)
+    tl.store(ratio_ptr + rows, rr, mask=m)
+    tl.store(ok_ptr + rows, ok.to(tl.uint8), mask=m)
+
+    order = tl.load(consts_ptr + 2)
+    safety = tl.load(consts_ptr + 3)
+    ifactor = tl.load(consts_ptr + 4)
+    dfactor = tl.load(consts_ptr + 5)
+    min_step = tl.load(consts_ptr + 6)
+    max_step = tl.load(consts_ptr + 7)
+    is_pi = tl.load(consts_ptr + 8) != 0.0
+    alpha = tl.load(consts_ptr + 9)
+    beta = tl.load(consts_ptr + 10)
+    h = tl.load(hctl_ptr + rows, mask=m, other=0.0)
+    prev = tl.load(prev_ptr + rows, mask=m, other=1.0)
+    running = tl.load(run_ptr + rows, mask=m, other=0) != 0
+
+    # The formulas and order of operations of TorchStepOps.controller (csrc/step_ops.h::control_one).
+    r = tl.where(rr != rr, inf, rr)
+    accept = r <= 1.0
+    # NOTE: scalar conditions go through tl.where (Triton's interpreter cannot `&` a scalar bool with a block).
+    accept = accept | tl.where(min_step > 0.0, (r < inf) & (h <= min_step), accept)
+    accept = accept & running
+    factor = _pow(r, -1.0 / order) * safety
+    pi = _pow(r, -alpha / order) * _pow(prev, beta / order) * safety
+    factor = tl.where(is_pi, tl.where(accept, pi, tl.minimum(factor, 1.0)), factor)
+    prev_out = tl.where(is_pi, tl.where(accept, tl.maximum(r, 1e-10), prev), prev)
+    lower = tl.where(r < 1.0, 1.0, dfactor)
+    factor = tl.minimum(tl.maximum(factor, lower), ifactor)
+    h_next = tl.minimum(tl.maximum(h * factor, min_step), max_step)
+    h_next = tl.where(running, h_next, h)
+    tl.store(acc_ptr + rows, accept.to(tl.uint8), mask=m)
+    tl.store(hnext_ptr + rows, h_next, mask=m)
+    tl.store(pout_ptr + rows, prev_out, mask=m)
+
+
+def _check_tol(t: torch.Tensor | None, y: torch.Tensor, name: str) -> int:
+    """Row stride of an optional ``[R, N]`` tolerance (R in {1, G}); 0 when absent or broadcast over rows."""
+    if t is None:
+        return 0
+    G, N = y.shape
+    if t.dim() != 2 or t.shape[1] != N or t.shape[0] not in (1, G):
+        raise ValueError(f"fastnode_triton.finish_control: {name} must be [1, N] or [G, N] like y {tuple(y.shape)}, "
+                         f"got {tuple(t.shape)}")
+    if t.dtype != y.dtype or t.device != y.device or not t.is_contiguous():
+        raise ValueError(f"fastnode_triton.finish_control: {name} must be contiguous with y's dtype and device")
+    return N if t.shape[0] > 1 else 0
+
+
+@triton_op("fastnode_triton::finish_control", mutates_args=())
+def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, b_w: torch.Tensor, b_idx: torch.Tensor,
+                   e_w: torch.Tensor, e_idx: torch.Tensor, rtol_t: torch.Tensor | None, atol_t: torch.Tensor | None,
+                   consts: torch.Tensor, segments: torch.Tensor, h_ctl: torch.Tensor, prev_ratio: torch.Tensor,
+                   running: torch.Tensor, ratio_floor: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's finish (``StepOps.finish_control`` with the built-in RMS norm) in two launches and no host sync.
+
+    Args:
+        y: [G, N] float32/float64 state at the step's start; ``K``: [S, G, N] stages; ``h``: [G] step (y's dtype).
+        b_w, b_idx: nonzero solution weights (float64 [M]) and their stages (int32 [M]); ``e_w, e_idx`` the same
+            for the error weights.
+        rtol_t, atol_t: optional [1, N] or [G, N] tolerances in y's dtype (then ``consts[0]``/``consts[1]`` unused).
+        consts: [11] float64: rtol, atol, then the controller settings (order, safety, ifactor, dfactor, min_step,
+            max_step, pi flag, pi_alpha, pi_beta).
+        segments: [2 * NSEG] int64 column bounds ``s0, e0, s1, e1, ...`` of the norm's segments (non-empty).
+        h_ctl: [G] float64 step in the time dtype; ``prev_ratio``: [G] float64; ``running``: [G] bool.
+        ratio_floor: optional [G] float64 lower bound of the error ratio.
+
+    Returns:
+        ``(y_new [G, N], ratio [G] float64 (inf where not finite), ok [G] bool, accept [G] bool, h_next [G] float64,
+        prev_ratio [G] float64)``.
+    """
+    op = "finish_control"
+    check_state(y, op)
+    check_stages(K, y, op)
+    G, N = y.shape
+    dev = y.device
+    S = K.shape[0]
+    check_rows(h, G, y.dtype, "h", op, dev)
+    check_weights(b_w, b_idx, S, "b", op, dev)
+    check_weights(e_w, e_idx, S, "e", op, dev)
+    rtol_rs = _check_tol(rtol_t, y, "rtol_t")
+    atol_rs = _check_tol(atol_t, y, "atol_t")
+    if consts.shape != (N_CONSTS,) or consts.dtype != torch.float64 or consts.device != dev:
+        raise ValueError(f"fastnode_triton.{op}: consts must be a float64 [{N_CONSTS}] tensor on {dev}")
+    if segments.dim() != 1 or segments.numel() == 0 or segments.numel() % 2 or segments.dtype != torch.int64:
+        raise ValueError(f"fastnode_triton.{op}: segments must be an int64 tensor of (start, end) pairs")
+    check_rows(h_ctl, G, torch.float64, "h_ctl", op, dev)
+    check_rows(prev_ratio, G, torch.float64, "prev_ratio", op, dev)
+    check_rows(running, G, torch.bool, "running", op, dev)
+    if ratio_floor is not None:
+        check_rows(ratio_floor, G, torch.float64, "ratio_floor", op, dev)
+    if S == 0 or N == 0:
+        raise ValueError(f"fastnode_triton.{op}: needs at least one stage and one column, got K {tuple(K.shape)}")
+    nseg = segments.numel() // 2
+
+    bg, bn, nw = tiles(G, N, dev)
+    n_cb = triton.cdiv(N, bn)
+    y_new = torch.empty_like(y)
+    part = torch.empty((n_cb, G, nseg), dtype=torch.float64, device=dev)
+    fin = torch.empty((n_cb, G), dtype=torch.uint8, device=dev)
+    grid = (triton.cdiv(G, bg) * n_cb,)
+    wrap_triton(_step_finish_kernel)[grid](
+        y, K, h, b_w, b_idx, e_w, e_idx, rtol_t if rtol_t is not None else y, atol_t if atol_t is not None else y,
+        consts, segments, y_new, part, fin, G, N, G * N, rtol_rs, atol_rs, S - 1,
+        NB=b_w.shape[0], NE=e_w.shape[0], NSEG=nseg, RTOL_T=rtol_t is not None, ATOL_T=atol_t is not None,
+        BLOCK_G=bg, BLOCK_N=bn, num_warps=nw)
+
+    ratio = torch.empty(G, dtype=torch.float64, device=dev)
+    ok = torch.empty(G, dtype=torch.uint8, device=dev)
+    accept = torch.empty(G, dtype=torch.uint8, device=dev)
+    h_next = torch.empty(G, dtype=torch.float64, device=dev)
+    prev_out = torch.empty(G, dtype=torch.float64, device=dev)
+    block = min(triton.next_power_of_2(G), 1024 if dev.type == "cuda" else 1 << 16)
+    wrap_triton(_control_kernel)[(triton.cdiv(G, block),)](
+        part, fin, segments, consts, h_ctl, prev_ratio, running.view(torch.uint8),
+        ratio_floor if ratio_floor is not None else h_ctl, ratio, ok, accept, h_next, prev_out, G, n_cb,
+        NSEG=nseg, HAS_FLOOR=ratio_floor is not None, BLOCK=block, num_warps=4)
+    return y_new, ratio, ok.view(torch.bool), accept.view(torch.bool), h_next, prev_out
+
+
+def reference_finish_control(tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running, ratio_floor=None):
+    """The torch backend's composition (``StepOps.finish_control`` on ``TorchStepOps``)."""
+    from fastnode.backends.torch_ops import TorchStepOps
+
+    return TorchStepOps().finish_control(tableau, y, list(K), h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
+                                         ratio_floor=ratio_floor)

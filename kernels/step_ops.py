@@ -1,0 +1,124 @@
+"""The ``triton`` StepOps backend: the solver loop's arithmetic on the ``fastnode_triton::`` ops.
+
+The stage store is one ``[S, G, N]`` buffer per step (``new_stages``); ``set_stage`` copies each stage in, which also
+makes a non-contiguous ``func`` output contiguous once. Ops that do not apply run on the torch reference, op by op,
+inside the same solve (as the ``ext`` backend): a user norm or a custom adjoint norm, float16/bfloat16 states, a
+float32 time dtype, tolerances that are not ``[1, N]``/``[G, N]``.
+
+Example:
+    >>> import torch, fastnode
+    >>> y = fastnode.odeint(lambda t, y: -y, torch.ones(4, 3), torch.linspace(0, 1, 3),
+    ...                     options={"backend": "triton"})  # CUDA tensors; CPU only with TRITON_INTERPRET=1
+    >>> fastnode.last_stats().backend
+    'triton'
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastnode.backends.ext_ops import ctrl_values
+from fastnode.backends.torch_ops import RMSNorm, TorchStepOps
+
+from . import finish_control as _fc  # noqa: F401  (importing the modules registers the fastnode_triton:: ops)
+from . import interpolate as _ip  # noqa: F401
+from . import rk_combine as _rk  # noqa: F401
+from ._launch import FLOAT_DTYPES, device_constants, tableau_constants
+
+
+def _tol(tol, y: torch.Tensor):
+    """``(tensor [R, N] or None, scalar)``; ``False`` when a tensor tolerance is not ``[R, N]`` with R in {1, G}."""
+    if not isinstance(tol, torch.Tensor):
+        return None, float(tol)
+    G, N = y.shape
+    t = tol.to(y.dtype)
+    if t.dim() == 2 and t.shape[1] == N and t.shape[0] in (1, G):
+        return t.contiguous(), 0.0
+    if t.dim() < 2 or t.numel() % N or t.numel() // N not in (1, G):
+        return False
+    return t.reshape(-1, N).contiguous(), 0.0
+
+
+def _rows(x: torch.Tensor, G: int, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` (0-d, [1] or [G]) as a contiguous [G] tensor of ``dtype`` (no copy when it already is one)."""
+    return torch.broadcast_to(x.to(dtype), (G,)).contiguous()
+
+
+class TritonStepOps(TorchStepOps):
+    """StepOps on Triton kernels; falls back to the torch reference op by op where an op does not apply."""
+
+    name = "triton"
+    supports_autograd = False
+
+    def __init__(self, forced: bool = False):
+        self.forced = forced
+        self._ops = torch.ops.fastnode_triton
+        self._y_src = None
+        self._y_contig = None
+
+    @staticmethod
+    def _fits(y: torch.Tensor, K) -> bool:
+        return isinstance(K, torch.Tensor) and y.dtype in FLOAT_DTYPES and y.dim() == 2 and y.numel() > 0
+
+    def _contiguous(self, y: torch.Tensor) -> torch.Tensor:
+        # A non-contiguous state is copied once per step, not once per stage: the loop passes the same y to every
+        # stage input and to the finish.
+        if y.is_contiguous():
+            return y
+        if self._y_src is not y:
+            self._y_src, self._y_contig = y, y.contiguous()
+        return self._y_contig
+
+    def new_stages(self, tableau, y):
+        if y.dtype not in FLOAT_DTYPES or y.dim() != 2 or y.numel() == 0:
+            return []
+        return torch.empty((tableau.num_stages,) + tuple(y.shape), dtype=y.dtype, device=y.device)
+
+    def set_stage(self, K, i, k):
+        if not isinstance(K, torch.Tensor):
+            return super().set_stage(K, i, k)
+        K[i].copy_(k)
+        return K
+
+    def stage_input(self, tableau, i, y, K, h):
+        if not self._fits(y, K):
+            return super().stage_input(tableau, i, y, K, h)
+        w, idx = tableau_constants(tableau, y.device).weights(("a", i))
+        return self._ops.rk_combine(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), w, idx)
+
+    def solution(self, tableau, y, K, h):
+        if not self._fits(y, K):
+            return super().solution(tableau, y, K, h)
+        w, idx = tableau_constants(tableau, y.device).weights("b")
+        return self._ops.rk_combine(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), w, idx)
+
+    def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
+                       ratio_floor=None, adjust=None):
+        rt = at = False
+        if self._fits(y, K):
+            rt, at = _tol(rtol, y), _tol(atol, y)
+        if (rt is False or at is False or adjust is not None or not isinstance(norm, RMSNorm)
+                or h_ctl.dtype != torch.float64 or tableau.e is None or K.shape[0] != tableau.num_stages):
+            return super().finish_control(tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
+                                          ratio_floor=ratio_floor, adjust=adjust)
+        G, N = y.shape
+        dev = y.device
+        tc = tableau_constants(tableau, dev)
+        b_w, b_idx = tc.weights("b")
+        e_w, e_idx = tc.weights("e")
+        consts = device_constants((rt[1], at[1], *ctrl_values(cfg)), torch.float64, dev)
+        segments = device_constants(tuple(norm.bounds(N)), torch.int64, dev)
+        floor = None if ratio_floor is None else _rows(ratio_floor, G, torch.float64)  # 0-d in shared mode
+        return self._ops.finish_control(self._contiguous(y), K, _rows(h, G, y.dtype), b_w, b_idx, e_w, e_idx, rt[0], at[0],
+                                        consts, segments, _rows(h_ctl, G, torch.float64),
+                                        _rows(prev_ratio, G, torch.float64), _rows(running, G, torch.bool), floor)
+
+    def interpolate(self, tableau, y, K, h, theta):
+        if isinstance(K, (list, tuple)) and len(K) == tableau.num_stages and all(isinstance(k, torch.Tensor) for k in K):
+            # Events keep a step's stages as a list and interpolate later: one stacked buffer then.
+            K = torch.stack([k.to(y.dtype) for k in K], dim=0)
+        if not self._fits(y, K) or tableau.dense is None or K.shape[1:] != y.shape:
+            return super().interpolate(tableau, y, K, h, theta)
+        G = y.shape[0]
+        d, idx = tableau_constants(tableau, y.device).dense()
+        return self._ops.interpolate(self._contiguous(y), K, _rows(h, G, y.dtype), _rows(theta, G, y.dtype), d, idx)
