@@ -16,6 +16,8 @@ import os
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import custom_op, triton_op
 
 # Set before the kernels were defined: the kernels then run in Triton's interpreter (CPU tensors, tests).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -29,6 +31,35 @@ _GPU_TILE = 2048
 _GPU_MAX_COLS = 1024
 _INTERP_TILE = 1 << 16
 _INTERP_MAX_COLS = 1 << 14
+
+
+def register_op(name: str):
+    """Registers an op body with ``torch.library``: ``triton_op`` for compiled kernels, ``custom_op`` in the interpreter.
+
+    ``triton_op`` makes the kernels visible to ``torch.compile`` (its body is traced through ``wrap_triton``) and
+    registers the body as the fake implementation. In Triton's interpreter ``wrap_triton`` cannot record a kernel, so
+    a traced body would lose it: there the op is an opaque ``custom_op`` whose fake implementation is the same body
+    (which only allocates its outputs on fake tensors, see :func:`launches`).
+    """
+
+    def deco(fn):
+        if not INTERPRETED:
+            return triton_op(name, mutates_args=())(fn)
+        op = custom_op(name, mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+
+    return deco
+
+
+def launches(x: torch.Tensor) -> bool:
+    """Whether an op body launches its kernels on ``x`` (every op body is also its fake implementation).
+
+    Compiled Triton kernels go through ``torch.library.wrap_triton``, which records them when tracing with fake
+    tensors. In Triton's interpreter ``wrap_triton`` hands back the raw kernel, which would run on fake tensors: there
+    the fake pass only allocates the outputs.
+    """
+    return not (INTERPRETED and is_fake(x))
 
 
 def tiles(G: int, N: int, device: torch.device) -> tuple[int, int, int]:

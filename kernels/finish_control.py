@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from ._launch import check_rows, check_stages, check_state, check_weights, tiles
+from ._launch import register_op, check_rows, check_stages, check_state, check_weights, launches, tiles
 
 # Offsets into the float64 constants tensor ``consts``: the scalar tolerances, then the controller settings in the
 # order of ``fastnode.backends.ext_ops.ctrl_values``.
@@ -172,7 +172,7 @@ def _check_tol(t: torch.Tensor | None, y: torch.Tensor, name: str) -> int:
     return N if t.shape[0] > 1 else 0
 
 
-@triton_op("fastnode_triton::finish_control", mutates_args=())
+@register_op("fastnode_triton::finish_control")
 def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, b_w: torch.Tensor, b_idx: torch.Tensor,
                    e_w: torch.Tensor, e_idx: torch.Tensor, rtol_t: torch.Tensor | None, atol_t: torch.Tensor | None,
                    consts: torch.Tensor, segments: torch.Tensor, h_ctl: torch.Tensor, prev_ratio: torch.Tensor,
@@ -224,6 +224,13 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, b_w: torch
     y_new = torch.empty_like(y)
     part = torch.empty((n_cb, G, nseg), dtype=torch.float64, device=dev)
     fin = torch.empty((n_cb, G), dtype=torch.uint8, device=dev)
+    ratio = torch.empty(G, dtype=torch.float64, device=dev)
+    ok = torch.empty(G, dtype=torch.uint8, device=dev)
+    accept = torch.empty(G, dtype=torch.uint8, device=dev)
+    h_next = torch.empty(G, dtype=torch.float64, device=dev)
+    prev_out = torch.empty(G, dtype=torch.float64, device=dev)
+    if not launches(y):
+        return y_new, ratio, ok.view(torch.bool), accept.view(torch.bool), h_next, prev_out
     grid = (triton.cdiv(G, bg) * n_cb,)
     wrap_triton(_step_finish_kernel)[grid](
         y, K, h, b_w, b_idx, e_w, e_idx, rtol_t if rtol_t is not None else y, atol_t if atol_t is not None else y,
@@ -231,11 +238,6 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, b_w: torch
         NB=b_w.shape[0], NE=e_w.shape[0], NSEG=nseg, RTOL_T=rtol_t is not None, ATOL_T=atol_t is not None,
         BLOCK_G=bg, BLOCK_N=bn, num_warps=nw)
 
-    ratio = torch.empty(G, dtype=torch.float64, device=dev)
-    ok = torch.empty(G, dtype=torch.uint8, device=dev)
-    accept = torch.empty(G, dtype=torch.uint8, device=dev)
-    h_next = torch.empty(G, dtype=torch.float64, device=dev)
-    prev_out = torch.empty(G, dtype=torch.float64, device=dev)
     block = min(triton.next_power_of_2(G), 1024 if dev.type == "cuda" else 1 << 16)
     wrap_triton(_control_kernel)[(triton.cdiv(G, block),)](
         part, fin, segments, consts, h_ctl, prev_ratio, running.view(torch.uint8),

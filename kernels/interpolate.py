@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from ._launch import check_rows, check_stages, check_state, tiles
+from ._launch import register_op, check_rows, check_stages, check_state, launches, tiles
 
 
 @triton.jit
@@ -51,7 +51,7 @@ def _interpolate_kernel(y_ptr, k_ptr, h_ptr, th_ptr, d_ptr, idx_ptr, out_ptr, G,
     tl.store(out_ptr + offs, out, mask=mask)
 
 
-@triton_op("fastnode_triton::interpolate", mutates_args=())
+@register_op("fastnode_triton::interpolate")
 def interpolate(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, theta: torch.Tensor, dense: torch.Tensor,
                 idx: torch.Tensor) -> torch.Tensor:
     """Dense output at ``t0 + theta * h`` of every row, in one pass.
@@ -87,7 +87,7 @@ def interpolate(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, theta: torch.
         raise ValueError(f"fastnode_triton.{op}: dense and idx must be on {y.device}")
     P = dense.numel() // U if U else 0
     out = torch.empty_like(y)
-    if G * N == 0:
+    if G * N == 0 or not launches(y):
         return out
     bg, bn, nw = tiles(G, N, y.device)
     grid = (triton.cdiv(G, bg) * triton.cdiv(N, bn),)

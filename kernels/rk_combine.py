@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from ._launch import check_rows, check_stages, check_state, check_weights, tiles
+from ._launch import register_op, check_rows, check_stages, check_state, check_weights, launches, tiles
 
 
 @triton.jit
@@ -43,7 +43,7 @@ def _rk_combine_kernel(y_ptr, k_ptr, h_ptr, w_ptr, idx_ptr, out_ptr, G, N, strid
     tl.store(out_ptr + offs, out, mask=mask)
 
 
-@triton_op("fastnode_triton::rk_combine", mutates_args=())
+@register_op("fastnode_triton::rk_combine")
 def rk_combine(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``y + h[:, None] * sum_m w[m] * K[idx[m]]`` in one pass.
 
@@ -68,7 +68,7 @@ def rk_combine(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, w: torch.Tenso
     check_rows(h, G, y.dtype, "h", "rk_combine", y.device)
     check_weights(w, idx, K.shape[0], "w", "rk_combine", y.device)
     out = torch.empty_like(y)
-    if G * N == 0:
+    if G * N == 0 or not launches(y):
         return out
     bg, bn, nw = tiles(G, N, y.device)
     grid = (triton.cdiv(G, bg) * triton.cdiv(N, bn),)
