@@ -33,6 +33,18 @@ _INTERP_TILE = 1 << 16
 _INTERP_MAX_COLS = 1 << 14
 
 
+# Tests set this: fresh outputs then start as NaN (floats) or 2 (flags), so an element a kernel fails to write shows.
+POISON = False
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer (poisoned when :data:`POISON` is set)."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if POISON:
+        t.fill_(float("nan") if dtype.is_floating_point else 2)
+    return t
+
+
 def register_op(name: str):
     """Registers an op body with ``torch.library``: ``triton_op`` for compiled kernels, ``custom_op`` in the interpreter.
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import register_op, check_rows, check_stages, check_state, check_weights, launches, tiles
+from ._launch import check_rows, empty, register_op, check_stages, check_state, check_weights, launches, tiles
 
 # Offsets into the float64 constants tensor ``consts``: the scalar tolerances, then the controller settings in the
 # order of ``fastnode.backends.ext_ops.ctrl_values``.
@@ -73,7 +73,7 @@ def _step_finish_kernel(y_ptr, k_ptr, h_ptr, bw_ptr, bi_ptr, ew_ptr, ei_ptr, rto
     else:
         at = tl.load(consts_ptr + 1).to(y.dtype)
     scale = tl.maximum(tl.abs(y), tl.abs(y_new)) * rt + at
-    x = (se * h) / scale
+    x = (se * h) / tl.where(mask, scale, 1.0)  # masked lanes: no 0/0 when atol is 0
     # Squares in float64, as the ext backend: the norm of a float32 state loses nothing to the accumulation.
     x = tl.where(mask, x, 0.0).to(tl.float64)
     sq = x * x
@@ -221,14 +221,14 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, b_w: torch
 
     bg, bn, nw = tiles(G, N, dev)
     n_cb = triton.cdiv(N, bn)
-    y_new = torch.empty_like(y)
-    part = torch.empty((n_cb, G, nseg), dtype=torch.float64, device=dev)
-    fin = torch.empty((n_cb, G), dtype=torch.uint8, device=dev)
-    ratio = torch.empty(G, dtype=torch.float64, device=dev)
-    ok = torch.empty(G, dtype=torch.uint8, device=dev)
-    accept = torch.empty(G, dtype=torch.uint8, device=dev)
-    h_next = torch.empty(G, dtype=torch.float64, device=dev)
-    prev_out = torch.empty(G, dtype=torch.float64, device=dev)
+    y_new = empty(y.shape, y.dtype, y.device)
+    part = empty((n_cb, G, nseg), torch.float64, dev)
+    fin = empty((n_cb, G), torch.uint8, dev)
+    ratio = empty((G,), torch.float64, dev)
+    ok = empty((G,), torch.uint8, dev)
+    accept = empty((G,), torch.uint8, dev)
+    h_next = empty((G,), torch.float64, dev)
+    prev_out = empty((G,), torch.float64, dev)
     if not launches(y):
         return y_new, ratio, ok.view(torch.bool), accept.view(torch.bool), h_next, prev_out
     grid = (triton.cdiv(G, bg) * n_cb,)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import register_op, check_rows, check_stages, check_state, launches, tiles
+from ._launch import check_rows, empty, register_op, check_stages, check_state, launches, tiles
 
 
 @triton.jit
@@ -86,7 +86,7 @@ def interpolate(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, theta: torch.
     if dense.device != y.device or idx.device != y.device:
         raise ValueError(f"fastnode_triton.{op}: dense and idx must be on {y.device}")
     P = dense.numel() // U if U else 0
-    out = torch.empty_like(y)
+    out = empty(y.shape, y.dtype, y.device)
     if G * N == 0 or not launches(y):
         return out
     bg, bn, nw = tiles(G, N, y.device)

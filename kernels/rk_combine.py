@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import register_op, check_rows, check_stages, check_state, check_weights, launches, tiles
+from ._launch import check_rows, empty, register_op, check_stages, check_state, check_weights, launches, tiles
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def rk_combine(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, w: torch.Tenso
     G, N = y.shape
     check_rows(h, G, y.dtype, "h", "rk_combine", y.device)
     check_weights(w, idx, K.shape[0], "w", "rk_combine", y.device)
-    out = torch.empty_like(y)
+    out = empty(y.shape, y.dtype, y.device)
     if G * N == 0 or not launches(y):
         return out
     bg, bn, nw = tiles(G, N, y.device)

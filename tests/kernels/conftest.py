@@ -1,0 +1,28 @@
+"""Kernel tests: outputs poisoned with NaN, and the devices the Triton kernels run on here.
+
+On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by ``tests/conftest.py`` before anything
+imports triton); CUDA cases carry ``@pytest.mark.gpu`` and skip without a GPU.
+"""
+
+import pytest
+import torch
+
+from fastnode import kernels
+from fastnode.kernels import _launch
+
+
+def kernel_devices() -> list:
+    """``cpu`` (the interpreter) and ``cuda`` (marked gpu), each skipped where the kernels cannot run."""
+    out = []
+    for dev, marks in (("cpu", []), ("cuda", [pytest.mark.gpu])):
+        why = kernels.unavailable_reason(torch.device(dev)) if dev == "cpu" or torch.cuda.is_available() else "no GPU"
+        if why is not None:
+            marks = marks + [pytest.mark.skip(reason=why)]
+        out.append(pytest.param(dev, marks=marks, id=dev))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every buffer an op allocates starts as NaN (floats) or 2 (flags): an element a kernel never writes fails."""
+    monkeypatch.setattr(_launch, "POISON", True)
