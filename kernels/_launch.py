@@ -55,10 +55,12 @@ def register_op(name: str):
     """
 
     def deco(fn):
-        if not INTERPRETED:
-            return triton_op(name, mutates_args=())(fn)
-        op = custom_op(name, mutates_args=())(fn)
-        op.register_fake(fn)
+        if INTERPRETED:
+            op = custom_op(name, mutates_args=())(fn)
+            op.register_fake(fn)
+        else:
+            op = triton_op(name, mutates_args=())(fn)
+        op.__doc__ = fn.__doc__  # help() and the doctests see the op's own documentation
         return op
 
     return deco

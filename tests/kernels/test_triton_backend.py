@@ -1,0 +1,241 @@
+"""Whole solves on the triton backend vs the torch backend, backend selection, and the GPU-only checks.
+
+On CPU the kernels run in Triton's interpreter (about a millisecond per kernel op), so the problems are small and
+short: a handful of steps each, enough for rejected steps, output times inside steps and per-sample control.
+"""
+
+import doctest
+import importlib
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastnode
+from fastnode import kernels, odeint, odeint_adjoint, odeint_event
+from fastnode.backends import get_backend
+
+from .conftest import kernel_devices
+
+F64, F32 = torch.float64, torch.float32
+# Outputs: the two backends round the same arithmetic differently in a few places (the float64 sum of squares of the
+# error norm, exp/log for pow in the controller, FMA on GPUs), so trajectories agree to a few ulp per step.
+SOLVE_TOL = {F64: dict(rtol=1e-12, atol=1e-13), F32: dict(rtol=2e-5, atol=2e-6)}
+
+
+def _field(t, y):
+    """Rows decay at different rates (per-sample steps differ) and are driven by t ([B] per-sample, 0-d shared)."""
+    rate = torch.linspace(0.5, 4.0, y.shape[0], dtype=y.dtype, device=y.device).unsqueeze(1)
+    tt = t.reshape(-1, 1).to(y.dtype) if t.dim() else t.to(y.dtype)
+    return -rate * y + torch.sin(3.0 * tt + y)
+
+
+def _y0(dtype, device, B=7, N=3):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(B, N, generator=g, dtype=F64).to(dtype=dtype, device=device)
+
+
+def _stats_equal(a, b):
+    assert a.nfe == b.nfe
+    for name in ("n_accepted", "n_rejected"):
+        assert torch.equal(torch.as_tensor(getattr(a, name)), torch.as_tensor(getattr(b, name))), name
+
+
+def _solve(backend, y0, t, **kw):
+    opts = dict(kw.pop("options", {}), backend=backend)
+    out = odeint(_field, y0, t, options=opts, **kw)
+    return out, fastnode.last_stats()
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("method, per_sample, dtype, rtol", [
+    ("dopri5", False, F64, 1e-4), ("dopri5", True, F64, 1e-4), ("dopri5", False, F32, 1e-4),
+    ("dopri5", True, F32, 1e-4), ("tsit5", False, F64, 1e-4), ("bosh3", True, F64, 1e-4), ("dopri8", True, F64, 1e-6),
+])
+def test_solve_matches_torch(device, method, per_sample, dtype, rtol):
+    """Same accepted/rejected steps and NFE; outputs (interpolated inside steps) equal to rounding."""
+    y0 = _y0(dtype, device)
+    t = torch.tensor([0.0, 0.13, 0.5], dtype=F64, device=device)
+    # A first step far too large: the first attempts are rejected.
+    kw = dict(method=method, rtol=rtol, atol=rtol * 1e-2, options={"per_sample": per_sample, "first_step": 0.5})
+    with torch.no_grad():
+        a, sa = _solve("triton", y0, t, **kw)
+        b, sb = _solve("torch", y0, t, **kw)
+    assert sa.backend == "triton" and sb.backend == "torch"
+    _stats_equal(sa, sb)
+    assert int(torch.as_tensor(sa.n_rejected).sum()) > 0, "the problem should exercise rejected steps"
+    assert sa.n_host_syncs == sb.n_host_syncs  # the kernels add no host sync
+    torch.testing.assert_close(a, b, **SOLVE_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_pi_controller_tensor_tolerance_and_user_norm(device):
+    """PI control with a per-element tolerance runs fused; a user norm falls back to torch for the finish only."""
+    y0 = _y0(F64, device)
+    t = torch.tensor([0.0, 0.4], dtype=F64, device=device)
+    atol = torch.full((7, 3), 1e-6, dtype=F64, device=device)
+    atol[:, 1] = 1e-8
+    opts = {"controller": "pi", "per_sample": True}
+    a, sa = _solve("triton", y0, t, rtol=1e-4, atol=atol, options=opts)
+    b, sb = _solve("torch", y0, t, rtol=1e-4, atol=atol, options=opts)
+    _stats_equal(sa, sb)
+    torch.testing.assert_close(a, b, **SOLVE_TOL[F64])
+
+    def norm(x):
+        return x.abs().max()
+
+    a, sa = _solve("triton", y0, t, rtol=1e-4, atol=1e-6, options={"norm": norm})
+    b, sb = _solve("torch", y0, t, rtol=1e-4, atol=1e-6, options={"norm": norm})
+    assert sa.backend == "triton"
+    _stats_equal(sa, sb)
+    torch.testing.assert_close(a, b, **SOLVE_TOL[F64])
+
+
+class _MLP(nn.Module):
+    def __init__(self, n=3, hidden=8):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.w1 = nn.Parameter(torch.randn(n, hidden, generator=g, dtype=F64) * 0.5)
+        self.w2 = nn.Parameter(torch.randn(hidden, n, generator=g, dtype=F64) * 0.5)
+
+    def forward(self, t, y):
+        return torch.tanh(y @ self.w1) @ self.w2 - 0.5 * y
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
+def test_adjoint_matches_torch(device, per_sample):
+    """The adjoint's augmented state [y, a] (and its parameter-error floor) goes through the same kernels."""
+    t = torch.tensor([0.0, 0.3, 0.6], dtype=F64, device=device)
+    results = {}
+    for backend in ("triton", "torch"):
+        func = _MLP().to(device)
+        y0 = _y0(F64, device, B=5).requires_grad_(True)
+        out = odeint_adjoint(func, y0, t, rtol=1e-5, atol=1e-7,
+                             options={"backend": backend, "per_sample": per_sample})
+        out.square().sum().backward()
+        st = fastnode.last_stats()
+        results[backend] = (out.detach(), y0.grad, [p.grad for p in func.parameters()], st)
+    (a, ga, pa, sa), (b, gb, pb, sb) = results["triton"], results["torch"]
+    assert sa.backend == "triton" and sa.backward is not None and sa.backward.backend == "triton"
+    _stats_equal(sa, sb)
+    _stats_equal(sa.backward, sb.backward)
+    torch.testing.assert_close(a, b, **SOLVE_TOL[F64])
+    torch.testing.assert_close(ga, gb, **SOLVE_TOL[F64])
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(x, y, **SOLVE_TOL[F64])
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_event_and_fixed_grid(device):
+    """Events interpolate with the stage list they kept; fixed grids use the solution op."""
+    y0 = torch.tensor([[1.0], [2.0]], dtype=F64, device=device)
+    t0 = torch.tensor(0.0, dtype=F64, device=device)
+
+    def event_fn(t, y):
+        return y[..., 0] - 0.5
+
+    got = {}
+    for backend in ("triton", "torch"):
+        with torch.no_grad():
+            got[backend] = odeint_event(lambda t, y: -y, y0, t0, event_fn=event_fn, rtol=1e-6, atol=1e-8,
+                                        options={"backend": backend, "per_sample": True})
+    torch.testing.assert_close(got["triton"][0], got["torch"][0], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(got["triton"][1], got["torch"][1], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(got["triton"][0].cpu(), torch.log(torch.tensor([2.0, 4.0], dtype=F64)), rtol=1e-5, atol=0)
+
+    t = torch.linspace(0.0, 1.0, 5, dtype=F64, device=device)
+    y0 = _y0(F64, device)
+    a = odeint(_field, y0, t, method="rk4", options={"backend": "triton", "step_size": 0.125})
+    assert fastnode.last_stats().backend == "triton"
+    b = odeint(_field, y0, t, method="rk4", options={"backend": "torch", "step_size": 0.125})
+    torch.testing.assert_close(a, b, **SOLVE_TOL[F64])
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_float16_state_falls_back_inside_the_solve(device):
+    """A state dtype the kernels do not take runs on the torch reference, op by op, under the triton backend."""
+    y0 = _y0(torch.float16, device).float().half()
+    t = torch.tensor([0.0, 0.2], dtype=F64, device=device)
+    a, sa = _solve("triton", y0, t, rtol=1e-2, atol=1e-3)
+    b, sb = _solve("torch", y0, t, rtol=1e-2, atol=1e-3)
+    assert sa.backend == "triton"
+    assert torch.equal(a, b)
+
+
+def test_selection_on_cpu(monkeypatch):
+    """auto never picks triton for CPU tensors; a forced triton errs clearly where it cannot run."""
+    assert get_backend("auto", torch.device("cpu")).name in ("ext", "torch")
+    assert kernels.unavailable_reason(torch.device("meta")) == "there are no Triton kernels for meta tensors"
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    assert "TRITON_INTERPRET=1" in kernels.unavailable_reason(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"options\['backend'\]='triton' is not available for cpu tensors"):
+        odeint(_field, _y0(F64, "cpu"), torch.tensor([0.0, 1.0], dtype=F64), options={"backend": "triton"})
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_forced_triton_refuses_to_record_a_graph(device):
+    y0 = _y0(F64, device).requires_grad_(True)
+    with pytest.raises(ValueError, match="computes no gradients by backpropagation"):
+        odeint(_field, y0, torch.tensor([0.0, 0.1], dtype=F64, device=device), options={"backend": "triton"})
+
+
+@pytest.mark.skipif(not kernels.INTERPRETED, reason="the examples use CPU tensors (Triton's interpreter)")
+@pytest.mark.parametrize("name", ["fastnode.kernels", "fastnode.kernels.step_ops"])
+def test_docstring_examples(name):
+    res = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert res.attempted > 0 and res.failed == 0
+
+
+@pytest.mark.skipif(not kernels.INTERPRETED, reason="the examples use CPU tensors (Triton's interpreter)")
+@pytest.mark.parametrize("name", ["rk_combine", "interpolate"])
+def test_op_docstring_examples(name):
+    """The registered ops' examples (doctest does not find docstrings on torch.library op objects)."""
+    op = getattr(kernels, name)
+    test = doctest.DocTestParser().get_doctest(op.__doc__, {"torch": torch, name: op}, name, None, 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    res = runner.run(test)
+    assert res.attempted > 0 and res.failed == 0
+
+
+@pytest.mark.gpu
+def test_auto_picks_triton_on_cuda():
+    y0 = _y0(F64, "cuda")
+    with torch.no_grad():
+        odeint(_field, y0, torch.tensor([0.0, 0.1], dtype=F64, device="cuda"))
+    assert fastnode.last_stats().backend == "triton"
+
+
+@pytest.mark.gpu
+def test_ops_make_no_host_sync_on_cuda():
+    """After the first call (which uploads the tableau's constants once), a step's ops never block the host."""
+    from fastnode.backends.torch_ops import ControllerConfig, RMSNorm
+    from fastnode.solvers import SOLVERS
+
+    tab = SOLVERS["dopri5"].tableau
+    G, N = 64, 257
+    y = torch.randn(G, N, device="cuda")
+    h = torch.full((G,), 0.01, device="cuda")
+    h_ctl = h.double()
+    prev = torch.ones(G, dtype=F64, device="cuda")
+    running = torch.ones(G, dtype=torch.bool, device="cuda")
+    ops = kernels.TritonStepOps()
+
+    def step():
+        K = ops.new_stages(tab, y)
+        K = ops.set_stage(K, 0, y)
+        for i in range(1, tab.num_stages):
+            K = ops.set_stage(K, i, ops.stage_input(tab, i, y, K, h))
+        out = ops.finish_control(tab, y, K, h, 1e-5, 1e-7, RMSNorm(), ControllerConfig(order=5), h_ctl, prev, running)
+        return out, ops.interpolate(tab, y, K, h, torch.full((G,), 0.5, dtype=F64, device="cuda"))
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(float(step()[0][1].sum()))
