@@ -49,5 +49,14 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"there are no Triton kernels for {device.type} tensors"
 
 
-__all__ = ["TritonStepOps", "unavailable_reason", "rk_combine", "finish_control", "interpolate",
-           "reference_rk_combine", "reference_finish_control", "reference_interpolate", "INTERPRETED"]
+__all__ = [
+    "INTERPRETED",
+    "TritonStepOps",
+    "finish_control",
+    "interpolate",
+    "reference_finish_control",
+    "reference_interpolate",
+    "reference_rk_combine",
+    "rk_combine",
+    "unavailable_reason",
+]

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import check_rows, empty, register_op, check_stages, check_state, check_weights, launches, tiles
+from ._launch import check_rows, check_stages, check_state, check_weights, empty, launches, register_op, tiles
 
 # Offsets into the float64 constants tensor ``consts``: the scalar tolerances, then the controller settings in the
 # order of ``fastnode.backends.ext_ops.ctrl_values``.
@@ -111,17 +111,17 @@ def _control_kernel(part_ptr, fin_ptr, seg_ptr, consts_ptr, hctl_ptr, prev_ptr, 
     rr = tl.zeros([BLOCK], dtype=tl.float64)
     for s in tl.static_range(NSEG):
         sq = tl.zeros([BLOCK], dtype=tl.float64)
-        for c in range(0, n_cb):
+        for c in range(n_cb):
             sq += tl.load(part_ptr + (c * G + rows) * NSEG + s, mask=m, other=0.0)
         length = (tl.load(seg_ptr + 2 * s + 1) - tl.load(seg_ptr + 2 * s)).to(tl.float64)
         v = tl.sqrt(sq / length)
-        rr = tl.where((v != v) | (v > rr), v, rr)  # a max that propagates NaN, as torch.amax
+        rr = tl.where((v != v) | (v > rr), v, rr)  # noqa: PLR0124  (NaN test) a max that propagates NaN, as torch.amax
     fin = tl.full([BLOCK], 1, dtype=tl.int32)
-    for c in range(0, n_cb):
+    for c in range(n_cb):
         fin = fin & tl.load(fin_ptr + c * G + rows, mask=m, other=1).to(tl.int32)
     if HAS_FLOOR:
         fl = tl.load(floor_ptr + rows, mask=m, other=0.0)
-        rr = tl.where((fl != fl) | (fl > rr), fl, rr)
+        rr = tl.where((fl != fl) | (fl > rr), fl, rr)  # noqa: PLR0124  (NaN test)
     ok = fin != 0
     rr = tl.where(ok, rr, inf)
     tl.store(ratio_ptr + rows, rr, mask=m)
@@ -141,7 +141,7 @@ def _control_kernel(part_ptr, fin_ptr, seg_ptr, consts_ptr, hctl_ptr, prev_ptr, 
     running = tl.load(run_ptr + rows, mask=m, other=0) != 0
 
     # The formulas and order of operations of TorchStepOps.controller (csrc/step_ops.h::control_one).
-    r = tl.where(rr != rr, inf, rr)
+    r = tl.where(rr != rr, inf, rr)  # noqa: PLR0124  (NaN test)
     accept = r <= 1.0
     # NOTE: scalar conditions go through tl.where (Triton's interpreter cannot `&` a scalar bool with a block).
     accept = accept | tl.where(min_step > 0.0, (r < inf) & (h <= min_step), accept)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import check_rows, empty, register_op, check_stages, check_state, check_weights, launches, tiles
+from ._launch import check_rows, check_stages, check_state, check_weights, empty, launches, register_op, tiles
 
 
 @triton.jit

@@ -6,9 +6,9 @@ imports triton); CUDA cases carry ``@pytest.mark.gpu`` and skip without a GPU.
 
 import pytest
 import torch
+from fastnode.kernels import _launch
 
 from fastnode import kernels
-from fastnode.kernels import _launch
 
 
 def kernel_devices() -> list:

@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-
-from fastnode.backends.torch_ops import ControllerConfig, RMSNorm, TorchStepOps
 from fastnode.kernels import TritonStepOps
 
+from fastnode.backends.torch_ops import ControllerConfig, RMSNorm, TorchStepOps
+
 from .conftest import kernel_devices
-from .helpers import ADAPTIVE, EPS, SHAPE_IDS, SHAPES, assert_rounding_close, combo_bound, stages, state, steps, tableau
+from .helpers import ADAPTIVE, EPS, SHAPE_IDS, SHAPES, assert_rounding_close, combo_bound, state, tableau
 
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
 # Relative tolerance of the error ratio: the reference sums the squares in the state dtype, the kernel in float64, so
@@ -163,8 +163,9 @@ def test_opcheck(device):
     tab = tableau("bosh3")
     G, N = 3, 5
     y, K, h_ctl = _inputs(tab, G, N, torch.float64, device)
-    from fastnode.backends.ext_ops import ctrl_values
     from fastnode.kernels._launch import device_constants, tableau_constants
+
+    from fastnode.backends.ext_ops import ctrl_values
 
     tc = tableau_constants(tab, torch.device(device))
     dev = torch.device(device)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from fastnode.kernels import TritonStepOps
 
 from fastnode.backends.torch_ops import TorchStepOps
-from fastnode.kernels import TritonStepOps
 
 from .conftest import kernel_devices
 from .helpers import ADAPTIVE, SHAPE_IDS, SHAPES, assert_rounding_close, combo_bound, stages, state, steps, tableau

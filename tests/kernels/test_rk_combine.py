@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-from fastnode.backends.torch_ops import TorchStepOps
 from fastnode.kernels import TritonStepOps, rk_combine
 from fastnode.kernels._launch import tableau_constants
+
+from fastnode.backends.torch_ops import TorchStepOps
 
 from .conftest import kernel_devices
 from .helpers import ADAPTIVE, SHAPE_IDS, SHAPES, assert_rounding_close, combo_bound, stages, state, steps, tableau

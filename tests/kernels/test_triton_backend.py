@@ -21,7 +21,7 @@ from .conftest import kernel_devices
 F64, F32 = torch.float64, torch.float32
 # Outputs: the two backends round the same arithmetic differently in a few places (the float64 sum of squares of the
 # error norm, exp/log for pow in the controller, FMA on GPUs), so trajectories agree to a few ulp per step.
-SOLVE_TOL = {F64: dict(rtol=1e-12, atol=1e-13), F32: dict(rtol=2e-5, atol=2e-6)}
+SOLVE_TOL = {F64: {"rtol": 1e-12, "atol": 1e-13}, F32: {"rtol": 2e-5, "atol": 2e-6}}
 
 
 def _field(t, y):
@@ -58,7 +58,8 @@ def test_solve_matches_torch(device, method, per_sample, dtype, rtol):
     y0 = _y0(dtype, device)
     t = torch.tensor([0.0, 0.13, 0.5], dtype=F64, device=device)
     # A first step far too large: the first attempts are rejected.
-    kw = dict(method=method, rtol=rtol, atol=rtol * 1e-2, options={"per_sample": per_sample, "first_step": 0.5})
+    kw = {"method": method, "rtol": rtol, "atol": rtol * 1e-2,
+          "options": {"per_sample": per_sample, "first_step": 0.5}}
     with torch.no_grad():
         a, sa = _solve("triton", y0, t, **kw)
         b, sb = _solve("torch", y0, t, **kw)
@@ -161,6 +162,7 @@ def test_float16_state_falls_back_inside_the_solve(device):
     a, sa = _solve("triton", y0, t, rtol=1e-2, atol=1e-3)
     b, sb = _solve("torch", y0, t, rtol=1e-2, atol=1e-3)
     assert sa.backend == "triton"
+    _stats_equal(sa, sb)
     assert torch.equal(a, b)
 
 
