@@ -162,6 +162,18 @@ class TableauConstants:
         add("b", [(j, w) for j, w in enumerate(tableau.b) if w != 0.0])
         if tableau.e is not None:
             add("e", [(j, w) for j, w in enumerate(tableau.e) if w != 0.0])
+        # The finish reads every stage with a nonzero solution or error weight once (see finish_control).
+        e = tableau.e if tableau.e is not None else [0.0] * S
+        union = [j for j in range(S) if tableau.b[j] != 0.0 or e[j] != 0.0]
+        self.be_off = len(flat_w)
+        flat_w.extend(float(tableau.b[j]) for j in union)
+        flat_w.extend(float(e[j]) for j in union)
+        groups["be_idx"] = (len(flat_i), len(union))
+        flat_i.extend(union)
+        self.n_be = len(union)
+        self.b_mask = sum(1 << u for u, j in enumerate(union) if tableau.b[j] != 0.0)
+        self.e_mask = sum(1 << u for u, j in enumerate(union) if e[j] != 0.0)
+        self.last_pos = union.index(S - 1) if S - 1 in union else -1
         self.P = 0
         if tableau.dense is not None:
             self.P = len(tableau.dense[0])
@@ -179,6 +191,12 @@ class TableauConstants:
         """``(w, idx)`` of group ``key``: ``("a", i)``, ``"b"`` or ``"e"``."""
         off, n = self._groups[key]
         return self.W[off : off + n], self.I[off : off + n]
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+        """``(be_w, be_idx, b_mask, e_mask, last_pos)``: the arguments of ``fastnode_triton::finish_control``."""
+        off, n = self._groups["be_idx"]
+        return (self.W[self.be_off : self.be_off + 2 * n], self.I[off : off + n], self.b_mask, self.e_mask,
+                self.last_pos)
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(d: [U * P] float64, idx: [U] int32)``: the dense-output rows of the ``U`` stages that have one."""

@@ -27,10 +27,11 @@ N_CONSTS = 11
 
 
 @triton.jit
-def _step_finish_kernel(y_ptr, k_ptr, h_ptr, bw_ptr, bi_ptr, ew_ptr, ei_ptr, rtol_ptr, atol_ptr, consts_ptr, seg_ptr,
+def _step_finish_kernel(y_ptr, k_ptr, h_ptr, w_ptr, idx_ptr, rtol_ptr, atol_ptr, consts_ptr, seg_ptr,
                         ynew_ptr, part_ptr, fin_ptr, G, N, stride_s, rtol_rs, atol_rs, s_last,
-                        NB: tl.constexpr, NE: tl.constexpr, NSEG: tl.constexpr, RTOL_T: tl.constexpr,
-                        ATOL_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+                        U: tl.constexpr, BMASK: tl.constexpr, EMASK: tl.constexpr, LAST: tl.constexpr,
+                        NSEG: tl.constexpr, RTOL_T: tl.constexpr, ATOL_T: tl.constexpr,
+                        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     n_cb = tl.cdiv(N, BLOCK_N)
     cb = pid % n_cb
@@ -44,26 +45,33 @@ def _step_finish_kernel(y_ptr, k_ptr, h_ptr, bw_ptr, bi_ptr, ew_ptr, ei_ptr, rto
     y = tl.load(y_ptr + offs, mask=mask, other=0.0)
     h = tl.load(h_ptr + rows, mask=rmask, other=0.0)[:, None]
 
-    # Same association as the reference combination (see _rk_combine_kernel); zero weights are not in the lists.
+    # Each stage with a nonzero solution or error weight is read once (w: U solution weights, then U error
+    # weights; bit u of BMASK/EMASK says which are nonzero). Zero weights are skipped and each sum keeps the
+    # reference's association (see _rk_combine_kernel).
     sb = tl.zeros_like(y)
-    for s in tl.static_range(NB):
-        k = tl.load(k_ptr + tl.load(bi_ptr + s).to(tl.int64) * stride_s + offs, mask=mask, other=0.0)
-        if s == 0:
-            sb = tl.load(bw_ptr + s).to(y.dtype) * k
-        else:
-            sb = sb + tl.load(bw_ptr + s).to(y.dtype) * k
+    se = tl.zeros_like(y)
+    k_last = tl.zeros_like(y)
+    for u in tl.static_range(U):
+        k = tl.load(k_ptr + tl.load(idx_ptr + u).to(tl.int64) * stride_s + offs, mask=mask, other=0.0)
+        if (BMASK >> u) & 1:
+            if (BMASK & ((1 << u) - 1)) == 0:
+                sb = tl.load(w_ptr + u).to(y.dtype) * k
+            else:
+                sb = sb + tl.load(w_ptr + u).to(y.dtype) * k
+        if (EMASK >> u) & 1:
+            if (EMASK & ((1 << u) - 1)) == 0:
+                se = tl.load(w_ptr + U + u).to(y.dtype) * k
+            else:
+                se = se + tl.load(w_ptr + U + u).to(y.dtype) * k
+        if u == LAST:
+            k_last = k
+    if LAST < 0:
+        k_last = tl.load(k_ptr + s_last * stride_s + offs, mask=mask, other=0.0)
     y_new = y
-    if NB > 0:
+    if BMASK != 0:
         y_new = y + h * sb
     tl.store(ynew_ptr + offs, y_new, mask=mask)
 
-    se = tl.zeros_like(y)
-    for s in tl.static_range(NE):
-        k = tl.load(k_ptr + tl.load(ei_ptr + s).to(tl.int64) * stride_s + offs, mask=mask, other=0.0)
-        if s == 0:
-            se = tl.load(ew_ptr + s).to(y.dtype) * k
-        else:
-            se = se + tl.load(ew_ptr + s).to(y.dtype) * k
     if RTOL_T:
         rt = tl.load(rtol_ptr + rows64[:, None] * rtol_rs + cols[None, :], mask=mask, other=0.0)
     else:
@@ -84,7 +92,6 @@ def _step_finish_kernel(y_ptr, k_ptr, h_ptr, bw_ptr, bi_ptr, ew_ptr, ei_ptr, rto
         part = tl.sum(tl.where(inside[None, :], sq, 0.0), axis=1)
         tl.store(part_ptr + (cb * G + rows64) * NSEG + s, part, mask=rmask)
 
-    k_last = tl.load(k_ptr + s_last * stride_s + offs, mask=mask, other=0.0)
     finite = (tl.abs(y_new) < float("inf")) & (tl.abs(k_last) < float("inf"))
     finite = tl.where(mask, finite.to(tl.int32), 1)
     tl.store(fin_ptr + cb * G + rows64, tl.min(finite, axis=1).to(tl.uint8), mask=rmask)
@@ -173,8 +180,8 @@ def _check_tol(t: torch.Tensor | None, y: torch.Tensor, name: str) -> int:
 
 
 @register_op("fastnode_triton::finish_control")
-def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, b_w: torch.Tensor, b_idx: torch.Tensor,
-                   e_w: torch.Tensor, e_idx: torch.Tensor, rtol_t: torch.Tensor | None, atol_t: torch.Tensor | None,
+def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torch.Tensor, be_idx: torch.Tensor,
+                   b_mask: int, e_mask: int, last_pos: int, rtol_t: torch.Tensor | None, atol_t: torch.Tensor | None,
                    consts: torch.Tensor, segments: torch.Tensor, h_ctl: torch.Tensor, prev_ratio: torch.Tensor,
                    running: torch.Tensor, ratio_floor: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -182,8 +189,11 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, b_w: torch
 
     Args:
         y: [G, N] float32/float64 state at the step's start; ``K``: [S, G, N] stages; ``h``: [G] step (y's dtype).
-        b_w, b_idx: nonzero solution weights (float64 [M]) and their stages (int32 [M]); ``e_w, e_idx`` the same
-            for the error weights.
+        be_w: [2 * U] float64: the solution weights, then the error weights, of the ``U`` stages ``be_idx``
+            ([U] int32, increasing) that have a nonzero one; bit ``u`` of ``b_mask``/``e_mask`` says whether stage
+            ``be_idx[u]``'s solution/error weight is nonzero (zero weights are skipped, as in the reference).
+        last_pos: position of the last stage ``S - 1`` in ``be_idx`` (-1 when absent: then it is read separately
+            for the finiteness check).
         rtol_t, atol_t: optional [1, N] or [G, N] tolerances in y's dtype (then ``consts[0]``/``consts[1]`` unused).
         consts: [11] float64: rtol, atol, then the controller settings (order, safety, ifactor, dfactor, min_step,
             max_step, pi flag, pi_alpha, pi_beta).
@@ -202,8 +212,14 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, b_w: torch
     dev = y.device
     S = K.shape[0]
     check_rows(h, G, y.dtype, "h", op, dev)
-    check_weights(b_w, b_idx, S, "b", op, dev)
-    check_weights(e_w, e_idx, S, "e", op, dev)
+    U = be_idx.shape[0] if be_idx.dim() == 1 else -1
+    if (U < 0 or U > S or be_idx.dtype != torch.int32 or be_w.shape != (2 * U,) or be_w.dtype != torch.float64
+            or be_w.device != dev or be_idx.device != dev):
+        raise ValueError(f"fastnode_triton.{op}: be_w must be float64 [2 * U] and be_idx int32 [U] on {dev}, U <= S = {S}")
+    if not (0 <= b_mask < (1 << U) and 0 <= e_mask < (1 << U)):
+        raise ValueError(f"fastnode_triton.{op}: b_mask and e_mask must be bit masks over the U = {U} stages")
+    if not -1 <= last_pos < U:
+        raise ValueError(f"fastnode_triton.{op}: last_pos must be in [-1, {U}), got {last_pos}")
     rtol_rs = _check_tol(rtol_t, y, "rtol_t")
     atol_rs = _check_tol(atol_t, y, "atol_t")
     if consts.shape != (N_CONSTS,) or consts.dtype != torch.float64 or consts.device != dev:
@@ -233,9 +249,9 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, b_w: torch
         return y_new, ratio, ok.view(torch.bool), accept.view(torch.bool), h_next, prev_out
     grid = (triton.cdiv(G, bg) * n_cb,)
     wrap_triton(_step_finish_kernel)[grid](
-        y, K, h, b_w, b_idx, e_w, e_idx, rtol_t if rtol_t is not None else y, atol_t if atol_t is not None else y,
+        y, K, h, be_w, be_idx, rtol_t if rtol_t is not None else y, atol_t if atol_t is not None else y,
         consts, segments, y_new, part, fin, G, N, G * N, rtol_rs, atol_rs, S - 1,
-        NB=b_w.shape[0], NE=e_w.shape[0], NSEG=nseg, RTOL_T=rtol_t is not None, ATOL_T=atol_t is not None,
+        U=U, BMASK=b_mask, EMASK=e_mask, LAST=last_pos, NSEG=nseg, RTOL_T=rtol_t is not None, ATOL_T=atol_t is not None,
         BLOCK_G=bg, BLOCK_N=bn, num_warps=nw)
 
     block = min(triton.next_power_of_2(G), 1024 if dev.type == "cuda" else 1 << 16)

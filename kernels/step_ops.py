@@ -104,12 +104,10 @@ class TritonStepOps(TorchStepOps):
         G, N = y.shape
         dev = y.device
         tc = tableau_constants(tableau, dev)
-        b_w, b_idx = tc.weights("b")
-        e_w, e_idx = tc.weights("e")
         consts = device_constants((rt[1], at[1], *ctrl_values(cfg)), torch.float64, dev)
         segments = device_constants(tuple(norm.bounds(N)), torch.int64, dev)
         floor = None if ratio_floor is None else _rows(ratio_floor, G, torch.float64)  # 0-d in shared mode
-        return self._ops.finish_control(self._contiguous(y), K, _rows(h, G, y.dtype), b_w, b_idx, e_w, e_idx, rt[0], at[0],
+        return self._ops.finish_control(self._contiguous(y), K, _rows(h, G, y.dtype), *tc.finish(), rt[0], at[0],
                                         consts, segments, _rows(h_ctl, G, torch.float64),
                                         _rows(prev_ratio, G, torch.float64), _rows(running, G, torch.bool), floor)
 

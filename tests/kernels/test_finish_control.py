@@ -171,7 +171,7 @@ def test_opcheck(device):
     dev = torch.device(device)
     consts = device_constants((1e-3, 1e-4, *ctrl_values(ControllerConfig(order=3))), torch.float64, dev)
     seg = device_constants((0, 2, 2, 5), torch.int64, dev)
-    args = (y, K.contiguous(), h_ctl.to(y.dtype), *tc.weights("b"), *tc.weights("e"), None,
+    args = (y, K.contiguous(), h_ctl.to(y.dtype), *tc.finish(), None,
             torch.full((1, N), 1e-4, dtype=torch.float64, device=device), consts, seg, h_ctl,
             torch.ones(G, dtype=torch.float64, device=device), torch.ones(G, dtype=torch.bool, device=device),
             torch.full((G,), 0.5, dtype=torch.float64, device=device))
