@@ -160,7 +160,8 @@ class FastnodeProvider(Provider):
 
     name = "fastnode"
 
-    def __init__(self, problem: Problem, tol: Tolerance, device: torch.device, per_sample: bool = False):
+    def __init__(self, problem: Problem, tol: Tolerance, device: torch.device, per_sample: bool = False,
+                 backend: str | None = None):
         super().__init__(problem, tol, device)
         try:
             from fastnode import last_stats, odeint
@@ -171,6 +172,16 @@ class FastnodeProvider(Provider):
         self.options = {"per_sample": True} if per_sample else {}
         if per_sample:
             self.name = "fastnode-per-sample"
+        if backend is not None:
+            # A named StepOps backend ("torch", "triton", "ext"); unavailable ones skip rather than fail.
+            from fastnode.backends import get_backend
+
+            try:
+                get_backend(backend, torch.device(device))
+            except ValueError as exc:
+                raise ProviderUnavailable(str(exc)) from exc
+            self.options["backend"] = backend
+            self.name = f"fastnode-{backend}" + ("-per-sample" if per_sample else "")
 
     def solve(self, func: nn.Module, y0: torch.Tensor) -> torch.Tensor:
         return self._odeint(
@@ -283,6 +294,11 @@ PROVIDERS: dict[str, Callable[..., Provider]] = {
     "fastnode": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=False),
     "fastnode-per-sample": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=True),
     "fastnode-adjoint": lambda p, tol, dev: FastnodeAdjointProvider(p, tol, dev, per_sample=False),
+    "fastnode-torch": lambda p, tol, dev: FastnodeProvider(p, tol, dev, backend="torch"),
+    "fastnode-triton": lambda p, tol, dev: FastnodeProvider(p, tol, dev, backend="triton"),
+    "fastnode-torch-per-sample": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=True, backend="torch"),
+    "fastnode-triton-per-sample": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=True,
+                                                                       backend="triton"),
     "torchdiffeq": TorchdiffeqProvider,
     "torchdiffeq-adjoint": TorchdiffeqAdjointProvider,
     "torchode": TorchodeProvider,
