@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import check_rows, check_stages, check_state, check_weights, empty, launches, register_op, tiles
+from ._launch import check_rows, check_stages, check_state, empty, launches, register_op, tiles
 
 # Offsets into the float64 constants tensor ``consts``: the scalar tolerances, then the controller settings in the
 # order of ``fastnode.backends.ext_ops.ctrl_values``.
