@@ -32,11 +32,15 @@ def _tol(tol, y: torch.Tensor):
         return None, float(tol)
     G, N = y.shape
     t = tol.to(y.dtype)
-    if t.dim() == 2 and t.shape[1] == N and t.shape[0] in (1, G):
-        return t.contiguous(), 0.0
-    if t.dim() < 2 or t.numel() % N or t.numel() // N not in (1, G):
+    if t.dim() != 2:
+        if t.numel() % N or t.numel() // N not in (1, G):
+            return False
+        t = t.reshape(-1, N)
+    if t.shape[1] != N or t.shape[0] not in (1, G):
         return False
-    return t.reshape(-1, N).contiguous(), 0.0
+    if t.shape[0] > 1 and t.stride(0) == 0:
+        t = t[:1]  # one row broadcast over the groups: the kernel reads it with row stride 0
+    return t.contiguous(), 0.0
 
 
 def _rows(x: torch.Tensor, G: int, dtype: torch.dtype) -> torch.Tensor:
@@ -55,6 +59,7 @@ class TritonStepOps(TorchStepOps):
         self._ops = torch.ops.fastnode_triton
         self._y_src = None
         self._y_contig = None
+        self._tols: dict = {}
 
     @staticmethod
     def _fits(y: torch.Tensor, K) -> bool:
@@ -68,6 +73,18 @@ class TritonStepOps(TorchStepOps):
         if self._y_src is not y:
             self._y_src, self._y_contig = y, y.contiguous()
         return self._y_contig
+
+    def _tol(self, tol, y: torch.Tensor):
+        # A tensor tolerance is the same object for the whole solve (often a broadcast view): prepared once.
+        if not isinstance(tol, torch.Tensor):
+            return _tol(tol, y)
+        key = (id(tol), tuple(y.shape), y.dtype)
+        hit = self._tols.get(key)
+        if hit is None or hit[0] is not tol:
+            if len(self._tols) >= 8:
+                self._tols.clear()
+            hit = self._tols[key] = (tol, _tol(tol, y))
+        return hit[1]
 
     def new_stages(self, tableau, y):
         if y.dtype not in FLOAT_DTYPES or y.dim() != 2 or y.numel() == 0:
@@ -96,7 +113,7 @@ class TritonStepOps(TorchStepOps):
                        ratio_floor=None, adjust=None):
         rt = at = False
         if self._fits(y, K):
-            rt, at = _tol(rtol, y), _tol(atol, y)
+            rt, at = self._tol(rtol, y), self._tol(atol, y)
         if (rt is False or at is False or adjust is not None or not isinstance(norm, RMSNorm)
                 or h_ctl.dtype != torch.float64 or tableau.e is None or K.shape[0] != tableau.num_stages):
             return super().finish_control(tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
