@@ -1,7 +1,8 @@
 """Kernel tests: outputs poisoned with NaN, and the devices the Triton kernels run on here.
 
 On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by ``tests/conftest.py`` before anything
-imports triton); CUDA cases carry ``@pytest.mark.gpu`` and skip without a GPU.
+imports triton, unless ``FASTNODE_TEST_CUDA=1``); CUDA cases carry ``@pytest.mark.gpu`` and run the compiled kernels
+(``FASTNODE_TEST_CUDA=1 pytest tests/kernels`` on a GPU machine); they skip without a GPU.
 """
 
 import pytest
@@ -16,6 +17,8 @@ def kernel_devices() -> list:
     out = []
     for dev, marks in (("cpu", []), ("cuda", [pytest.mark.gpu])):
         why = kernels.unavailable_reason(torch.device(dev)) if dev == "cpu" or torch.cuda.is_available() else "no GPU"
+        if dev == "cuda" and why is None and kernels.INTERPRETED:
+            why = "Triton's interpreter is on: run with FASTNODE_TEST_CUDA=1 to test the compiled kernels"
         if why is not None:
             marks = marks + [pytest.mark.skip(reason=why)]
         out.append(pytest.param(dev, marks=marks, id=dev))

@@ -51,6 +51,8 @@ def test_shapes_and_layouts(device, dtype, contiguous, shape):
     h = steps(G, dtype, device)
     ops, ref = TritonStepOps(), TorchStepOps()
     buf = _buffer(ops, tab, y, K)
+    assert buf.is_contiguous() and ops._contiguous(y).is_contiguous()
+    assert ops._contiguous(y) is ops._contiguous(y)  # a strided state is copied once, not once per stage
     i = S - 2  # the widest stage row (five nonzero weights)
     assert_rounding_close(ops.stage_input(tab, i, y, buf, h), ref.stage_input(tab, i, y, K, h),
                           combo_bound(y, K[:i], h, tab.a[i]))

@@ -201,7 +201,11 @@ def test_op_docstring_examples(name):
     assert res.attempted > 0 and res.failed == 0
 
 
+COMPILED = pytest.mark.skipif(kernels.INTERPRETED, reason="needs the compiled kernels (FASTNODE_TEST_CUDA=1)")
+
+
 @pytest.mark.gpu
+@COMPILED
 def test_auto_picks_triton_on_cuda():
     y0 = _y0(F64, "cuda")
     with torch.no_grad():
@@ -210,6 +214,7 @@ def test_auto_picks_triton_on_cuda():
 
 
 @pytest.mark.gpu
+@COMPILED
 def test_ops_make_no_host_sync_on_cuda():
     """After the first call (which uploads the tableau's constants once), a step's ops never block the host."""
     from fastnode.backends.torch_ops import ControllerConfig, RMSNorm
