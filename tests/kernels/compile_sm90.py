@@ -58,10 +58,9 @@ def signatures() -> list:
 
 def main() -> int:
     import triton
+    from fastnode.kernels import INTERPRETED
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from fastnode.kernels import INTERPRETED
 
     if INTERPRETED:
         print("TRITON_INTERPRET=1 is set: the kernels are interpreted functions, nothing to compile")
@@ -72,7 +71,7 @@ def main() -> int:
         if not compiled.asm.get("cubin"):
             print(f"{fn.__name__}: no cubin")
             return 1
-        print(f"{fn.__name__} {sig['y_ptr'] if 'y_ptr' in sig else ''} {consts}: sm_90 cubin "
+        print(f"{fn.__name__} {sig.get('y_ptr', '')} {consts}: sm_90 cubin "
               f"{len(compiled.asm['cubin'])} bytes")
     return 0
 
