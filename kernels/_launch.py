@@ -31,6 +31,9 @@ _GPU_TILE = 2048
 _GPU_MAX_COLS = 1024
 _INTERP_TILE = 1 << 16
 _INTERP_MAX_COLS = 1 << 14
+# The finish's second kernel adds each row's per-tile partial sums CBLOCK tiles at a time.
+_GPU_CBLOCK = 256
+_INTERP_CBLOCK = 1 << 12
 
 
 # Tests set this: fresh outputs then start as NaN (floats) or 2 (flags), so an element a kernel fails to write shows.
@@ -83,6 +86,14 @@ def tiles(G: int, N: int, device: torch.device) -> tuple[int, int, int]:
     block_g = max(1, min(triton.next_power_of_2(max(G, 1)), tile // block_n))
     num_warps = 8 if block_g * block_n >= 2048 else 4
     return block_g, block_n, num_warps
+
+
+def control_tiles(G: int, n_cb: int, device: torch.device) -> tuple[int, int]:
+    """``(BLOCK, CBLOCK)``: groups per program and column tiles reduced per iteration in the controller kernel."""
+    cblock_max, tile = (_GPU_CBLOCK, 1024) if device.type == "cuda" else (_INTERP_CBLOCK, _INTERP_TILE)
+    cblock = min(triton.next_power_of_2(max(n_cb, 1)), cblock_max)
+    block = max(1, min(triton.next_power_of_2(max(G, 1)), tile // cblock))
+    return block, cblock
 
 
 def check_state(y: torch.Tensor, op: str) -> None:

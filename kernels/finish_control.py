@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import check_rows, check_stages, check_state, empty, launches, register_op, tiles
+from ._launch import check_rows, check_stages, check_state, control_tiles, empty, launches, register_op, tiles
 
 # Offsets into the float64 constants tensor ``consts``: the scalar tolerances, then the controller settings in the
 # order of ``fastnode.backends.ext_ops.ctrl_values``.
@@ -111,21 +111,29 @@ def _pow(x, p):
 @triton.jit
 def _control_kernel(part_ptr, fin_ptr, seg_ptr, consts_ptr, hctl_ptr, prev_ptr, run_ptr, floor_ptr,
                     ratio_ptr, ok_ptr, acc_ptr, hnext_ptr, pout_ptr, G, n_cb,
-                    NSEG: tl.constexpr, HAS_FLOOR: tl.constexpr, BLOCK: tl.constexpr):
+                    NSEG: tl.constexpr, HAS_FLOOR: tl.constexpr, BLOCK: tl.constexpr, CBLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = rows < G
     inf = float("inf")
+    # NOTE: the tiles' partials of a row are added CBLOCK at a time and then tree-summed: a long shared-mode row
+    # (G = 1, thousands of column tiles) is reduced in parallel, in a fixed order (deterministic).
     rr = tl.zeros([BLOCK], dtype=tl.float64)
     for s in tl.static_range(NSEG):
-        sq = tl.zeros([BLOCK], dtype=tl.float64)
-        for c in range(n_cb):
-            sq += tl.load(part_ptr + (c * G + rows) * NSEG + s, mask=m, other=0.0)
+        acc = tl.zeros([BLOCK, CBLOCK], dtype=tl.float64)
+        for c0 in range(0, n_cb, CBLOCK):
+            cs = c0 + tl.arange(0, CBLOCK)
+            mm = m[:, None] & (cs < n_cb)[None, :]
+            acc += tl.load(part_ptr + (cs[None, :] * G + rows[:, None]) * NSEG + s, mask=mm, other=0.0)
+        sq = tl.sum(acc, axis=1)
         length = (tl.load(seg_ptr + 2 * s + 1) - tl.load(seg_ptr + 2 * s)).to(tl.float64)
         v = tl.sqrt(sq / length)
         rr = tl.where((v != v) | (v > rr), v, rr)  # noqa: PLR0124  (NaN test) a max that propagates NaN, as torch.amax
-    fin = tl.full([BLOCK], 1, dtype=tl.int32)
-    for c in range(n_cb):
-        fin = fin & tl.load(fin_ptr + c * G + rows, mask=m, other=1).to(tl.int32)
+    fin_all = tl.full([BLOCK, CBLOCK], 1, dtype=tl.int32)
+    for c0 in range(0, n_cb, CBLOCK):
+        cs = c0 + tl.arange(0, CBLOCK)
+        mm = m[:, None] & (cs < n_cb)[None, :]
+        fin_all = fin_all & tl.load(fin_ptr + cs[None, :] * G + rows[:, None], mask=mm, other=1).to(tl.int32)
+    fin = tl.min(fin_all, axis=1)
     if HAS_FLOOR:
         fl = tl.load(floor_ptr + rows, mask=m, other=0.0)
         rr = tl.where((fl != fl) | (fl > rr), fl, rr)  # noqa: PLR0124  (NaN test)
@@ -254,11 +262,11 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torc
         U=U, BMASK=b_mask, EMASK=e_mask, LAST=last_pos, NSEG=nseg, RTOL_T=rtol_t is not None, ATOL_T=atol_t is not None,
         BLOCK_G=bg, BLOCK_N=bn, num_warps=nw)
 
-    block = min(triton.next_power_of_2(G), 1024 if dev.type == "cuda" else 1 << 16)
+    block, cblock = control_tiles(G, n_cb, dev)
     wrap_triton(_control_kernel)[(triton.cdiv(G, block),)](
         part, fin, segments, consts, h_ctl, prev_ratio, running.view(torch.uint8),
         ratio_floor if ratio_floor is not None else h_ctl, ratio, ok, accept, h_next, prev_out, G, n_cb,
-        NSEG=nseg, HAS_FLOOR=ratio_floor is not None, BLOCK=block, num_warps=4)
+        NSEG=nseg, HAS_FLOOR=ratio_floor is not None, BLOCK=block, CBLOCK=cblock, num_warps=4)
     return y_new, ratio, ok.view(torch.bool), accept.view(torch.bool), h_next, prev_out
 
 

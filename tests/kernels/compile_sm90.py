@@ -49,10 +49,14 @@ def signatures() -> list:
                                         "hnext_ptr", "pout_ptr")}
     control_sig.update({"fin_ptr": "*u8", "seg_ptr": "*i64", "run_ptr": "*u8", "ok_ptr": "*u8", "acc_ptr": "*u8",
                         "G": "i32", "n_cb": "i32", "NSEG": "constexpr", "HAS_FLOOR": "constexpr",
-                        "BLOCK": "constexpr"})
+                        "BLOCK": "constexpr", "CBLOCK": "constexpr"})
     order = ["part_ptr", "fin_ptr", "seg_ptr", "consts_ptr", "hctl_ptr", "prev_ptr", "run_ptr", "floor_ptr",
-             "ratio_ptr", "ok_ptr", "acc_ptr", "hnext_ptr", "pout_ptr", "G", "n_cb", "NSEG", "HAS_FLOOR", "BLOCK"]
-    out.append((_control_kernel, {k: control_sig[k] for k in order}, {"NSEG": 2, "HAS_FLOOR": True, "BLOCK": 1024}))
+             "ratio_ptr", "ok_ptr", "acc_ptr", "hnext_ptr", "pout_ptr", "G", "n_cb", "NSEG", "HAS_FLOOR", "BLOCK",
+             "CBLOCK"]
+    ctl = {k: control_sig[k] for k in order}
+    # per-sample (many groups, few column tiles) and shared (one group, many column tiles)
+    out.append((_control_kernel, ctl, {"NSEG": 2, "HAS_FLOOR": True, "BLOCK": 256, "CBLOCK": 4}))
+    out.append((_control_kernel, ctl, {"NSEG": 1, "HAS_FLOOR": False, "BLOCK": 1, "CBLOCK": 256}))
     return out
 
 

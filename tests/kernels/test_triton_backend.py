@@ -245,3 +245,47 @@ def test_ops_make_no_host_sync_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert math.isfinite(float(step()[0][1].sum()))
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_small_tiles_many_programs(device, dtype, monkeypatch):
+    """Tiles far smaller than the state: many programs with masked row and column tails, a finish that reduces
+    five column tiles per row two at a time (the layouts large states get on a GPU), all vs the torch backend."""
+    from fastnode.backends.torch_ops import ControllerConfig, RMSNorm, TorchStepOps
+    from fastnode.kernels import _launch
+    from fastnode.solvers import SOLVERS
+
+    from .helpers import assert_rounding_close, combo_bound, stages, state, steps
+
+    for name, value in (("_INTERP_TILE", 32), ("_INTERP_MAX_COLS", 16), ("_GPU_TILE", 32), ("_GPU_MAX_COLS", 16),
+                        ("_INTERP_CBLOCK", 2), ("_GPU_CBLOCK", 2)):
+        monkeypatch.setattr(_launch, name, value)
+    tab = SOLVERS["dopri5"].tableau
+    G, N = 7, 75  # 4 row blocks of 2 (last one half masked) x 5 column blocks of 16 (last one masked)
+    assert _launch.tiles(G, N, torch.device(device))[:2] == (2, 16)
+    y, K, h = state(G, N, dtype, device), stages(tab.num_stages, G, N, dtype, device), steps(G, dtype, device)
+    ops, ref = kernels.TritonStepOps(), TorchStepOps()
+    buf = ops.new_stages(tab, y)
+    for i in range(tab.num_stages):
+        buf = ops.set_stage(buf, i, K[i])
+    i = tab.num_stages - 2
+    assert_rounding_close(ops.stage_input(tab, i, y, buf, h), ref.stage_input(tab, i, y, list(K), h),
+                          combo_bound(y, K[:i], h, tab.a[i]))
+    theta = torch.linspace(0.0, 1.0, G, dtype=F64, device=device)
+    assert_rounding_close(ops.interpolate(tab, y, buf, h, theta), ref.interpolate(tab, y, list(K), h, theta),
+                          combo_bound(y, K, h, [sum(abs(v) for v in row) for row in tab.dense]))
+    h_ctl = torch.logspace(-3, -1, G, dtype=F64, device=device)
+    hy = h_ctl.to(dtype)
+    K[tab.num_stages - 1, 3, 70] = math.inf  # in the last column tile: only group 3 fails
+    buf[tab.num_stages - 1, 3, 70] = math.inf
+    args = (1e-3, 1e-4, RMSNorm([(0, 40), (40, 75)]), ControllerConfig(order=5), h_ctl,
+            torch.ones(G, dtype=F64, device=device), torch.ones(G, dtype=torch.bool, device=device))
+    got = ops.finish_control(tab, y, buf, hy, *args)
+    exp = ref.finish_control(tab, y, list(K), hy, *args)
+    assert_rounding_close(got[0], exp[0], combo_bound(y, K, hy, tab.b))
+    assert got[2].tolist() == exp[2].tolist() == [True, True, True, False, True, True, True]
+    rtol = 16 * torch.finfo(dtype).eps
+    torch.testing.assert_close(got[1], exp[1].double(), rtol=rtol, atol=0.0)
+    assert torch.equal(got[3], exp[3])
+    torch.testing.assert_close(got[4], exp[4], rtol=rtol + 1e-14, atol=0.0)
