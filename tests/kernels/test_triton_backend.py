@@ -252,8 +252,9 @@ def test_ops_make_no_host_sync_on_cuda():
 def test_small_tiles_many_programs(device, dtype, monkeypatch):
     """Tiles far smaller than the state: many programs with masked row and column tails, a finish that reduces
     five column tiles per row two at a time (the layouts large states get on a GPU), all vs the torch backend."""
-    from fastnode.backends.torch_ops import ControllerConfig, RMSNorm, TorchStepOps
     from fastnode.kernels import _launch
+
+    from fastnode.backends.torch_ops import ControllerConfig, RMSNorm, TorchStepOps
     from fastnode.solvers import SOLVERS
 
     from .helpers import assert_rounding_close, combo_bound, stages, state, steps
