@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fastnode.backends.ext_ops import ctrl_values
@@ -41,6 +43,13 @@ def _tol(tol, y: torch.Tensor):
     if t.shape[0] > 1 and t.stride(0) == 0:
         t = t[:1]  # one row broadcast over the groups: the kernel reads it with row stride 0
     return t.contiguous(), 0.0
+
+
+def _on(device: torch.device):
+    """Launch on ``device``: Triton launches on the current CUDA device, which may not be the tensors' one."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _rows(x: torch.Tensor, G: int, dtype: torch.dtype) -> torch.Tensor:
@@ -101,13 +110,15 @@ class TritonStepOps(TorchStepOps):
         if not self._fits(y, K):
             return super().stage_input(tableau, i, y, K, h)
         w, idx = tableau_constants(tableau, y.device).weights(("a", i))
-        return self._ops.rk_combine(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), w, idx)
+        with _on(y.device):
+            return self._ops.rk_combine(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), w, idx)
 
     def solution(self, tableau, y, K, h):
         if not self._fits(y, K):
             return super().solution(tableau, y, K, h)
         w, idx = tableau_constants(tableau, y.device).weights("b")
-        return self._ops.rk_combine(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), w, idx)
+        with _on(y.device):
+            return self._ops.rk_combine(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), w, idx)
 
     def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                        ratio_floor=None, adjust=None):
@@ -124,9 +135,10 @@ class TritonStepOps(TorchStepOps):
         consts = device_constants((rt[1], at[1], *ctrl_values(cfg)), torch.float64, dev)
         segments = device_constants(tuple(norm.bounds(N)), torch.int64, dev)
         floor = None if ratio_floor is None else _rows(ratio_floor, G, torch.float64)  # 0-d in shared mode
-        return self._ops.finish_control(self._contiguous(y), K, _rows(h, G, y.dtype), *tc.finish(), rt[0], at[0],
-                                        consts, segments, _rows(h_ctl, G, torch.float64),
-                                        _rows(prev_ratio, G, torch.float64), _rows(running, G, torch.bool), floor)
+        with _on(y.device):
+            return self._ops.finish_control(self._contiguous(y), K, _rows(h, G, y.dtype), *tc.finish(), rt[0],
+                                            at[0], consts, segments, _rows(h_ctl, G, torch.float64),
+                                            _rows(prev_ratio, G, torch.float64), _rows(running, G, torch.bool), floor)
 
     def interpolate(self, tableau, y, K, h, theta):
         if isinstance(K, (list, tuple)) and len(K) == tableau.num_stages and all(isinstance(k, torch.Tensor) for k in K):
@@ -136,4 +148,6 @@ class TritonStepOps(TorchStepOps):
             return super().interpolate(tableau, y, K, h, theta)
         G = y.shape[0]
         d, idx = tableau_constants(tableau, y.device).dense()
-        return self._ops.interpolate(self._contiguous(y), K, _rows(h, G, y.dtype), _rows(theta, G, y.dtype), d, idx)
+        with _on(y.device):
+            return self._ops.interpolate(self._contiguous(y), K, _rows(h, G, y.dtype), _rows(theta, G, y.dtype), d,
+                                         idx)
