@@ -1,7 +1,8 @@
 """Triton kernels for fastnode's solver arithmetic, installed as ``fastnode.kernels``.
 
 Ops (registered with ``torch.library.triton_op`` in the ``fastnode_triton`` namespace, so ``torch.compile`` and
-``torch.library.opcheck`` see them; ``triton_op`` registers each function body as its fake implementation):
+``torch.library.opcheck`` see them; the function body is also the fake implementation; in Triton's interpreter they
+are opaque ``custom_op`` s, see ``_launch.register_op``):
 
 - ``rk_combine`` (``rk_combine.py``): stage inputs ``y + h * sum_{j<i} a_ij k_j`` and solutions
   ``y + h * sum_j b_j k_j`` from one ``[S, G, N]`` stage buffer;
