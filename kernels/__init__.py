@@ -8,6 +8,7 @@ are opaque ``custom_op`` s, see ``_launch.register_op``):
   ``y + h * sum_j b_j k_j`` from one ``[S, G, N]`` stage buffer;
 - ``finish_control`` (``finish_control.py``): solution, scaled error RMS norm (per group, any segments), finiteness,
   accept/reject and the next step size (I or PI controller), on the device in two launches;
+- ``step_error`` (``finish_control.py``): solution and scaled error in one pass, for a user's norm;
 - ``interpolate`` (``interpolate.py``): dense output at per-row ``theta`` inside a step.
 
 ``TritonStepOps`` (``step_ops.py``) plugs them into the solver loop through the StepOps interface; the references
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ._launch import INTERPRETED
-from .finish_control import finish_control, reference_finish_control
+from .finish_control import finish_control, reference_finish_control, step_error
 from .interpolate import interpolate, reference_interpolate
 from .rk_combine import reference_rk_combine, rk_combine
 from .step_ops import TritonStepOps
@@ -59,5 +60,6 @@ __all__ = [
     "reference_interpolate",
     "reference_rk_combine",
     "rk_combine",
+    "step_error",
     "unavailable_reason",
 ]

@@ -28,9 +28,9 @@ N_CONSTS = 11
 
 @triton.jit
 def _step_finish_kernel(y_ptr, k_ptr, h_ptr, w_ptr, idx_ptr, rtol_ptr, atol_ptr, consts_ptr, seg_ptr,
-                        ynew_ptr, part_ptr, fin_ptr, G, N, stride_s, rtol_rs, atol_rs, s_last,
+                        ynew_ptr, x_ptr, part_ptr, fin_ptr, G, N, stride_s, rtol_rs, atol_rs, s_last,
                         U: tl.constexpr, BMASK: tl.constexpr, EMASK: tl.constexpr, LAST: tl.constexpr,
-                        NSEG: tl.constexpr, RTOL_T: tl.constexpr, ATOL_T: tl.constexpr,
+                        NSEG: tl.constexpr, RTOL_T: tl.constexpr, ATOL_T: tl.constexpr, WRITE_X: tl.constexpr,
                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     n_cb = tl.cdiv(N, BLOCK_N)
@@ -82,19 +82,22 @@ def _step_finish_kernel(y_ptr, k_ptr, h_ptr, w_ptr, idx_ptr, rtol_ptr, atol_ptr,
         at = tl.load(consts_ptr + 1).to(y.dtype)
     scale = tl.maximum(tl.abs(y), tl.abs(y_new)) * rt + at
     x = (se * h) / tl.where(mask, scale, 1.0)  # masked lanes: no 0/0 when atol is 0
-    # Squares in float64, as the ext backend: the norm of a float32 state loses nothing to the accumulation.
-    x = tl.where(mask, x, 0.0).to(tl.float64)
-    sq = x * x
-    for s in tl.static_range(NSEG):
-        lo = tl.load(seg_ptr + 2 * s)
-        hi = tl.load(seg_ptr + 2 * s + 1)
-        inside = (cols >= lo) & (cols < hi)
-        part = tl.sum(tl.where(inside[None, :], sq, 0.0), axis=1)
-        tl.store(part_ptr + (cb * G + rows64) * NSEG + s, part, mask=rmask)
-
-    finite = (tl.abs(y_new) < float("inf")) & (tl.abs(k_last) < float("inf"))
-    finite = tl.where(mask, finite.to(tl.int32), 1)
-    tl.store(fin_ptr + cb * G + rows64, tl.min(finite, axis=1).to(tl.uint8), mask=rmask)
+    if WRITE_X:
+        # A user norm: the scaled error itself goes out (the step_error op); the norm is the user's.
+        tl.store(x_ptr + offs, x, mask=mask)
+    else:
+        # Squares in float64, as the ext backend: the norm of a float32 state loses nothing to the accumulation.
+        x = tl.where(mask, x, 0.0).to(tl.float64)
+        sq = x * x
+        for s in tl.static_range(NSEG):
+            lo = tl.load(seg_ptr + 2 * s)
+            hi = tl.load(seg_ptr + 2 * s + 1)
+            inside = (cols >= lo) & (cols < hi)
+            part = tl.sum(tl.where(inside[None, :], sq, 0.0), axis=1)
+            tl.store(part_ptr + (cb * G + rows64) * NSEG + s, part, mask=rmask)
+        finite = (tl.abs(y_new) < float("inf")) & (tl.abs(k_last) < float("inf"))
+        finite = tl.where(mask, finite.to(tl.int32), 1)
+        tl.store(fin_ptr + cb * G + rows64, tl.min(finite, axis=1).to(tl.uint8), mask=rmask)
 
 
 @triton.jit
@@ -187,6 +190,60 @@ def _check_tol(t: torch.Tensor | None, y: torch.Tensor, name: str) -> int:
     return N if t.shape[0] > 1 else 0
 
 
+def _check_step(op, y, K, h, be_w, be_idx, b_mask, e_mask, last_pos, rtol_t, atol_t, consts) -> tuple[int, int, int]:
+    """Checks shared by ``finish_control`` and ``step_error``; returns ``(U, rtol row stride, atol row stride)``."""
+    check_state(y, op)
+    check_stages(K, y, op)
+    G, N = y.shape
+    dev = y.device
+    S = K.shape[0]
+    if S == 0 or N == 0:
+        raise ValueError(f"fastnode_triton.{op}: needs at least one stage and one column, got K {tuple(K.shape)}")
+    check_rows(h, G, y.dtype, "h", op, dev)
+    U = be_idx.shape[0] if be_idx.dim() == 1 else -1
+    if (U < 0 or U > S or be_idx.dtype != torch.int32 or be_w.shape != (2 * U,) or be_w.dtype != torch.float64
+            or be_w.device != dev or be_idx.device != dev):
+        raise ValueError(f"fastnode_triton.{op}: be_w must be float64 [2 * U] and be_idx int32 [U] on {dev}, U <= S = {S}")
+    if not (0 <= b_mask < (1 << U) and 0 <= e_mask < (1 << U)):
+        raise ValueError(f"fastnode_triton.{op}: b_mask and e_mask must be bit masks over the U = {U} stages")
+    if not -1 <= last_pos < U:
+        raise ValueError(f"fastnode_triton.{op}: last_pos must be in [-1, {U}), got {last_pos}")
+    rtol_rs = _check_tol(rtol_t, y, "rtol_t")
+    atol_rs = _check_tol(atol_t, y, "atol_t")
+    if consts.shape != (N_CONSTS,) or consts.dtype != torch.float64 or consts.device != dev:
+        raise ValueError(f"fastnode_triton.{op}: consts must be a float64 [{N_CONSTS}] tensor on {dev}")
+    return U, rtol_rs, atol_rs
+
+
+@register_op("fastnode_triton::step_error")
+def step_error(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torch.Tensor, be_idx: torch.Tensor,
+               b_mask: int, e_mask: int, last_pos: int, rtol_t: torch.Tensor | None, atol_t: torch.Tensor | None,
+               consts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solution and scaled error in one pass (``StepOps.step_finish`` before the norm), for a user's norm.
+
+    Args: as :func:`finish_control` (``consts[0:2]``: the scalar rtol and atol; the rest is unused).
+
+    Returns:
+        ``(y_new [G, N], x [G, N])`` with ``x = h * sum_j e_j k_j / (atol + rtol * max(|y|, |y_new|))``, both in
+        ``y``'s dtype.
+    """
+    U, rtol_rs, atol_rs = _check_step("step_error", y, K, h, be_w, be_idx, b_mask, e_mask, last_pos, rtol_t, atol_t,
+                                      consts)
+    G, N = y.shape
+    y_new = empty(y.shape, y.dtype, y.device)
+    x = empty(y.shape, y.dtype, y.device)
+    if not launches(y):
+        return y_new, x
+    bg, bn, nw = tiles(G, N, y.device)
+    grid = (triton.cdiv(G, bg) * triton.cdiv(N, bn),)
+    wrap_triton(_step_finish_kernel)[grid](
+        y, K, h, be_w, be_idx, rtol_t if rtol_t is not None else y, atol_t if atol_t is not None else y,
+        consts, be_idx, y_new, x, consts, be_idx, G, N, G * N, rtol_rs, atol_rs, K.shape[0] - 1,
+        U=U, BMASK=b_mask, EMASK=e_mask, LAST=last_pos, NSEG=0, RTOL_T=rtol_t is not None, ATOL_T=atol_t is not None,
+        WRITE_X=True, BLOCK_G=bg, BLOCK_N=bn, num_warps=nw)
+    return y_new, x
+
+
 @register_op("fastnode_triton::finish_control")
 def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torch.Tensor, be_idx: torch.Tensor,
                    b_mask: int, e_mask: int, last_pos: int, rtol_t: torch.Tensor | None, atol_t: torch.Tensor | None,
@@ -214,24 +271,10 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torc
         prev_ratio [G] float64)``.
     """
     op = "finish_control"
-    check_state(y, op)
-    check_stages(K, y, op)
+    U, rtol_rs, atol_rs = _check_step(op, y, K, h, be_w, be_idx, b_mask, e_mask, last_pos, rtol_t, atol_t, consts)
     G, N = y.shape
     dev = y.device
     S = K.shape[0]
-    check_rows(h, G, y.dtype, "h", op, dev)
-    U = be_idx.shape[0] if be_idx.dim() == 1 else -1
-    if (U < 0 or U > S or be_idx.dtype != torch.int32 or be_w.shape != (2 * U,) or be_w.dtype != torch.float64
-            or be_w.device != dev or be_idx.device != dev):
-        raise ValueError(f"fastnode_triton.{op}: be_w must be float64 [2 * U] and be_idx int32 [U] on {dev}, U <= S = {S}")
-    if not (0 <= b_mask < (1 << U) and 0 <= e_mask < (1 << U)):
-        raise ValueError(f"fastnode_triton.{op}: b_mask and e_mask must be bit masks over the U = {U} stages")
-    if not -1 <= last_pos < U:
-        raise ValueError(f"fastnode_triton.{op}: last_pos must be in [-1, {U}), got {last_pos}")
-    rtol_rs = _check_tol(rtol_t, y, "rtol_t")
-    atol_rs = _check_tol(atol_t, y, "atol_t")
-    if consts.shape != (N_CONSTS,) or consts.dtype != torch.float64 or consts.device != dev:
-        raise ValueError(f"fastnode_triton.{op}: consts must be a float64 [{N_CONSTS}] tensor on {dev}")
     if segments.dim() != 1 or segments.numel() == 0 or segments.numel() % 2 or segments.dtype != torch.int64:
         raise ValueError(f"fastnode_triton.{op}: segments must be an int64 tensor of (start, end) pairs")
     check_rows(h_ctl, G, torch.float64, "h_ctl", op, dev)
@@ -239,8 +282,6 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torc
     check_rows(running, G, torch.bool, "running", op, dev)
     if ratio_floor is not None:
         check_rows(ratio_floor, G, torch.float64, "ratio_floor", op, dev)
-    if S == 0 or N == 0:
-        raise ValueError(f"fastnode_triton.{op}: needs at least one stage and one column, got K {tuple(K.shape)}")
     nseg = segments.numel() // 2
 
     bg, bn, nw = tiles(G, N, dev)
@@ -258,9 +299,9 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torc
     grid = (triton.cdiv(G, bg) * n_cb,)
     wrap_triton(_step_finish_kernel)[grid](
         y, K, h, be_w, be_idx, rtol_t if rtol_t is not None else y, atol_t if atol_t is not None else y,
-        consts, segments, y_new, part, fin, G, N, G * N, rtol_rs, atol_rs, S - 1,
+        consts, segments, y_new, y_new, part, fin, G, N, G * N, rtol_rs, atol_rs, S - 1,
         U=U, BMASK=b_mask, EMASK=e_mask, LAST=last_pos, NSEG=nseg, RTOL_T=rtol_t is not None, ATOL_T=atol_t is not None,
-        BLOCK_G=bg, BLOCK_N=bn, num_warps=nw)
+        WRITE_X=False, BLOCK_G=bg, BLOCK_N=bn, num_warps=nw)
 
     block, cblock = control_tiles(G, n_cb, dev)
     wrap_triton(_control_kernel)[(triton.cdiv(G, block),)](

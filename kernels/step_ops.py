@@ -1,9 +1,10 @@
 """The ``triton`` StepOps backend: the solver loop's arithmetic on the ``fastnode_triton::`` ops.
 
 The stage store is one ``[S, G, N]`` buffer per step (``new_stages``); ``set_stage`` copies each stage in, which also
-makes a non-contiguous ``func`` output contiguous once. Ops that do not apply run on the torch reference, op by op,
-inside the same solve (as the ``ext`` backend): a user norm or a custom adjoint norm, float16/bfloat16 states, a
-float32 time dtype, tolerances that are not ``[1, N]``/``[G, N]``.
+makes a non-contiguous ``func`` output contiguous once. With a user norm or a custom adjoint norm the
+finish computes the solution and the scaled error in one pass (``step_error``) and the rest (the norm, finiteness,
+controller) on torch. Ops that do not apply run on the torch reference, op by op, inside the same solve (as the
+``ext`` backend): float16/bfloat16 states, a float32 time dtype, tolerances that are not ``[1, N]``/``[G, N]``.
 
 Example:
     >>> import torch, fastnode
@@ -119,6 +120,23 @@ class TritonStepOps(TorchStepOps):
         w, idx = tableau_constants(tableau, y.device).weights("b")
         with _on(y.device):
             return self._ops.rk_combine(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), w, idx)
+
+    def step_finish(self, tableau, y, K, h, rtol, atol, norm):
+        # Reached through StepOps.finish_control's composition when the norm is a user's (or the adjoint's custom
+        # norm): solution and scaled error in one pass, then the user's norm on the scaled error.
+        rt = at = False
+        if self._fits(y, K) and tableau.e is not None and K.shape[0] == tableau.num_stages:
+            rt, at = self._tol(rtol, y), self._tol(atol, y)
+        if rt is False or at is False:
+            return super().step_finish(tableau, y, K, h, rtol, atol, norm)
+        tc = tableau_constants(tableau, y.device)
+        consts = device_constants((rt[1], at[1]) + (0.0,) * 9, torch.float64, y.device)
+        with _on(y.device):
+            y_new, x = self._ops.step_error(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), *tc.finish(), rt[0],
+                                            at[0], consts)
+        with torch.no_grad():
+            ratio = norm(x)
+        return y_new, ratio
 
     def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                        ratio_floor=None, adjust=None):

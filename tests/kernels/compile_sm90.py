@@ -29,17 +29,21 @@ def signatures() -> list:
                      "NW": "constexpr", "BLOCK_G": "constexpr", "BLOCK_N": "constexpr"},
                     {"NW": 5, "BLOCK_G": 2, "BLOCK_N": 1024}))
         finish_sig = {"y_ptr": p, "k_ptr": p, "h_ptr": p, "w_ptr": "*fp64", "idx_ptr": "*i32", "rtol_ptr": p,
-                      "atol_ptr": p, "consts_ptr": "*fp64", "seg_ptr": "*i64", "ynew_ptr": p, "part_ptr": "*fp64",
+                      "atol_ptr": p, "consts_ptr": "*fp64", "seg_ptr": "*i64", "ynew_ptr": p, "x_ptr": p, "part_ptr": "*fp64",
                       "fin_ptr": "*u8", **dims, "rtol_rs": "i32", "atol_rs": "i32", "s_last": "i32",
                       **{k: "constexpr" for k in ("U", "BMASK", "EMASK", "LAST", "NSEG", "RTOL_T", "ATOL_T",
-                                                  "BLOCK_G", "BLOCK_N")}}
+                                                  "WRITE_X", "BLOCK_G", "BLOCK_N")}}
         # dopri5 (last stage among the weighted ones) and dopri8 (last stage read apart), tensor tolerances.
         out.append((_step_finish_kernel, finish_sig, {"U": 6, "BMASK": 0b11111, "EMASK": 0b111111, "LAST": 5,
-                                                      "NSEG": 2, "RTOL_T": False, "ATOL_T": True, "BLOCK_G": 2,
-                                                      "BLOCK_N": 1024}))
+                                                      "NSEG": 2, "RTOL_T": False, "ATOL_T": True,
+                                                      "WRITE_X": False, "BLOCK_G": 2, "BLOCK_N": 1024}))
         out.append((_step_finish_kernel, finish_sig, {"U": 9, "BMASK": 0b111111111, "EMASK": 0b111111111,
                                                       "LAST": -1, "NSEG": 1, "RTOL_T": True, "ATOL_T": False,
-                                                      "BLOCK_G": 1024, "BLOCK_N": 2}))
+                                                      "WRITE_X": False, "BLOCK_G": 1024, "BLOCK_N": 2}))
+        # step_error (a user norm): the scaled error written out, no partial sums
+        out.append((_step_finish_kernel, finish_sig, {"U": 7, "BMASK": 0b111111, "EMASK": 0b1111111, "LAST": 6,
+                                                      "NSEG": 0, "RTOL_T": False, "ATOL_T": False,
+                                                      "WRITE_X": True, "BLOCK_G": 2, "BLOCK_N": 1024}))
         out.append((_interpolate_kernel,
                     {"y_ptr": p, "k_ptr": p, "h_ptr": p, "th_ptr": p, "d_ptr": "*fp64", "idx_ptr": "*i32",
                      "out_ptr": p, **dims, "NU": "constexpr", "P": "constexpr", "BLOCK_G": "constexpr",

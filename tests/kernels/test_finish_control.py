@@ -176,3 +176,42 @@ def test_opcheck(device):
             torch.ones(G, dtype=torch.float64, device=device), torch.ones(G, dtype=torch.bool, device=device),
             torch.full((G,), 0.5, dtype=torch.float64, device=device))
     torch.library.opcheck(torch.ops.fastnode_triton.finish_control.default, args)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_step_error_for_a_user_norm(device, dtype, shape):
+    """A user norm: solution and scaled error in one pass, the norm applied to the scaled error as in the reference;
+    through the reference composition, the whole finish then agrees."""
+    tab = tableau("tsit5")
+    G, N = shape
+    y, K, h_ctl = _inputs(tab, G, N, dtype, device, contiguous=False, seed=3)
+    seen = {}
+
+    def norm(x):
+        seen.setdefault("x", []).append(x.clone())
+        return x.abs().amax(dim=1)
+
+    cfg = ControllerConfig(order=tab.order)
+    prev = torch.ones(G, dtype=torch.float64, device=device)
+    running = torch.ones(G, dtype=torch.bool, device=device)
+    atol = torch.full((1, N), 1e-4, dtype=dtype, device=device)
+    got, ref, hy = _run(tab, y, K, h_ctl, 1e-3, atol, norm, cfg, prev, running, None)
+    x_got, x_ref = seen["x"]
+    scale = torch.maximum(y.abs(), ref[0].abs()) * 1e-3 + 1e-4
+    assert_rounding_close(x_got, x_ref, combo_bound(torch.zeros_like(y), K, hy, tab.e) / scale)
+    _check(got, ref, y, K, hy, tab, dtype)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_step_error_opcheck(device):
+    tab = tableau("dopri5")
+    from fastnode.kernels._launch import device_constants, tableau_constants
+
+    G, N = 3, 5
+    y, K, h_ctl = _inputs(tab, G, N, torch.float64, device)
+    dev = torch.device(device)
+    args = (y, K.contiguous(), h_ctl.to(y.dtype), *tableau_constants(tab, dev).finish(), None, None,
+            device_constants((1e-3, 1e-4) + (0.0,) * 9, torch.float64, dev))
+    torch.library.opcheck(torch.ops.fastnode_triton.step_error.default, args)

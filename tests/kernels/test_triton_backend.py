@@ -106,15 +106,15 @@ class _MLP(nn.Module):
 
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
-@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3"])
-def test_adjoint_matches_torch(device, per_sample, method):
+@pytest.mark.parametrize("method, rtol", [("dopri5", 1e-5), ("tsit5", 1e-5), ("bosh3", 1e-4)])
+def test_adjoint_matches_torch(device, per_sample, method, rtol):
     """The adjoint's augmented state [y, a] (and its parameter-error floor) goes through the same kernels."""
     t = torch.tensor([0.0, 0.3, 0.6], dtype=F64, device=device)
     results = {}
     for backend in ("triton", "torch"):
         func = _MLP().to(device)
         y0 = _y0(F64, device, B=5).requires_grad_(True)
-        out = odeint_adjoint(func, y0, t, rtol=1e-5, atol=1e-7, method=method,
+        out = odeint_adjoint(func, y0, t, rtol=rtol, atol=rtol * 1e-2, method=method,
                              options={"backend": backend, "per_sample": per_sample})
         out.square().sum().backward()
         st = fastnode.last_stats()
