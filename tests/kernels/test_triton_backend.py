@@ -130,6 +130,31 @@ def test_adjoint_matches_torch(device, per_sample, method, rtol):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
+def test_adjoint_custom_norm_matches_torch(device):
+    """A custom adjoint norm goes through step_error (scaled error out, the norm and controller on torch)."""
+
+    def norm(parts):
+        _, y, a, *p = parts
+        return torch.stack([x.square().mean().sqrt() for x in (y, a, *p)]).max()
+
+    t = torch.tensor([0.0, 0.4], dtype=F64, device=device)
+    results = {}
+    for backend in ("triton", "torch"):
+        func = _MLP().to(device)
+        y0 = _y0(F64, device, B=4).requires_grad_(True)
+        out = odeint_adjoint(func, y0, t, rtol=1e-5, atol=1e-7, options={"backend": backend},
+                             adjoint_options={"norm": norm, "backend": backend})
+        out.square().sum().backward()
+        results[backend] = (y0.grad, [p.grad for p in func.parameters()], fastnode.last_stats())
+    (ga, pa, sa), (gb, pb, sb) = results["triton"], results["torch"]
+    assert sa.backward.backend == "triton"
+    _stats_equal(sa.backward, sb.backward)
+    torch.testing.assert_close(ga, gb, **SOLVE_TOL[F64])
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(x, y, **SOLVE_TOL[F64])
+
+
+@pytest.mark.parametrize("device", kernel_devices())
 def test_event_and_fixed_grid(device):
     """Events interpolate with the stage list they kept; fixed grids use the solution op."""
     y0 = torch.tensor([[1.0], [2.0]], dtype=F64, device=device)
