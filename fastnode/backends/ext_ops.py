@@ -131,7 +131,7 @@ class ExtStepOps(TorchStepOps):
                                           ratio_floor=ratio_floor, adjust=adjust)
         rt, rs = tol_args(rtol, y)
         at, as_ = tol_args(atol, y)
-        floor = None if ratio_floor is None else ratio_floor.to(torch.float64)
+        floor = None if ratio_floor is None else ratio_floor.to(torch.float64).reshape(-1).expand(y.shape[0])
         return self._ops.finish_control(y, K, h, list(tableau.b), list(tableau.e), rt, rs, at, as_,
                                         norm.bounds(y.shape[1]), h_ctl, prev_ratio, running, floor,
                                         ctrl_values(cfg))
