@@ -32,6 +32,43 @@ struct Tiles {
   int64_t hi(int64_t t) const { return std::min(N, lo(t) + kChunk); }
 };
 
+// out[c] = y[c] + h * (w0 k0[off + c] + w1 k1[off + c] + ...) for c < len, with the reference's association.
+// Stage-outer loops over a tile that fits in cache: each inner loop is a plain vectorisable axpy.
+template <typename T>
+inline void combine_tile(const T* y, const std::vector<const T*>& k, const std::vector<T>& w, size_t first,
+                         int64_t off, T h, int64_t len, T* out) {
+  const size_t S = k.size();
+  if (S == first) {
+    for (int64_t c = 0; c < len; ++c) out[c] = y[c];
+    return;
+  }
+  const T* k0 = k[first] + off;
+  const T w0 = w[first];
+  for (int64_t c = 0; c < len; ++c) out[c] = w0 * k0[c];
+  for (size_t j = first + 1; j < S; ++j) {
+    const T* kj = k[j] + off;
+    const T wj = w[j];
+    for (int64_t c = 0; c < len; ++c) out[c] = out[c] + wj * kj[c];
+  }
+  for (int64_t c = 0; c < len; ++c) out[c] = y[c] + h * out[c];
+}
+
+// acc[c] = w0 k0[off + c] + w1 k1[off + c] + ... (no state added); zero stages leave acc at 0.
+template <typename T>
+inline void lincomb_tile(const std::vector<const T*>& k, const std::vector<T>& w, int64_t off, int64_t len, T* acc) {
+  if (k.empty()) {
+    for (int64_t c = 0; c < len; ++c) acc[c] = 0;
+    return;
+  }
+  const T* k0 = k[0] + off;
+  for (int64_t c = 0; c < len; ++c) acc[c] = w[0] * k0[c];
+  for (size_t j = 1; j < k.size(); ++j) {
+    const T* kj = k[j] + off;
+    const T wj = w[j];
+    for (int64_t c = 0; c < len; ++c) acc[c] = acc[c] + wj * kj[c];
+  }
+}
+
 std::vector<at::Tensor> contiguous_stages(at::TensorList K, size_t n) {
   std::vector<at::Tensor> out;
   out.reserve(n);
@@ -62,18 +99,11 @@ at::Tensor rk_combine_cpu(const at::Tensor& y_in, at::TensorList K, const at::Te
     const T* yp = y.data_ptr<T>();
     const T* hp = h.data_ptr<T>();
     T* op = out.data_ptr<T>();
-    const size_t S = kp.size();
     Tiles tl(G, N);
     at::parallel_for(0, tl.n, tl.grain, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
-        const int64_t r = tl.row(t), off = r * N;
-        const T hr = hp[r];
-        for (int64_t i = off + tl.lo(t); i < off + tl.hi(t); ++i) {
-          // Same association as the reference: acc = w0 k0 + w1 k1 + ...; y + h * acc.
-          T acc = 0;
-          for (size_t s = 0; s < S; ++s) acc = s == 0 ? wv[0] * kp[0][i] : acc + wv[s] * kp[s][i];
-          op[i] = S == 0 ? yp[i] : yp[i] + hr * acc;
-        }
+        const int64_t base = tl.row(t) * N + tl.lo(t), len = tl.hi(t) - tl.lo(t);
+        combine_tile<T>(yp + base, kp, wv, 0, base, hp[tl.row(t)], len, op + base);
       }
     });
   });
@@ -139,43 +169,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     T* yn = y_new.data_ptr<T>();
     const T* klast = Kc[S - 1].data_ptr<T>();
     at::parallel_for(0, tl.n, tl.grain, [&](int64_t tb, int64_t te) {
+      std::vector<T> sb(static_cast<size_t>(std::min(N, kChunk))), se(sb.size());
       for (int64_t t = tb; t < te; ++t) {
-        const int64_t r = tl.row(t), off = r * N, lo = tl.lo(t), hi = tl.hi(t);
+        const int64_t r = tl.row(t), off = r * N, lo = tl.lo(t), hi = tl.hi(t), len = hi - lo, base = off + lo;
         const T hr = hp[r];
-        bool fin = true;
+        lincomb_tile<T>(bk, bv, base, len, sb.data());
+        lincomb_tile<T>(ek, ev, base, len, se.data());
+        // y_new, and finiteness of y_new + k_last as the reference checks it: (z - z) is 0 for finite z and NaN
+        // otherwise, so the sum is NaN iff some value is non-finite (a branch-free, vectorisable test).
+        const T* yv = yp + base;
+        const T* kl = klast + base;
+        T* ynv = yn + base;
+        T nanacc = 0;
+        if (SB == 0) {
+          for (int64_t c = 0; c < len; ++c) ynv[c] = yv[c];
+        } else {
+          for (int64_t c = 0; c < len; ++c) ynv[c] = yv[c] + hr * sb[c];
+        }
+        for (int64_t c = 0; c < len; ++c) {
+          const T z = ynv[c] + kl[c];
+          nanacc += z - z;
+        }
+        finite[t] = nanacc == T(0);
         for (int64_t s = 0; s < nseg; ++s) {
           const int64_t a = std::max(lo, segments[2 * s]), z = std::min(hi, segments[2 * s + 1]);
           double sq = 0.0;
-          for (int64_t c = a; c < z; ++c) {
-            const int64_t i = off + c;
-            // Same association as the reference (see rk_combine_cpu); zero weights add exact zeros.
-            T sb = 0, se = 0;
-            for (size_t j = 0; j < SB; ++j) sb = j == 0 ? bv[0] * bk[0][i] : sb + bv[j] * bk[j][i];
-            for (size_t j = 0; j < SE; ++j) se = j == 0 ? ev[0] * ek[0][i] : se + ev[j] * ek[j][i];
-            const T yv = yp[i];
-            const T ynv = SB == 0 ? yv : yv + hr * sb;
-            yn[i] = ynv;
-            const T rtv = rp ? rp[r * r_stride + c] : rtol_s;
-            const T atv = ap ? ap[r * a_stride + c] : atol_s;
-            const T scale = std::max(std::abs(yv), std::abs(ynv)) * rtv + atv;
-            const T x = (se * hr) / scale;
+          for (int64_t c = a - lo; c < z - lo; ++c) {
+            const int64_t col = lo + c;
+            const T rtv = rp ? rp[r * r_stride + col] : rtol_s;
+            const T atv = ap ? ap[r * a_stride + col] : atol_s;
+            const T scale = std::max(std::abs(yv[c]), std::abs(ynv[c])) * rtv + atv;
+            const T x = (se[c] * hr) / scale;
             sq += static_cast<double>(x) * static_cast<double>(x);
-            fin = fin && std::isfinite(ynv) && std::isfinite(klast[i]);
           }
           part[t * nseg + s] += sq;
         }
-        // Columns outside every segment still count for finiteness and still need y_new.
-        for (int64_t c = lo; c < hi; ++c) {
-          bool inside = false;
-          for (int64_t s = 0; s < nseg && !inside; ++s) inside = segments[2 * s] <= c && c < segments[2 * s + 1];
-          if (inside) continue;
-          const int64_t i = off + c;
-          T sb = 0;
-          for (size_t j = 0; j < SB; ++j) sb = j == 0 ? bv[0] * bk[0][i] : sb + bv[j] * bk[j][i];
-          yn[i] = SB == 0 ? yp[i] : yp[i] + hr * sb;
-          fin = fin && std::isfinite(yn[i]) && std::isfinite(klast[i]);
-        }
-        finite[t] = fin;
       }
     });
   });
@@ -267,14 +295,11 @@ at::Tensor interpolate_cpu(const at::Tensor& y_in, at::TensorList K, const at::T
     T* op_ = out.data_ptr<T>();
     Tiles tl(G, N);
     at::parallel_for(0, tl.n, tl.grain, [&](int64_t b, int64_t e) {
+      std::vector<T> wr(U);
       for (int64_t t = b; t < e; ++t) {
-        const int64_t r = tl.row(t), off = r * N;
-        const T* wr = &W[r * U];
-        for (int64_t i = off + tl.lo(t); i < off + tl.hi(t); ++i) {
-          T acc = 0;
-          for (size_t u = 0; u < U; ++u) acc = u == 0 ? wr[0] * kp[0][i] : acc + wr[u] * kp[u][i];
-          op_[i] = U == 0 ? yp[i] : yp[i] + hp[r] * acc;
-        }
+        const int64_t r = tl.row(t), base = r * N + tl.lo(t), len = tl.hi(t) - tl.lo(t);
+        for (size_t u = 0; u < U; ++u) wr[u] = W[r * U + u];
+        combine_tile<T>(yp + base, kp, wr, 0, base, hp[r], len, op_ + base);
       }
     });
   });

@@ -199,7 +199,9 @@ class TorchStepOps(StepOps):
             factor = torch.where(accept, pi, factor.clamp_max(1.0))
             prev_ratio = torch.where(accept, r.clamp_min(1e-10), prev_ratio)
         # As torchdiffeq: no shrink after an accepted step, growth capped by ifactor, shrink floored by dfactor.
-        lower = torch.where(r < 1.0, 1.0, cfg.dfactor)
+        # NOTE: full_like, not torch.where(r < 1, 1.0, dfactor): two Python scalars make a float32 tensor, which
+        # would round dfactor (0.2 -> 0.2000000030) in a float64 controller.
+        lower = torch.full_like(factor, cfg.dfactor).masked_fill_(r < 1.0, 1.0)
         factor = torch.maximum(factor, lower).clamp_max_(cfg.ifactor)
         h_next = (h * factor).clamp_(cfg.min_step, cfg.max_step)
         h_next = torch.where(running, h_next, h)
