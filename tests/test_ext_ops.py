@@ -462,3 +462,71 @@ def test_threads_do_not_change_results():
     finally:
         torch.set_num_threads(n)
     assert torch.equal(a, b)
+
+
+# --- the loop's per-step set-up and bookkeeping ----------------------------------------------------------------------
+
+def _book_inputs(G, T, gen):
+    t_out = torch.sort(torch.rand(G, T, dtype=F64, generator=gen) * 3, dim=1).values
+    t_out[:, 0] = 0.0
+    t = t_out[:, 0] + torch.rand(G, dtype=F64, generator=gen) * t_out[:, -1] * 0.8
+    h = torch.rand(G, dtype=F64, generator=gen) * 0.7
+    h[0] = math.inf if G > 2 else h[0]  # a step grown without bound
+    running = torch.rand(G, generator=gen) > 0.2
+    return t_out, t, h, running
+
+
+@pytest.mark.parametrize("G, T", [(1, 2), (1, 9), (7, 5), (33, 1)], ids=lambda v: str(v))
+@pytest.mark.parametrize("to_outputs", [False, True])
+@pytest.mark.parametrize("sign, sdt", [(1.0, F64), (-1.0, F32)], ids=["fwd-f64", "rev-f32"])
+def test_step_begin_matches_reference(G, T, to_outputs, sign, sdt):
+    gen = torch.Generator().manual_seed(G * 10 + T)
+    t_out, t, h, running = _book_inputs(G, T, gen)
+    c = get_solver("dopri5").tableau.c
+    squeeze = G == 1
+    args = (t, h, running, t_out, t_out[:, -1], to_outputs, c, sign, sdt, squeeze)
+    a = TorchStepOps().step_begin(*args)
+    b = ext_ops.ExtStepOps().step_begin(*args)
+    for x, z in zip(a, b):
+        assert x.shape == z.shape and x.dtype == z.dtype
+        # Equal, up to whether a CPU's addcmul fuses the multiply-add (1 ulp of a stage time).
+        torch.testing.assert_close(z, x, rtol=2 * torch.finfo(x.dtype).eps if x.is_floating_point() else 0, atol=0,
+                                   equal_nan=True)
+
+
+@pytest.mark.parametrize("G, T", [(1, 2), (7, 5), (40, 3)], ids=lambda v: str(v))
+def test_step_end_matches_reference(G, T):
+    gen = torch.Generator().manual_seed(G + T)
+    t_out, t, h, running = _book_inputs(G, T, gen)
+    accept = torch.rand(G, generator=gen) > 0.3
+    h_next = torch.rand(G, dtype=F64, generator=gen) * 0.5
+    h_next[-1] = 0.0  # a rejected step that cannot move t: underflow (or non-finite)
+    clipped = torch.rand(G, generator=gen) > 0.5
+    t_new = t + torch.rand(G, dtype=F64, generator=gen)
+    n_att = torch.randint(0, 10, (G,), generator=gen)
+    n_acc = torch.minimum(n_att, torch.randint(0, 10, (G,), generator=gen))
+    status = torch.zeros(G, dtype=torch.int8)
+    last_nf = torch.rand(G, generator=gen) > 0.5
+    new_ok = torch.rand(G, generator=gen) > 0.3
+    next_idx = torch.ones(G, dtype=torch.int64)
+    codes = (3, 2, 4, 1)
+    args = (accept, h_next, h, clipped, running, t, t_new, t_out[:, -1], n_att, n_acc, status, last_nf, new_ok,
+            next_idx, t_out, 8, codes)
+    a = TorchStepOps().step_end(*args)
+    b = ext_ops.ExtStepOps().step_end(*args)
+    for x, z in zip(a, b):
+        assert x.shape == z.shape and x.dtype == z.dtype
+        assert torch.equal(torch.nan_to_num(x), torch.nan_to_num(z))
+
+
+def test_opcheck_bookkeeping_ops():
+    gen = torch.Generator().manual_seed(2)
+    t_out, t, h, running = _book_inputs(5, 4, gen)
+    c = list(get_solver("tsit5").tableau.c)
+    torch.library.opcheck(torch.ops.fastnode.step_begin.default,
+                          (t, h, running, t_out, t_out[:, -1].contiguous(), True, c, 1.0, F32, False))
+    G = 5
+    args = (running, h, h, running, running, t, t + 0.1, t_out[:, -1].contiguous(), torch.zeros(G, dtype=torch.int64),
+            torch.zeros(G, dtype=torch.int64), torch.zeros(G, dtype=torch.int8), running, running,
+            torch.ones(G, dtype=torch.int64), t_out, 100, [3, 2, 4, 1])
+    torch.library.opcheck(torch.ops.fastnode.step_end.default, args)
