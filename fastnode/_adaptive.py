@@ -235,7 +235,7 @@ def solve_adaptive(
         else:
             floor = hooks.ratio_floor()
             adjust = hooks.step_ratio if hooks.custom_norm is not None else None
-        y_new, ratio, new_ok, accept, h_next, prev_ratio = ops.finish_control(
+        y_new, _ratio, new_ok, accept, h_next, prev_ratio = ops.finish_control(
             tableau, y, K, hy, rtol, atol, norm, ctrl, h_ctl, prev_ratio, running, ratio_floor=floor, adjust=adjust)
         k_last = ops.stage(K, S - 1)
 

@@ -17,7 +17,6 @@ from fastnode.backends import ext_ops, get_backend
 from fastnode.backends.torch_ops import ControllerConfig, RMSNorm, TorchStepOps
 from fastnode.solvers import get_solver
 
-
 F32, F64 = torch.float32, torch.float64
 ADAPTIVE = ("dopri5", "tsit5", "bosh3", "dopri8", "fehlberg2", "adaptive_heun")
 SHAPES = [(7, 63), (1, 1), (1, 200), (5, 1), (3, 40000)]  # the last spans several column chunks
@@ -56,7 +55,7 @@ def _stages(S, G, N, dtype, contiguous, gen):
 def _tol(dtype):
     # Both sides round each product and sum once in the same order; only the compiler's use of fused
     # multiply-adds can differ: a few ulps of the result's magnitude.
-    return dict(rtol=8 * torch.finfo(dtype).eps, atol=8 * torch.finfo(dtype).eps)
+    return {"rtol": 8 * torch.finfo(dtype).eps, "atol": 8 * torch.finfo(dtype).eps}
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)
@@ -264,11 +263,11 @@ def _solve_pair(method, per_sample, dtype, B=5, tuple_state=False):
     y0 = torch.randn(B, 3, dtype=dtype, generator=gen)
     if tuple_state:
         y0 = (y0[:, :1].clone(), y0[:, 1:].clone())
-        f = lambda t, y: _split(_field(t, torch.cat(y, 1)))  # noqa: E731
+        f = lambda t, y: _split(_field(t, torch.cat(y, 1)))
     else:
         f = _field
     t = torch.linspace(0, 1, 6, dtype=dtype)
-    tol = dict(rtol=1e-6, atol=1e-8) if dtype == F64 else dict(rtol=1e-4, atol=1e-6)
+    tol = {"rtol": 1e-6, "atol": 1e-8} if dtype == F64 else {"rtol": 1e-4, "atol": 1e-6}
     out = []
     for backend in ("torch", "ext"):
         ys = odeint(f, y0, t, method=method, options={"per_sample": per_sample, "backend": backend}, **tol)
@@ -381,7 +380,7 @@ def test_adjoint_ext_gradients_match_backprop_reference():
     # The ext adjoint vs backpropagation through the torch reference solver at a tight tolerance.
     torch.manual_seed(1)
     func = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
-    f = lambda t, y: func(y)  # noqa: E731
+    f = lambda t, y: func(y)
     y0 = torch.randn(4, 3, dtype=F64, requires_grad=True)
     t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
     params = tuple(func.parameters())
@@ -420,7 +419,7 @@ def test_forced_ext_refuses_to_record_a_graph():
 def test_user_norm_half_precision_and_float32_time_fall_back_per_op():
     y0 = torch.randn(4, 3, dtype=F64)
     t = torch.linspace(0, 1, 3, dtype=F64)
-    f = lambda t, y: -y + 0.1 * y.square()  # noqa: E731
+    f = lambda t, y: -y + 0.1 * y.square()
     for opts in ({"norm": lambda e: e.abs().max()}, {"dtype": torch.float32}):
         a = odeint(f, y0, t, options={**opts, "backend": "torch"})
         na = last_stats().nfe
@@ -434,9 +433,9 @@ def test_user_norm_half_precision_and_float32_time_fall_back_per_op():
 
 def test_events_and_fixed_grid_on_ext():
     y0 = torch.tensor([[1.0], [2.0]], dtype=F64)
-    ev = lambda t, y: y[:, 0] - 0.5  # noqa: E731
+    ev = lambda t, y: y[:, 0] - 0.5
     for backend in ("torch", "ext"):
-        et, sol = odeint(lambda t, y: -y, y0, torch.tensor([0.0], dtype=F64), event_fn=ev, rtol=1e-10, atol=1e-12,
+        et, _sol = odeint(lambda t, y: -y, y0, torch.tensor([0.0], dtype=F64), event_fn=ev, rtol=1e-10, atol=1e-12,
                          options={"backend": backend, "per_sample": True})
         torch.testing.assert_close(et, torch.log(y0[:, 0] / 0.5), rtol=1e-9, atol=0)
     with torch.no_grad():
@@ -452,7 +451,7 @@ def test_threads_do_not_change_results():
     # The column-chunk split (several threads on a large shared-mode row) must not change any value.
     y0 = torch.randn(1, 70000, dtype=F64)
     t = torch.tensor([0.0, 0.5], dtype=F64)
-    f = lambda t, y: torch.sin(y) - 0.3 * y  # noqa: E731
+    f = lambda t, y: torch.sin(y) - 0.3 * y
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -152,7 +152,7 @@ class ExtStepOps(TorchStepOps):
                                         ctrl_values(cfg))
 
     def interpolate(self, tableau, y, K, h, theta):
-        if not self._fits(y) or not y.device.type == "cpu":
+        if not self._fits(y) or y.device.type != "cpu":
             return super().interpolate(tableau, y, K, h, theta)
         dense = _dense_flat(tableau)
         P = len(tableau.dense[0])
@@ -187,4 +187,4 @@ def _dense_flat(tableau) -> list[float]:
     return hit[1]
 
 
-__all__ = ["ExtStepOps", "available", "unavailable_reason", "ctrl_values", "tol_args", "_dense_tensor"]
+__all__ = ["ExtStepOps", "_dense_tensor", "available", "ctrl_values", "tol_args", "unavailable_reason"]

@@ -126,7 +126,7 @@ class StepOps:
         clipped = running & (h >= room)
         h_ctl = torch.where(clipped, room, h).mul_(running)
         t_new = torch.where(clipped, limit, t + h_ctl)
-        c_col = torch.tensor(c, dtype=t.dtype, device=t.device).unsqueeze(1)
+        c_col = _const(tuple(c), t.dtype, t.device).unsqueeze(1)
         ts = torch.addcmul(t, c_col, h_ctl).to(state_dtype)
         te = t_new.to(state_dtype)
         if sign < 0:
@@ -164,7 +164,7 @@ class StepOps:
         inf_try = torch.isinf(t_try)
         stuck = running & (no_move | inf_try | ((n_att >= max_num_steps) & (t_fut < t_end)))
         last_nonfinite = torch.where(running, ~new_ok, last_nonfinite)
-        nf, uf, to, ms = (torch.tensor(v, dtype=torch.int8, device=t.device) for v in codes)
+        nf, uf, to, ms = _const(tuple(codes), torch.int8, t.device).unbind()
         fail = torch.where(no_move, torch.where(last_nonfinite, nf, uf), torch.where(inf_try, to, ms))
         status = torch.where(stuck, fail, status)
         n_le = torch.searchsorted(t_out, t_new.unsqueeze(1), right=True).squeeze(1)
@@ -297,6 +297,16 @@ class TorchStepOps(StepOps):
 
 
 _DENSE_CACHE: dict = {}
+_CONST_CACHE: dict = {}
+
+
+def _const(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor, made once per (values, dtype, device)."""
+    key = (values, dtype, device)
+    hit = _CONST_CACHE.get(key)
+    if hit is None:
+        hit = _CONST_CACHE[key] = torch.tensor(values, dtype=dtype, device=device)
+    return hit
 
 
 def _dense_tensor(tableau: ButcherTableau, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
