@@ -9,12 +9,15 @@ TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.7.1
 BENCH_OUT ?= bench/results/cpu
 
-.PHONY: test bench venv deps deps-bench clean
+# The compiled extension is rebuilt when its sources change (the editable install does not watch them).
+EXT_SRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp)
+
+.PHONY: test bench venv deps deps-bench cuda-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.deps-test: $(PY) pyproject.toml setup.py
+$(VENV)/.deps-test: $(PY) pyproject.toml setup.py $(EXT_SRC)
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q $(TRITON_PIN) numpy
 	$(PIP) install -q --no-build-isolation -e ".[test]"
@@ -34,6 +37,10 @@ bench: deps-bench
 	mkdir -p $(BENCH_OUT)
 	$(PY) -m pytest -q bench --benchmark-json=$(BENCH_OUT)/bench.json -p no:cacheprovider
 	$(PY) bench/report.py $(BENCH_OUT)/bench.json --out $(BENCH_OUT)/table.md
+
+# Compile-only check of the CUDA sources with nvcc (no GPU needed; nothing is linked or run).
+cuda-check: $(PY)
+	./csrc/cuda_compile_check.sh $(PY)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -25,7 +25,8 @@ def _extensions():
     want_cuda = bool(cu) and (
         os.environ.get("FASTNODE_FORCE_CUDA", "0") == "1" or (CUDA_HOME is not None and torch.version.cuda is not None)
     )
-    args = {"cxx": ["-O2", "-g0", "-std=c++17"]}
+    # The C++ standard is left to torch.utils.cpp_extension (C++17 or C++20, as the installed torch needs).
+    args = {"cxx": ["-O3", "-g0"]}
     if want_cuda:
         args["nvcc"] = ["-O2", "--expt-relaxed-constexpr"]
         ext = CUDAExtension("fastnode._C", cpp + cu, extra_compile_args=args, define_macros=[("WITH_CUDA", None)])

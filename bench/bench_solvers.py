@@ -47,8 +47,11 @@ WAIT_EACH_S = 20.0
 WAIT_TOTAL_S = float(os.environ.get("FASTNODE_BENCH_WAIT_QUIET_S", "120"))
 _wait_left = WAIT_TOTAL_S
 
-FWD_PROVIDERS = ("fastnode", "fastnode-per-sample", "torchdiffeq", "torchode")
-FULL_PROVIDERS = ("fastnode", "fastnode-per-sample", "torchdiffeq", "fastnode-adjoint", "torchdiffeq-adjoint")
+# fastnode = backend "auto" (the compiled extension on CPU, Triton on CUDA; backpropagation through the solver runs
+# on the torch reference); the -torch providers pin the reference backend.
+FWD_PROVIDERS = ("fastnode", "fastnode-torch", "fastnode-per-sample", "torchdiffeq", "torchode")
+FULL_PROVIDERS = ("fastnode", "fastnode-per-sample", "torchdiffeq", "fastnode-adjoint", "fastnode-adjoint-torch",
+                  "torchdiffeq-adjoint")
 
 
 def _cases() -> list:

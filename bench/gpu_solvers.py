@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 from bench.problems import BUILDERS, get_problem
 from bench.providers import ProviderUnavailable, make_provider, solve_stats, time_func, version_of
 
-PROVIDERS = ("fastnode-triton", "fastnode-torch", "fastnode-triton-per-sample", "fastnode-torch-per-sample",
+PROVIDERS = ("fastnode-triton", "fastnode-torch", "fastnode-per-sample-triton", "fastnode-per-sample-torch",
              "torchdiffeq", "torchode")
 
 
@@ -78,7 +78,8 @@ def run(device: torch.device, problems, providers, rounds: int, accuracy: bool) 
                 rows.append({"problem": name, "tol": tol.name, "provider": pname, "t_solve_ms": 1e3 * t_solve,
                              "nfe": nfe, "accepted": stats["n_accepted_mean"], "rejected": stats["n_rejected_mean"],
                              "t_func_ms": 1e3 * t_func, "overhead": t_solve / (nfe * t_func) - 1 if nfe else None,
-                             "max_rel_err": err, "batch": problem.batch, "dim": problem.y0.shape[1],
+                             "max_rel_err": err, "backend": stats.get("backend"), "batch": problem.batch,
+                             "dim": problem.y0.shape[1],
                              "dtype": str(problem.dtype).removeprefix("torch.")})
                 print(rows[-1], file=sys.stderr)
     return rows

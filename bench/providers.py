@@ -161,7 +161,7 @@ class FastnodeProvider(Provider):
     name = "fastnode"
 
     def __init__(self, problem: Problem, tol: Tolerance, device: torch.device, per_sample: bool = False,
-                 backend: str | None = None):
+                 backend: str = "auto"):
         super().__init__(problem, tol, device)
         try:
             from fastnode import last_stats, odeint
@@ -170,10 +170,9 @@ class FastnodeProvider(Provider):
         self._odeint, self._last_stats = odeint, last_stats
         self.per_sample = per_sample
         self.options = {"per_sample": True} if per_sample else {}
-        if per_sample:
-            self.name = "fastnode-per-sample"
-        if backend is not None:
-            # A named StepOps backend ("torch", "triton", "ext"); unavailable ones skip rather than fail.
+        if backend != "auto":
+            # "torch": the pure-PyTorch reference backend, to measure what the compiled/kernel backends add. A backend
+            # that cannot run here (triton without CUDA) skips the benchmark rather than failing it.
             from fastnode.backends import get_backend
 
             try:
@@ -181,7 +180,7 @@ class FastnodeProvider(Provider):
             except ValueError as exc:
                 raise ProviderUnavailable(str(exc)) from exc
             self.options["backend"] = backend
-            self.name = f"fastnode-{backend}" + ("-per-sample" if per_sample else "")
+        self.name = "fastnode" + ("-per-sample" if per_sample else "") + ("" if backend == "auto" else f"-{backend}")
 
     def solve(self, func: nn.Module, y0: torch.Tensor) -> torch.Tensor:
         return self._odeint(
@@ -190,18 +189,20 @@ class FastnodeProvider(Provider):
 
     def native_stats(self) -> dict[str, Any]:
         s = self._last_stats()
-        return {k: getattr(s, k, None) for k in ("nfe", "n_steps", "n_accepted", "n_rejected")}
+        return {k: getattr(s, k, None) for k in ("nfe", "n_steps", "n_accepted", "n_rejected", "backend")}
 
 
 class FastnodeAdjointProvider(FastnodeProvider):
     """fastnode's ``odeint_adjoint`` (gradients from one backward adjoint solve, memory constant in the steps)."""
 
-    def __init__(self, problem: Problem, tol: Tolerance, device: torch.device, per_sample: bool = False):
-        super().__init__(problem, tol, device, per_sample=per_sample)
+    def __init__(self, problem: Problem, tol: Tolerance, device: torch.device, per_sample: bool = False,
+                 backend: str = "auto"):
+        super().__init__(problem, tol, device, per_sample=per_sample, backend=backend)
         from fastnode import odeint_adjoint
 
         self._odeint = odeint_adjoint
-        self.name = "fastnode-adjoint" + ("-per-sample" if per_sample else "")
+        self.name = ("fastnode-adjoint" + ("-per-sample" if per_sample else "")
+                     + ("" if backend == "auto" else f"-{backend}"))
 
 
 class TorchdiffeqProvider(Provider):
@@ -293,11 +294,12 @@ class TorchodeProvider(Provider):
 PROVIDERS: dict[str, Callable[..., Provider]] = {
     "fastnode": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=False),
     "fastnode-per-sample": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=True),
+    "fastnode-torch": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=False, backend="torch"),
     "fastnode-adjoint": lambda p, tol, dev: FastnodeAdjointProvider(p, tol, dev, per_sample=False),
-    "fastnode-torch": lambda p, tol, dev: FastnodeProvider(p, tol, dev, backend="torch"),
-    "fastnode-triton": lambda p, tol, dev: FastnodeProvider(p, tol, dev, backend="triton"),
-    "fastnode-torch-per-sample": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=True, backend="torch"),
-    "fastnode-triton-per-sample": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=True,
+    "fastnode-adjoint-torch": lambda p, tol, dev: FastnodeAdjointProvider(p, tol, dev, backend="torch"),
+    "fastnode-triton": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=False, backend="triton"),
+    "fastnode-per-sample-torch": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=True, backend="torch"),
+    "fastnode-per-sample-triton": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=True,
                                                                        backend="triton"),
     "torchdiffeq": TorchdiffeqProvider,
     "torchdiffeq-adjoint": TorchdiffeqAdjointProvider,
@@ -353,6 +355,8 @@ def solve_stats(provider: Provider, func: nn.Module, y0: torch.Tensor) -> tuple[
         mean, mx = _summary(value)
         stats[f"{key}_mean"], stats[f"{key}_max"] = mean, mx
     stats["steps_source"] = steps_source if acc is not None else None
+    if native.get("backend"):
+        stats["backend"] = native["backend"]  # the StepOps backend fastnode ran the solve on
     return ys, stats
 
 

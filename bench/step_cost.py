@@ -1,4 +1,4 @@
-"""Solver cost per step apart from ``func``: ATen ops and tensor-to-Python conversions, fastnode vs torchdiffeq.
+"""Solver cost per step apart from ``func``: ops and tensor-to-Python conversions, fastnode vs torchdiffeq.
 
 Every ATen op is a kernel launch on a GPU and every tensor-to-Python conversion (``item``, ``bool``, ...) a
 blocking device-to-host sync, so these counts predict GPU overhead better than CPU timings do.
@@ -30,20 +30,33 @@ def vdp(t, y):
     return torch.stack([v, MU * (1 - x * x) * v - x], dim=1)
 
 
+def _is_op(name: str) -> bool:
+    return name.startswith("aten::") or name.startswith("fastnode::")
+
+
 def top_level_aten_ops(fn) -> int:
-    """ATen ops called directly from Python (not counting ops nested inside other ops)."""
+    """Ops (ATen and the extension's fastnode:: ops) called directly from Python (not nested inside other ops)."""
     with torch.no_grad():
         fn()
         with profile() as prof:
             fn()
-    return sum(1 for e in prof.events() if e.name.startswith("aten::")
-               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    return sum(1 for e in prof.events() if _is_op(e.name) and (e.cpu_parent is None or not _is_op(e.cpu_parent.name)))
 
 
 def main():
     func_ops = top_level_aten_ops(lambda: vdp(T[0], Y0))
-    fn_ops = top_level_aten_ops(lambda: fastnode.odeint(vdp, Y0, T, rtol=TOL, atol=TOL))
-    st = fastnode.last_stats()
+    rows = []
+    for backend in ("torch", "ext"):
+        opts = {"backend": backend}
+        try:
+            fn_ops = top_level_aten_ops(lambda: fastnode.odeint(vdp, Y0, T, rtol=TOL, atol=TOL, options=opts))
+        except ValueError as exc:  # the extension is not built
+            print(f"(skipping backend {backend}: {exc})")
+            continue
+        st = fastnode.last_stats()
+        with torch.no_grad(), count_host_transfers() as c:
+            fastnode.odeint(vdp, Y0, T, rtol=TOL, atol=TOL, options=opts)
+        rows.append((backend, st, fn_ops, c["n"]))
     calls = [0]
 
     def counted(t, y):
@@ -56,13 +69,11 @@ def main():
     with torch.no_grad(), count_host_transfers() as c:
         torchdiffeq.odeint(vdp, Y0, T, rtol=TOL, atol=TOL)
     td_conv = c["n"]
-    with torch.no_grad(), count_host_transfers() as c:
-        fastnode.odeint(vdp, Y0, T, rtol=TOL, atol=TOL)
-    fn_conv = c["n"]
-    print("| solver | step attempts | NFE | solver ATen ops / step | tensor->Python conversions / step |")
+    print("| solver | step attempts | NFE | solver ops / step | tensor->Python conversions / step |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| fastnode (torch backend) | {st.n_steps} | {st.nfe} | {(fn_ops - st.nfe * func_ops) / st.n_steps:.0f} "
-          f"| {fn_conv / st.n_steps:.2f} |")
+    for backend, st, fn_ops, fn_conv in rows:
+        print(f"| fastnode ({backend} backend) | {st.n_steps} | {st.nfe} | "
+              f"{(fn_ops - st.nfe * func_ops) / st.n_steps:.0f} | {fn_conv / st.n_steps:.2f} |")
     print(f"| torchdiffeq 0.2.5 | {td_steps} | {td_nfe} | {(td_ops - td_nfe * func_ops) / td_steps:.0f} "
           f"| {td_conv / td_steps:.2f} |")
 

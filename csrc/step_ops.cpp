@@ -29,4 +29,18 @@ TORCH_LIBRARY(fastnode, m) {
   // The adjoint's per-sample quadrature weights [S, G]: h_g * b_j where the group's step was accepted, else 0
   // (folded into the cotangent of the parameter adjoint's vector-Jacobian product).
   m.def("adjoint_weights(Tensor h, Tensor accept, float[] b) -> Tensor");
+  // A step's set-up per group (no time gradients, no stops besides the output times): the step clipped to the next
+  // stop (0 where not running), whether it was clipped, the time it reaches, the step in the state dtype, and
+  // every stage's time as func sees it (sign applied; [S] and 0-d when squeeze, else [S, G] and [G]).
+  m.def(
+      "step_begin(Tensor t, Tensor h, Tensor running, Tensor t_out, Tensor t_end, bool to_outputs, float[] c, "
+      "float sign, ScalarType state_dtype, bool squeeze) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // A step's bookkeeping per group after the controller: (h, t, n_att, n_acc, status, last_nonfinite, stuck,
+  // crossed, running_next, packet[3] = any running, any stuck, max crossed). codes = (non_finite,
+  // step_underflow, time_overflow, max_steps).
+  m.def(
+      "step_end(Tensor accept, Tensor h_next, Tensor h, Tensor clipped, Tensor running, Tensor t, Tensor t_new, "
+      "Tensor t_end, Tensor n_att, Tensor n_acc, Tensor status, Tensor last_nonfinite, Tensor new_ok, "
+      "Tensor next_idx, Tensor t_out, int max_num_steps, int[] codes) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

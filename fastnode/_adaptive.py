@@ -199,33 +199,22 @@ def solve_adaptive(
     step_to_outputs = (tableau.step_to_outputs or hooks is not None) and event_fn is None
     c_is_one = [ci == 1.0 for ci in tableau.c]
     end_perturb = -1 if (jump_t is not None and jump_t.numel()) else 0
+    # The plain case (no time gradients, no step_t/jump_t stops, no event) runs each step's set-up and
+    # bookkeeping as two backend ops (one call each on the compiled backend instead of ~80 small tensor ops).
+    fused = not time_grad and stop_grid is None and event_fn is None
+    codes = (st.NON_FINITE, st.STEP_UNDERFLOW, st.TIME_OVERFLOW, st.MAX_STEPS)
     iterations = 0
     while any_running and not (any_failed and on_failure == "raise"):
         iterations += 1
-        with torch.no_grad():
-            t_d = t.detach()
-            limit = t_end
-            if step_to_outputs:
-                nxt_out = torch.searchsorted(t_out, t_d.unsqueeze(1), right=True).squeeze(1).clamp_max(T - 1)
-                with torch.enable_grad() if time_grad else contextlib.nullcontext():
-                    limit = t_out[rows, nxt_out]  # keeps the output times' graph when they need gradients
-            if stop_grid is not None:
-                limit = torch.minimum(limit, stop_grid[torch.searchsorted(stop_grid, t_d, right=True)])
-            room = limit - t_d
-            clipped = running & (h >= room)
-            h_ctl = torch.where(clipped, room, h).mul_(running)
-        if time_grad:
-            # Differentiable in the times (through `limit - t`) but not in the controller's choice of h.
-            h_eff = torch.where(clipped, limit - t, h_ctl)
-            t_new = torch.where(clipped, limit, t + h_eff)
-        else:
+        if fused:
+            h_ctl, clipped, t_new, hy, t_stage, t_end_stage = ops.step_begin(
+                t, h, running, t_out, t_end, step_to_outputs, tableau.c, f.sign, ydt, not spec.per_sample)
+            t_d = t
             h_eff = h_ctl
-            with torch.no_grad():
-                t_new = torch.where(clipped, limit, t_d + h_ctl)
-        # All stage times at once: [S, G]; the last stage of every (FSAL-form) tableau sits at t_new.
-        t_stage = f.user_time(torch.addcmul(t, c_col, h_eff))  # as func sees them, converted once
-        t_end_stage = f.user_time(t_new, perturb=end_perturb)
-        hy = h_eff.to(ydt)
+        else:
+            h_ctl, clipped, t_new, h_eff, t_d, t_stage, t_end_stage, hy = _step_begin_general(
+                f, t, h, running, t_out, t_end, rows, T, step_to_outputs, stop_grid, time_grad, c_col, end_perturb,
+                ydt)
 
         if hooks is not None:
             hooks.begin_step(hy)
@@ -246,50 +235,60 @@ def solve_adaptive(
         else:
             floor = hooks.ratio_floor()
             adjust = hooks.step_ratio if hooks.custom_norm is not None else None
-        y_new, ratio, new_ok, accept, h_next, prev_ratio = ops.finish_control(
+        y_new, _ratio, new_ok, accept, h_next, prev_ratio = ops.finish_control(
             tableau, y, K, hy, rtol, atol, norm, ctrl, h_ctl, prev_ratio, running, ratio_floor=floor, adjust=adjust)
         k_last = ops.stage(K, S - 1)
 
-        with torch.no_grad():
-            # A step shortened to land on a stop is no evidence for a smaller step: keep the proposal.
-            h_next = torch.where(clipped & accept, torch.maximum(h_next, h), h_next)
-            t_new_d = t_new.detach()
-            n_att += running
-            n_acc += accept
-            t_fut = torch.where(accept, t_new_d, t_d)
-            # Failures: a rejected step that can no longer move t (underflow: non-finite if the rejections
-            # came from NaN/inf, else a genuine underflow), a step grown to inf (events with no end time),
-            # the step budget spent with time left.
-            t_try = t_fut + h_next
-            stuck = running & ((~accept & (t_try <= t_fut)) | torch.isinf(t_try) |
-                               ((n_att >= max_num_steps) & (t_fut < t_end)))
-            last_nonfinite = torch.where(running, ~new_ok, last_nonfinite)
-            fail = torch.where(~accept & (t_try <= t_fut),
-                               torch.where(last_nonfinite, code[st.NON_FINITE], code[st.STEP_UNDERFLOW]),
-                               torch.where(torch.isinf(t_try), code[st.TIME_OVERFLOW], code[st.MAX_STEPS]))
-            status = torch.where(stuck, fail, status)
-            jumped = None
-            if jump_t is not None and jump_t.numel():
-                j_idx = torch.searchsorted(jump_t, t_new_d).clamp_max(jump_t.numel() - 1)
-                jumped = accept & clipped & (jump_t[j_idx] == t_new_d)
-            if event_fn is None:
-                n_le = torch.searchsorted(t_out, t_new_d.unsqueeze(1), right=True).squeeze(1)
-                crossed = torch.where(accept, n_le - next_idx, zero_i)
-                running_next = running & (t_fut < t_end) & ~stuck
-                if hooks is not None:
-                    hooks.end_step(accept, running_next, new_ok | ~running)
-            else:
-                ev = event_fn(t_new_d, y_new.detach())
-                newly = accept & ((torch.sign(ev) != sign0) | (ev == 0))
-                crossed = zero_i
-                running_next = running & ~newly & ~stuck
+        jumped = None
+        base = None
+        if fused:
+            h_keep, t_fut, n_att, n_acc, status, last_nonfinite, stuck, crossed, running_next, base = ops.step_end(
+                accept, h_next, h, clipped, running, t_d, t_new, t_end, n_att, n_acc, status, last_nonfinite,
+                new_ok, next_idx, t_out, max_num_steps, codes)
+            if hooks is not None:
+                hooks.end_step(accept, running_next, new_ok | ~running)
+        else:
+            with torch.no_grad():
+                # A step shortened to land on a stop is no evidence for a smaller step: keep the proposal.
+                h_next = torch.where(clipped & accept, torch.maximum(h_next, h), h_next)
+                t_new_d = t_new.detach()
+                n_att = n_att + running
+                n_acc = n_acc + accept
+                t_fut = torch.where(accept, t_new_d, t_d)
+                # Failures: a rejected step that can no longer move t (underflow: non-finite if the rejections
+                # came from NaN/inf, else a genuine underflow), a step grown to inf (events with no end time),
+                # the step budget spent with time left.
+                t_try = t_fut + h_next
+                stuck = running & ((~accept & (t_try <= t_fut)) | torch.isinf(t_try) |
+                                   ((n_att >= max_num_steps) & (t_fut < t_end)))
+                last_nonfinite = torch.where(running, ~new_ok, last_nonfinite)
+                fail = torch.where(~accept & (t_try <= t_fut),
+                                   torch.where(last_nonfinite, code[st.NON_FINITE], code[st.STEP_UNDERFLOW]),
+                                   torch.where(torch.isinf(t_try), code[st.TIME_OVERFLOW], code[st.MAX_STEPS]))
+                status = torch.where(stuck, fail, status)
+                if jump_t is not None and jump_t.numel():
+                    j_idx = torch.searchsorted(jump_t, t_new_d).clamp_max(jump_t.numel() - 1)
+                    jumped = accept & clipped & (jump_t[j_idx] == t_new_d)
+                if event_fn is None:
+                    n_le = torch.searchsorted(t_out, t_new_d.unsqueeze(1), right=True).squeeze(1)
+                    crossed = torch.where(accept, n_le - next_idx, zero_i)
+                    running_next = running & (t_fut < t_end) & ~stuck
+                    if hooks is not None:
+                        hooks.end_step(accept, running_next, new_ok | ~running)
+                else:
+                    ev = event_fn(t_new_d, y_new.detach())
+                    newly = accept & ((torch.sign(ev) != sign0) | (ev == 0))
+                    crossed = zero_i
+                    running_next = running & ~newly & ~stuck
+                # A finished sample keeps its last proposal (seeds the adjoint).
+                h_keep = torch.where(running, h_next, h)
 
         y_old, t_old = y, t
         acc2 = accept.unsqueeze(1)
         y = torch.where(acc2, y_new, y)
         t = torch.where(accept, t_new, t) if time_grad else t_fut
         k1 = torch.where(acc2, k_last, k1)
-        h = torch.where(running, h_next, h)  # a finished sample keeps its last proposal (seeds the adjoint)
+        h = h_keep
 
         if event_fn is not None:
             with torch.no_grad():
@@ -299,7 +298,9 @@ def solve_adaptive(
             ev_y = torch.where(newly.unsqueeze(1), y_old, ev_y)
             ev_K = list(K) if ev_K is None else [torch.where(newly.unsqueeze(1), k, e) for k, e in zip(K, ev_K)]
 
-        flags = [running_next.any(), stuck.any()] + ([jumped.any()] if jumped is not None else [])
+        # The one transfer: [any running, any stuck, (any jumped), (the adjoint's flags...), max crossed].
+        flags = [] if base is not None else [running_next.any(), stuck.any()]
+        flags += [jumped.any()] if jumped is not None else []
         n_hook = 0
         if hooks is not None:
             # The adjoint's own questions ride on the same transfer: does any sample that landed on an output
@@ -307,13 +308,19 @@ def solve_adaptive(
             extra = [((crossed > 0) & running_next).any()] + hooks.packet_flags()
             n_hook = len(extra)
             flags += extra
-        packet = torch.cat([torch.stack(flags).to(torch.int64), crossed.max().reshape(1)])
+        if base is None:
+            packet = torch.cat([torch.stack(flags).to(torch.int64), crossed.max().reshape(1)])
+        elif flags:
+            packet = torch.cat([base[:2], torch.stack(flags).to(torch.int64), base[2:]])
+        else:
+            packet = base
+        n_flags = len(flags) + (2 if base is not None else 0)
         got = sync.fetch(packet)
         any_running, any_failed = got[0], got[1]
         any_jump = got[2] if jumped is not None else 0
         n_cross = got[-1]
         if hooks is not None:
-            hook_got = got[len(flags) - n_hook : len(flags)]
+            hook_got = got[n_flags - n_hook : n_flags]
             hooks.after_fetch(hook_got[1:])
             if n_cross:
                 # Steps land exactly on output times here (step_to_outputs): change the state there.
@@ -385,6 +392,37 @@ def solve_adaptive(
         event_tau = torch.where(fired, event_tau, torch.full_like(event_tau, math.nan))
     sol = torch.stack([y0, y_ev], dim=0)
     return event_tau, sol
+
+
+def _step_begin_general(f, t, h, running, t_out, t_end, rows, T, step_to_outputs, stop_grid, time_grad, c_col,
+                        end_perturb, ydt):
+    """A step's set-up in the general case (time gradients, step_t/jump_t stops, events): StepOps.step_begin's
+    semantics, with gradients through the output times where they need them."""
+    with torch.no_grad():
+        t_d = t.detach()
+        limit = t_end
+        if step_to_outputs:
+            nxt_out = torch.searchsorted(t_out, t_d.unsqueeze(1), right=True).squeeze(1).clamp_max(T - 1)
+            with torch.enable_grad() if time_grad else contextlib.nullcontext():
+                limit = t_out[rows, nxt_out]  # keeps the output times' graph when they need gradients
+        if stop_grid is not None:
+            limit = torch.minimum(limit, stop_grid[torch.searchsorted(stop_grid, t_d, right=True)])
+        room = limit - t_d
+        clipped = running & (h >= room)
+        h_ctl = torch.where(clipped, room, h).mul_(running)
+    if time_grad:
+        # Differentiable in the times (through `limit - t`) but not in the controller's choice of h.
+        h_eff = torch.where(clipped, limit - t, h_ctl)
+        t_new = torch.where(clipped, limit, t + h_eff)
+    else:
+        h_eff = h_ctl
+        with torch.no_grad():
+            t_new = torch.where(clipped, limit, t_d + h_ctl)
+    # All stage times at once: [S, G]; the last stage of every (FSAL-form) tableau sits at t_new.
+    t_stage = f.user_time(torch.addcmul(t, c_col, h_eff))  # as func sees them, converted once
+    t_end_stage = f.user_time(t_new, perturb=end_perturb)
+    hy = h_eff.to(ydt)
+    return h_ctl, clipped, t_new, h_eff, t_d, t_stage, t_end_stage, hy
 
 
 def _locate_events(ops: StepOps, tableau: ButcherTableau, event_fn: Callable, sign0, lo_t, h, y0, K):

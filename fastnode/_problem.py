@@ -291,6 +291,10 @@ class FlatFunc:
         self.spec = spec
         self.sign = sign
         self.nfe = 0
+        # Fast path for the common single-tensor state: an output of exactly y0's shape and dtype is viewed
+        # as [G, N] with no further checks (anything else goes through spec.flatten and its clear errors).
+        self._shape = None if spec.is_tuple else torch.Size(spec.shapes[0])
+        self._flat = (spec.batch, spec.sizes[0]) if not spec.is_tuple else None
 
     def user_time(self, tau: torch.Tensor, perturb: int = 0) -> torch.Tensor:
         """tau: [..., G] -> what func receives: [...] (shared) or [..., B] (per-sample), in the state dtype.
@@ -312,7 +316,10 @@ class FlatFunc:
         if t_user is None:
             t_user = self.user_time(tau, perturb)
         out = self.func(t_user, self.spec.unflatten(y))
-        flat = self.spec.flatten(out, "func")
+        if type(out) is torch.Tensor and out.shape == self._shape and out.dtype == self.spec.dtype:
+            flat = out.view(self._flat) if out.is_contiguous() else out.reshape(self._flat)
+        else:
+            flat = self.spec.flatten(out, "func")
         return flat if self.sign > 0 else -flat
 
     def probe(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,43 @@ struct Tiles {
   int64_t hi(int64_t t) const { return std::min(N, lo(t) + kChunk); }
 };
 
+// out[c] = y[c] + h * (w0 k0[off + c] + w1 k1[off + c] + ...) for c < len, with the reference's association.
+// Stage-outer loops over a tile that fits in cache: each inner loop is a plain vectorisable axpy.
+template <typename T>
+inline void combine_tile(const T* y, const std::vector<const T*>& k, const std::vector<T>& w, size_t first,
+                         int64_t off, T h, int64_t len, T* out) {
+  const size_t S = k.size();
+  if (S == first) {
+    for (int64_t c = 0; c < len; ++c) out[c] = y[c];
+    return;
+  }
+  const T* k0 = k[first] + off;
+  const T w0 = w[first];
+  for (int64_t c = 0; c < len; ++c) out[c] = w0 * k0[c];
+  for (size_t j = first + 1; j < S; ++j) {
+    const T* kj = k[j] + off;
+    const T wj = w[j];
+    for (int64_t c = 0; c < len; ++c) out[c] = out[c] + wj * kj[c];
+  }
+  for (int64_t c = 0; c < len; ++c) out[c] = y[c] + h * out[c];
+}
+
+// acc[c] = w0 k0[off + c] + w1 k1[off + c] + ... (no state added); zero stages leave acc at 0.
+template <typename T>
+inline void lincomb_tile(const std::vector<const T*>& k, const std::vector<T>& w, int64_t off, int64_t len, T* acc) {
+  if (k.empty()) {
+    for (int64_t c = 0; c < len; ++c) acc[c] = 0;
+    return;
+  }
+  const T* k0 = k[0] + off;
+  for (int64_t c = 0; c < len; ++c) acc[c] = w[0] * k0[c];
+  for (size_t j = 1; j < k.size(); ++j) {
+    const T* kj = k[j] + off;
+    const T wj = w[j];
+    for (int64_t c = 0; c < len; ++c) acc[c] = acc[c] + wj * kj[c];
+  }
+}
+
 std::vector<at::Tensor> contiguous_stages(at::TensorList K, size_t n) {
   std::vector<at::Tensor> out;
   out.reserve(n);
@@ -62,18 +99,11 @@ at::Tensor rk_combine_cpu(const at::Tensor& y_in, at::TensorList K, const at::Te
     const T* yp = y.data_ptr<T>();
     const T* hp = h.data_ptr<T>();
     T* op = out.data_ptr<T>();
-    const size_t S = kp.size();
     Tiles tl(G, N);
     at::parallel_for(0, tl.n, tl.grain, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
-        const int64_t r = tl.row(t), off = r * N;
-        const T hr = hp[r];
-        for (int64_t i = off + tl.lo(t); i < off + tl.hi(t); ++i) {
-          // Same association as the reference: acc = w0 k0 + w1 k1 + ...; y + h * acc.
-          T acc = 0;
-          for (size_t s = 0; s < S; ++s) acc = s == 0 ? wv[0] * kp[0][i] : acc + wv[s] * kp[s][i];
-          op[i] = S == 0 ? yp[i] : yp[i] + hr * acc;
-        }
+        const int64_t base = tl.row(t) * N + tl.lo(t), len = tl.hi(t) - tl.lo(t);
+        combine_tile<T>(yp + base, kp, wv, 0, base, hp[tl.row(t)], len, op + base);
       }
     });
   });
@@ -139,43 +169,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     T* yn = y_new.data_ptr<T>();
     const T* klast = Kc[S - 1].data_ptr<T>();
     at::parallel_for(0, tl.n, tl.grain, [&](int64_t tb, int64_t te) {
+      std::vector<T> sb(static_cast<size_t>(std::min(N, kChunk))), se(sb.size());
       for (int64_t t = tb; t < te; ++t) {
-        const int64_t r = tl.row(t), off = r * N, lo = tl.lo(t), hi = tl.hi(t);
+        const int64_t r = tl.row(t), off = r * N, lo = tl.lo(t), hi = tl.hi(t), len = hi - lo, base = off + lo;
         const T hr = hp[r];
-        bool fin = true;
+        lincomb_tile<T>(bk, bv, base, len, sb.data());
+        lincomb_tile<T>(ek, ev, base, len, se.data());
+        // y_new, and finiteness of y_new + k_last as the reference checks it: (z - z) is 0 for finite z and NaN
+        // otherwise, so the sum is NaN iff some value is non-finite (a branch-free, vectorisable test).
+        const T* yv = yp + base;
+        const T* kl = klast + base;
+        T* ynv = yn + base;
+        T nanacc = 0;
+        if (SB == 0) {
+          for (int64_t c = 0; c < len; ++c) ynv[c] = yv[c];
+        } else {
+          for (int64_t c = 0; c < len; ++c) ynv[c] = yv[c] + hr * sb[c];
+        }
+        for (int64_t c = 0; c < len; ++c) {
+          const T z = ynv[c] + kl[c];
+          nanacc += z - z;
+        }
+        finite[t] = nanacc == T(0);
         for (int64_t s = 0; s < nseg; ++s) {
           const int64_t a = std::max(lo, segments[2 * s]), z = std::min(hi, segments[2 * s + 1]);
           double sq = 0.0;
-          for (int64_t c = a; c < z; ++c) {
-            const int64_t i = off + c;
-            // Same association as the reference (see rk_combine_cpu); zero weights add exact zeros.
-            T sb = 0, se = 0;
-            for (size_t j = 0; j < SB; ++j) sb = j == 0 ? bv[0] * bk[0][i] : sb + bv[j] * bk[j][i];
-            for (size_t j = 0; j < SE; ++j) se = j == 0 ? ev[0] * ek[0][i] : se + ev[j] * ek[j][i];
-            const T yv = yp[i];
-            const T ynv = SB == 0 ? yv : yv + hr * sb;
-            yn[i] = ynv;
-            const T rtv = rp ? rp[r * r_stride + c] : rtol_s;
-            const T atv = ap ? ap[r * a_stride + c] : atol_s;
-            const T scale = std::max(std::abs(yv), std::abs(ynv)) * rtv + atv;
-            const T x = (se * hr) / scale;
+          for (int64_t c = a - lo; c < z - lo; ++c) {
+            const int64_t col = lo + c;
+            const T rtv = rp ? rp[r * r_stride + col] : rtol_s;
+            const T atv = ap ? ap[r * a_stride + col] : atol_s;
+            const T scale = std::max(std::abs(yv[c]), std::abs(ynv[c])) * rtv + atv;
+            const T x = (se[c] * hr) / scale;
             sq += static_cast<double>(x) * static_cast<double>(x);
-            fin = fin && std::isfinite(ynv) && std::isfinite(klast[i]);
           }
           part[t * nseg + s] += sq;
         }
-        // Columns outside every segment still count for finiteness and still need y_new.
-        for (int64_t c = lo; c < hi; ++c) {
-          bool inside = false;
-          for (int64_t s = 0; s < nseg && !inside; ++s) inside = segments[2 * s] <= c && c < segments[2 * s + 1];
-          if (inside) continue;
-          const int64_t i = off + c;
-          T sb = 0;
-          for (size_t j = 0; j < SB; ++j) sb = j == 0 ? bv[0] * bk[0][i] : sb + bv[j] * bk[j][i];
-          yn[i] = SB == 0 ? yp[i] : yp[i] + hr * sb;
-          fin = fin && std::isfinite(yn[i]) && std::isfinite(klast[i]);
-        }
-        finite[t] = fin;
       }
     });
   });
@@ -267,14 +295,11 @@ at::Tensor interpolate_cpu(const at::Tensor& y_in, at::TensorList K, const at::T
     T* op_ = out.data_ptr<T>();
     Tiles tl(G, N);
     at::parallel_for(0, tl.n, tl.grain, [&](int64_t b, int64_t e) {
+      std::vector<T> wr(U);
       for (int64_t t = b; t < e; ++t) {
-        const int64_t r = tl.row(t), off = r * N;
-        const T* wr = &W[r * U];
-        for (int64_t i = off + tl.lo(t); i < off + tl.hi(t); ++i) {
-          T acc = 0;
-          for (size_t u = 0; u < U; ++u) acc = u == 0 ? wr[0] * kp[0][i] : acc + wr[u] * kp[u][i];
-          op_[i] = U == 0 ? yp[i] : yp[i] + hp[r] * acc;
-        }
+        const int64_t r = tl.row(t), base = r * N + tl.lo(t), len = tl.hi(t) - tl.lo(t);
+        for (size_t u = 0; u < U; ++u) wr[u] = W[r * U + u];
+        combine_tile<T>(yp + base, kp, wr, 0, base, hp[r], len, op_ + base);
       }
     });
   });
@@ -301,9 +326,152 @@ at::Tensor adjoint_weights_cpu(const at::Tensor& h_in, const at::Tensor& accept_
   return out;
 }
 
+void check_time(const at::Tensor& x, int64_t G, const char* what, const char* op, at::ScalarType dt = at::kDouble) {
+  TORCH_CHECK(x.dim() == 1 && x.size(0) == G, "fastnode.", op, ": ", what, " must be [G] with G = ", G, ", got ",
+              x.sizes());
+  TORCH_CHECK(x.scalar_type() == dt, "fastnode.", op, ": ", what, " must be ", dt, ", got ", x.scalar_type());
+}
+
+// Number of entries of the increasing row [p, p + T) that are <= x (torch.searchsorted(..., right=True)).
+inline int64_t count_le(const double* p, int64_t T, double x) { return std::upper_bound(p, p + T, x) - p; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_begin_cpu(
+    const at::Tensor& t_in, const at::Tensor& h_in, const at::Tensor& run_in, const at::Tensor& t_out_in,
+    const at::Tensor& t_end_in, bool to_outputs, at::ArrayRef<double> c, double sign, at::ScalarType sdt,
+    bool squeeze) {
+  const char* op = "step_begin";
+  const int64_t G = t_in.size(0);
+  check_time(t_in, G, "t", op);
+  check_time(h_in, G, "h", op);
+  check_time(run_in, G, "running", op, at::kBool);
+  check_time(t_end_in, G, "t_end", op);
+  TORCH_CHECK(t_out_in.dim() == 2 && t_out_in.size(0) == G && t_out_in.size(1) >= 1 &&
+              t_out_in.scalar_type() == at::kDouble, "fastnode.step_begin: t_out must be float64 [G, T]");
+  TORCH_CHECK(sdt == at::kFloat || sdt == at::kDouble, "fastnode.step_begin: state_dtype must be float32/64");
+  TORCH_CHECK(!squeeze || G == 1, "fastnode.step_begin: squeeze needs G = 1");
+  auto t = t_in.contiguous(), h = h_in.contiguous(), rn = run_in.contiguous(), to = t_out_in.contiguous(),
+       te = t_end_in.contiguous();
+  const int64_t T = to.size(1), S = static_cast<int64_t>(c.size());
+  auto dopt = t.options();
+  auto h_ctl = at::empty({G}, dopt), t_new = at::empty({G}, dopt);
+  auto clipped = at::empty({G}, dopt.dtype(at::kBool));
+  auto sopt = dopt.dtype(sdt);
+  auto hy = at::empty({G}, sopt);
+  auto ts = squeeze ? at::empty({S}, sopt) : at::empty({S, G}, sopt);
+  auto tn = squeeze ? at::empty({}, sopt) : at::empty({G}, sopt);
+  const double *tp = t.data_ptr<double>(), *hp = h.data_ptr<double>(), *op_ = to.data_ptr<double>(),
+               *ep = te.data_ptr<double>();
+  const bool* rp = rn.data_ptr<bool>();
+  double *hc = h_ctl.data_ptr<double>(), *tnp = t_new.data_ptr<double>();
+  bool* cp = clipped.data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES(sdt, "step_begin_cpu", [&] {
+    using T_ = scalar_t;
+    T_ *hyp = hy.data_ptr<T_>(), *tsp = ts.data_ptr<T_>(), *tep = tn.data_ptr<T_>();
+    for (int64_t g = 0; g < G; ++g) {
+      double limit = ep[g];
+      if (to_outputs) {
+        const double* row = op_ + g * T;
+        limit = row[std::min(count_le(row, T, tp[g]), T - 1)];
+      }
+      const double room = limit - tp[g];
+      const bool clip = rp[g] && hp[g] >= room;
+      const double hcv = (clip ? room : hp[g]) * (rp[g] ? 1.0 : 0.0);
+      const double tnv = clip ? limit : tp[g] + hcv;
+      hc[g] = hcv;
+      cp[g] = clip;
+      tnp[g] = tnv;
+      hyp[g] = static_cast<T_>(hcv);
+      for (int64_t i = 0; i < S; ++i) {
+        // As torch.addcmul on CPU (a fused multiply-add): the times func sees match the reference exactly.
+        const T_ v = static_cast<T_>(std::fma(c[i], hcv, tp[g]));
+        tsp[i * G + g] = sign < 0 ? -v : v;
+      }
+      const T_ e = static_cast<T_>(tnv);
+      tep[g] = sign < 0 ? -e : e;
+    }
+  });
+  return {h_ctl, clipped, t_new, hy, ts, tn};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+step_end_cpu(const at::Tensor& accept_in, const at::Tensor& h_next_in, const at::Tensor& h_in, const at::Tensor& clip_in,
+             const at::Tensor& run_in, const at::Tensor& t_in, const at::Tensor& t_new_in, const at::Tensor& t_end_in,
+             const at::Tensor& n_att_in, const at::Tensor& n_acc_in, const at::Tensor& status_in,
+             const at::Tensor& lnf_in, const at::Tensor& ok_in, const at::Tensor& next_in, const at::Tensor& t_out_in,
+             int64_t max_num_steps, at::IntArrayRef codes) {
+  const char* op = "step_end";
+  const int64_t G = t_in.size(0);
+  for (auto* p : {&accept_in, &clip_in, &run_in, &lnf_in, &ok_in}) check_time(*p, G, "a mask", op, at::kBool);
+  for (auto* p : {&h_next_in, &h_in, &t_in, &t_new_in, &t_end_in}) check_time(*p, G, "a time", op);
+  check_time(n_att_in, G, "n_att", op, at::kLong);
+  check_time(n_acc_in, G, "n_acc", op, at::kLong);
+  check_time(next_in, G, "next_idx", op, at::kLong);
+  check_time(status_in, G, "status", op, at::kChar);
+  TORCH_CHECK(t_out_in.dim() == 2 && t_out_in.size(0) == G && t_out_in.scalar_type() == at::kDouble,
+              "fastnode.step_end: t_out must be float64 [G, T]");
+  TORCH_CHECK(codes.size() == 4, "fastnode.step_end: codes must hold 4 status codes");
+  auto acc = accept_in.contiguous(), hn = h_next_in.contiguous(), h = h_in.contiguous(), cl = clip_in.contiguous(),
+       rn = run_in.contiguous(), t = t_in.contiguous(), tn = t_new_in.contiguous(), te = t_end_in.contiguous(),
+       na = n_att_in.contiguous(), nc = n_acc_in.contiguous(), stv = status_in.contiguous(),
+       lnf = lnf_in.contiguous(), ok = ok_in.contiguous(), nx = next_in.contiguous(), to = t_out_in.contiguous();
+  const int64_t T = to.size(1);
+  auto h_keep = at::empty({G}, t.options()), t_fut = at::empty({G}, t.options());
+  auto n_att = at::empty({G}, na.options()), n_acc = at::empty({G}, nc.options());
+  auto status = at::empty({G}, stv.options()), last_nf = at::empty({G}, lnf.options());
+  auto stuck = at::empty({G}, rn.options()), run_next = at::empty({G}, rn.options());
+  auto crossed = at::empty({G}, nx.options());
+  auto packet = at::empty({3}, nx.options());
+  const bool *ap = acc.data_ptr<bool>(), *clp = cl.data_ptr<bool>(), *rp = rn.data_ptr<bool>(),
+             *lp = lnf.data_ptr<bool>(), *okp = ok.data_ptr<bool>();
+  const double *hnp = hn.data_ptr<double>(), *hp = h.data_ptr<double>(), *tp = t.data_ptr<double>(),
+               *tnp = tn.data_ptr<double>(), *tep = te.data_ptr<double>(), *top = to.data_ptr<double>();
+  const int64_t *nap = na.data_ptr<int64_t>(), *ncp = nc.data_ptr<int64_t>(), *nxp = nx.data_ptr<int64_t>();
+  const int8_t* sp = stv.data_ptr<int8_t>();
+  double *hk = h_keep.data_ptr<double>(), *tf = t_fut.data_ptr<double>();
+  int64_t *nao = n_att.data_ptr<int64_t>(), *nco = n_acc.data_ptr<int64_t>(), *cr = crossed.data_ptr<int64_t>();
+  int8_t* so = status.data_ptr<int8_t>();
+  bool *lo = last_nf.data_ptr<bool>(), *sk = stuck.data_ptr<bool>(), *rx = run_next.data_ptr<bool>();
+  int64_t any_run = 0, any_stuck = 0, max_cross = std::numeric_limits<int64_t>::min();
+  for (int64_t g = 0; g < G; ++g) {
+    const bool a = ap[g], r = rp[g];
+    // Same formulas, in the same order, as StepOps.step_end (torch_ops.py).
+    const double hnext = (clp[g] && a) ? std::max(hnp[g], hp[g]) : hnp[g];
+    const int64_t natt = nap[g] + (r ? 1 : 0);
+    nao[g] = natt;
+    nco[g] = ncp[g] + (a ? 1 : 0);
+    const double tfut = a ? tnp[g] : tp[g];
+    tf[g] = tfut;
+    const double ttry = tfut + hnext;
+    const bool no_move = !a && ttry <= tfut;
+    const bool inf_try = std::isinf(ttry);
+    const bool st = r && (no_move || inf_try || (natt >= max_num_steps && tfut < tep[g]));
+    sk[g] = st;
+    const bool lnf_v = r ? !okp[g] : lp[g];
+    lo[g] = lnf_v;
+    const int64_t fail = no_move ? (lnf_v ? codes[0] : codes[1]) : (inf_try ? codes[2] : codes[3]);
+    so[g] = st ? static_cast<int8_t>(fail) : sp[g];
+    const int64_t cross = a ? count_le(top + g * T, T, tnp[g]) - nxp[g] : 0;
+    cr[g] = cross;
+    const bool rnext = r && tfut < tep[g] && !st;
+    rx[g] = rnext;
+    hk[g] = r ? hnext : hp[g];
+    any_run |= rnext;
+    any_stuck |= st;
+    max_cross = std::max(max_cross, cross);
+  }
+  int64_t* pk = packet.data_ptr<int64_t>();
+  pk[0] = any_run;
+  pk[1] = any_stuck;
+  pk[2] = G > 0 ? max_cross : 0;
+  return {h_keep, t_fut, n_att, n_acc, status, last_nf, stuck, crossed, run_next, packet};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastnode, CPU, m) {
+  m.impl("step_begin", &step_begin_cpu);
+  m.impl("step_end", &step_end_cpu);
   m.impl("rk_combine", &rk_combine_cpu);
   m.impl("finish_control", &finish_control_cpu);
   m.impl("interpolate", &interpolate_cpu);

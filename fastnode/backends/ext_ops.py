@@ -81,6 +81,21 @@ if _LOAD_ERROR is None:
     def _interpolate_fake(y, K, h, theta, dense, P):
         return torch.empty_like(y)
 
+    @torch.library.register_fake("fastnode::step_begin")
+    def _step_begin_fake(t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze):
+        G, S = t.shape[0], len(c)
+        ts = t.new_empty((S,) if squeeze else (S, G), dtype=state_dtype)
+        te = t.new_empty(() if squeeze else (G,), dtype=state_dtype)
+        return (torch.empty_like(t), torch.empty_like(running), torch.empty_like(t), t.new_empty((G,), dtype=state_dtype),
+                ts, te)
+
+    @torch.library.register_fake("fastnode::step_end")
+    def _step_end_fake(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
+                       new_ok, next_idx, t_out, max_num_steps, codes):
+        return (torch.empty_like(t), torch.empty_like(t), torch.empty_like(n_att), torch.empty_like(n_acc),
+                torch.empty_like(status), torch.empty_like(last_nonfinite), torch.empty_like(running),
+                torch.empty_like(next_idx), torch.empty_like(running), next_idx.new_empty((3,)))
+
     @torch.library.register_fake("fastnode::adjoint_weights")
     def _adjoint_weights_fake(h, accept, b):
         return h.new_empty((len(b), h.shape[0]))
@@ -131,17 +146,31 @@ class ExtStepOps(TorchStepOps):
                                           ratio_floor=ratio_floor, adjust=adjust)
         rt, rs = tol_args(rtol, y)
         at, as_ = tol_args(atol, y)
-        floor = None if ratio_floor is None else ratio_floor.to(torch.float64)
+        floor = None if ratio_floor is None else ratio_floor.to(torch.float64).reshape(-1).expand(y.shape[0])
         return self._ops.finish_control(y, K, h, list(tableau.b), list(tableau.e), rt, rs, at, as_,
                                         norm.bounds(y.shape[1]), h_ctl, prev_ratio, running, floor,
                                         ctrl_values(cfg))
 
     def interpolate(self, tableau, y, K, h, theta):
-        if not self._fits(y) or not y.device.type == "cpu":
+        if not self._fits(y) or y.device.type != "cpu":
             return super().interpolate(tableau, y, K, h, theta)
         dense = _dense_flat(tableau)
         P = len(tableau.dense[0])
         return self._ops.interpolate(y, list(K), h, theta.to(y.dtype).expand(y.shape[0]).contiguous(), dense, P)
+
+    def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze):
+        if t.device.type != "cpu" or t.dtype != torch.float64 or state_dtype not in _FLOATS:
+            return super().step_begin(t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze)
+        return self._ops.step_begin(t, h, running, t_out, t_end, to_outputs, list(c), float(sign), state_dtype,
+                                    squeeze)
+
+    def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
+                 new_ok, next_idx, t_out, max_num_steps, codes):
+        if t.device.type != "cpu" or t.dtype != torch.float64:
+            return super().step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
+                                    last_nonfinite, new_ok, next_idx, t_out, max_num_steps, codes)
+        return self._ops.step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
+                                  last_nonfinite, new_ok, next_idx, t_out, int(max_num_steps), list(codes))
 
     def adjoint_weights(self, h: torch.Tensor, accept: torch.Tensor, b) -> torch.Tensor:
         """[S, G]: ``h_g * b_j`` where group g's step was accepted, else 0."""
@@ -158,4 +187,4 @@ def _dense_flat(tableau) -> list[float]:
     return hit[1]
 
 
-__all__ = ["ExtStepOps", "available", "unavailable_reason", "ctrl_values", "tol_args", "_dense_tensor"]
+__all__ = ["ExtStepOps", "_dense_tensor", "available", "ctrl_values", "tol_args", "unavailable_reason"]

@@ -103,6 +103,77 @@ class StepOps:
         """Dense output at ``t0 + theta * h``: ``theta: [G]`` -> [G, N]."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def step_begin(self, t, h, running, t_out, t_end, to_outputs: bool, c, sign: float, state_dtype, squeeze: bool):
+        """A step's set-up for every group (no time gradients, no step_t/jump_t stops).
+
+        Args:
+            t, h: [G] time and proposed step (time dtype); ``running``: [G] bool.
+            t_out: [G, T] increasing output times; ``t_end``: [G]; ``to_outputs``: steps land on every output time
+                (else only on ``t_end``).
+            c: the tableau's stage times; ``sign``: +1/-1, user time = sign * integration time.
+            squeeze: shared mode (G = 1): stage times come back as func sees them there, ``[S]`` and 0-d.
+        Returns:
+            ``(h_ctl [G], clipped [G], t_new [G], h_state [G] (state dtype), t_stage [S, G] or [S],
+            t_end_stage [G] or 0-d)``: the step clipped to the next stop (0 where not running), whether it
+            was clipped, the time it reaches, and every stage's time as func sees it.
+        """
+        limit = t_end
+        if to_outputs:
+            nxt = torch.searchsorted(t_out, t.unsqueeze(1), right=True).clamp_max_(t_out.shape[1] - 1)
+            limit = t_out.gather(1, nxt).squeeze(1)
+        room = limit - t
+        clipped = running & (h >= room)
+        h_ctl = torch.where(clipped, room, h).mul_(running)
+        t_new = torch.where(clipped, limit, t + h_ctl)
+        c_col = _const(tuple(c), t.dtype, t.device).unsqueeze(1)
+        ts = torch.addcmul(t, c_col, h_ctl).to(state_dtype)
+        te = t_new.to(state_dtype)
+        if sign < 0:
+            ts, te = -ts, -te
+        if squeeze:
+            ts, te = ts.squeeze(-1), te.squeeze(-1)
+        return h_ctl, clipped, t_new, h_ctl.to(state_dtype), ts, te
+
+    @torch.no_grad()
+    def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
+                 new_ok, next_idx, t_out, max_num_steps: int, codes):
+        """A step's bookkeeping for every group, after the controller decided.
+
+        Args:
+            accept, h_next: [G] the controller's decision and proposal; ``h``: [G] the step proposed before it.
+            clipped, running: [G] bool; ``t``, ``t_new``, ``t_end``: [G] times; ``n_att``, ``n_acc``: [G] int64
+                attempt/accept counters; ``status``: [G] int8; ``last_nonfinite``, ``new_ok``: [G] bool;
+                ``next_idx``: [G] int64 index of the next output time; ``t_out``: [G, T].
+            codes: the status codes ``(non_finite, step_underflow, time_overflow, max_steps)``.
+        Returns:
+            ``(h [G], t [G], n_att, n_acc, status, last_nonfinite, stuck [G], crossed [G] int64,
+            running_next [G], packet [3] int64)``; ``packet`` = (any running next, any stuck, max crossed),
+            the loop's one host transfer.
+        """
+        # A step shortened to land on a stop is no evidence for a smaller step: keep the proposal.
+        h_next = torch.where(clipped & accept, torch.maximum(h_next, h), h_next)
+        n_att = n_att + running
+        n_acc = n_acc + accept
+        t_fut = torch.where(accept, t_new, t)
+        # Failures: a rejected step that can no longer move t (underflow: non-finite if the rejections came from
+        # NaN/inf, else a genuine underflow), a step grown to inf (events with no end time), the step budget spent
+        # with time left.
+        t_try = t_fut + h_next
+        no_move = ~accept & (t_try <= t_fut)
+        inf_try = torch.isinf(t_try)
+        stuck = running & (no_move | inf_try | ((n_att >= max_num_steps) & (t_fut < t_end)))
+        last_nonfinite = torch.where(running, ~new_ok, last_nonfinite)
+        nf, uf, to, ms = _const(tuple(codes), torch.int8, t.device).unbind()
+        fail = torch.where(no_move, torch.where(last_nonfinite, nf, uf), torch.where(inf_try, to, ms))
+        status = torch.where(stuck, fail, status)
+        n_le = torch.searchsorted(t_out, t_new.unsqueeze(1), right=True).squeeze(1)
+        crossed = torch.where(accept, n_le - next_idx, 0)
+        running_next = running & (t_fut < t_end) & ~stuck
+        h_keep = torch.where(running, h_next, h)  # a finished group keeps its last proposal (seeds the adjoint)
+        packet = torch.stack([running_next.any().to(torch.int64), stuck.any().to(torch.int64), crossed.max()])
+        return h_keep, t_fut, n_att, n_acc, status, last_nonfinite, stuck, crossed, running_next, packet
+
     def finish_control(self, tableau, y, K, h, rtol, atol, norm: Callable, cfg: ControllerConfig, h_ctl,
                        prev_ratio, running, ratio_floor=None, adjust: Callable | None = None):
         """A step's whole finish: solution, error ratio, finiteness, accept/reject and the next step size.
@@ -226,6 +297,16 @@ class TorchStepOps(StepOps):
 
 
 _DENSE_CACHE: dict = {}
+_CONST_CACHE: dict = {}
+
+
+def _const(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor, made once per (values, dtype, device)."""
+    key = (values, dtype, device)
+    hit = _CONST_CACHE.get(key)
+    if hit is None:
+        hit = _CONST_CACHE[key] = torch.tensor(values, dtype=dtype, device=device)
+    return hit
 
 
 def _dense_tensor(tableau: ButcherTableau, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,278 @@
+// CUDA implementations of the fastnode adjoint step ops (the forward on CUDA is the Triton backend's):
+// rk_combine (stage inputs and solutions of the augmented state), finish_control (solution, per-group error
+// ratio, finiteness and the controller, with no host sync) and adjoint_weights. Every launch goes on the current
+// stream. Only c10's CUDA headers are used (no cuBLAS/cuSPARSE headers), which keeps the compile light.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include "../step_ops.h"
+
+namespace fastnode {
+namespace {
+
+constexpr int kMaxStages = 16;
+constexpr int kMaxSegments = 16;
+constexpr int kThreads = 256;
+
+template <typename T>
+struct Stages {
+  const T* k[kMaxStages];
+  T w[kMaxStages];
+  int n;
+};
+
+struct Segments {
+  int64_t lo[kMaxSegments];
+  int64_t hi[kMaxSegments];
+  int n;
+};
+
+template <typename T>
+Stages<T> pack_stages(const std::vector<at::Tensor>& K, at::ArrayRef<double> w) {
+  Stages<T> s{};
+  s.n = 0;
+  for (size_t j = 0; j < w.size(); ++j) {
+    if (w[j] == 0.0) continue;  // zero weights skipped, as in the reference
+    s.k[s.n] = K[j].data_ptr<T>();
+    s.w[s.n] = static_cast<T>(w[j]);
+    ++s.n;
+  }
+  return s;
+}
+
+template <typename T>
+__device__ __forceinline__ T lincomb(const Stages<T>& s, int64_t i) {
+  T acc = 0;
+  for (int j = 0; j < s.n; ++j) acc = j == 0 ? s.w[0] * s.k[0][i] : acc + s.w[j] * s.k[j][i];
+  return acc;
+}
+
+template <typename T>
+__global__ void rk_combine_kernel(const T* __restrict__ y, const T* __restrict__ h, Stages<T> st, int64_t G,
+                                  int64_t N, T* __restrict__ out) {
+  const int64_t total = G * N;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / N;
+    out[i] = st.n == 0 ? y[i] : y[i] + h[r] * lincomb(st, i);
+  }
+}
+
+// Pass 1 of finish_control: y_new for every element; per (row, segment) the sum of squares of the scaled error,
+// reduced in shared memory and added atomically in float64; a per-row flag for non-finite y_new + k_last.
+template <typename T>
+__global__ void finish_pass1_kernel(const T* __restrict__ y, const T* __restrict__ h, Stages<T> sb, Stages<T> se,
+                                    const T* __restrict__ klast, const T* __restrict__ rt, int64_t r_stride,
+                                    T rtol, const T* __restrict__ at, int64_t a_stride, T atol, Segments seg,
+                                    int64_t G, int64_t N, T* __restrict__ y_new, double* __restrict__ sq,
+                                    int* __restrict__ bad) {
+  __shared__ double red[kThreads];
+  for (int64_t r = blockIdx.y; r < G; r += gridDim.y) {
+    double local[kMaxSegments];
+    for (int s = 0; s < seg.n; ++s) local[s] = 0.0;
+    bool fin = true;
+    const T hr = h[r];
+    for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < N;
+         c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int64_t i = r * N + c;
+      const T yv = y[i];
+      const T ynv = sb.n == 0 ? yv : yv + hr * lincomb(sb, i);
+      y_new[i] = ynv;
+      fin = fin && isfinite(ynv + klast[i]);
+      const T rtv = rt ? rt[r * r_stride + c] : rtol;
+      const T atv = at ? at[r * a_stride + c] : atol;
+      const T scale = fmax(fabs(yv), fabs(ynv)) * rtv + atv;
+      const T x = (lincomb(se, i) * hr) / scale;
+      for (int s = 0; s < seg.n; ++s)
+        if (seg.lo[s] <= c && c < seg.hi[s]) local[s] += static_cast<double>(x) * static_cast<double>(x);
+    }
+    if (!fin) atomicExch(&bad[r], 1);
+    for (int s = 0; s < seg.n; ++s) {
+      red[threadIdx.x] = local[s];
+      __syncthreads();
+      for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+        if (threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
+        __syncthreads();
+      }
+      if (threadIdx.x == 0) atomicAdd(&sq[r * seg.n + s], red[0]);
+      __syncthreads();
+    }
+  }
+}
+
+// Pass 2: one thread per row: the ratio (max over segments of the RMS, the floor, inf when non-finite) and the
+// controller's decision, with the same formulas as the CPU implementation (step_ops.h).
+__global__ void finish_pass2_kernel(const double* __restrict__ sq, const int* __restrict__ bad, Segments seg,
+                                    const double* __restrict__ floor, const double* __restrict__ h_ctl,
+                                    const double* __restrict__ prev, const bool* __restrict__ running, CtrlCfg cfg,
+                                    int64_t G, double* __restrict__ ratio, bool* __restrict__ ok,
+                                    bool* __restrict__ accept, double* __restrict__ h_next,
+                                    double* __restrict__ prev_out) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (r >= G) return;
+  double rr = 0.0;
+  for (int s = 0; s < seg.n; ++s) {
+    const double v = sqrt(sq[r * seg.n + s] / static_cast<double>(seg.hi[s] - seg.lo[s]));
+    rr = (isnan(v) || v > rr) ? v : rr;
+  }
+  if (floor) rr = (isnan(floor[r]) || floor[r] > rr) ? floor[r] : rr;
+  const bool fin = bad[r] == 0;
+  if (!fin) rr = INFINITY;
+  ratio[r] = rr;
+  ok[r] = fin;
+  control_one(cfg, h_ctl[r], rr, prev[r], running[r], &accept[r], &h_next[r], &prev_out[r]);
+}
+
+template <typename T>
+__global__ void adjoint_weights_kernel(const T* __restrict__ h, const bool* __restrict__ acc, Stages<T> b,
+                                       int64_t G, T* __restrict__ out) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= G * b.n) return;
+  const int64_t j = i / G, g = i % G;
+  out[i] = (acc[g] ? h[g] : T(0)) * b.w[j];
+}
+
+int blocks_for(int64_t n) {
+  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
+}
+
+std::vector<at::Tensor> contiguous(at::TensorList K) {
+  std::vector<at::Tensor> out;
+  for (const auto& k : K) out.push_back(k.contiguous());
+  return out;
+}
+
+at::Tensor rk_combine_cuda(const at::Tensor& y_in, at::TensorList K, const at::Tensor& h_in, at::ArrayRef<double> w) {
+  check_stages(y_in, K, w.size(), "rk_combine");
+  check_rows(h_in, y_in, y_in.scalar_type(), "h", "rk_combine");
+  TORCH_CHECK(w.size() <= kMaxStages, "fastnode.rk_combine: at most ", kMaxStages, " stages on CUDA");
+  const c10::cuda::CUDAGuard guard(y_in.device());
+  auto y = y_in.contiguous();
+  auto h = h_in.contiguous();
+  auto Kc = contiguous(K);
+  auto out = at::empty_like(y);
+  const int64_t G = y.size(0), N = y.size(1);
+  if (G * N == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "rk_combine_cuda", [&] {
+    auto st = pack_stages<scalar_t>(Kc, w);
+    rk_combine_kernel<scalar_t><<<blocks_for(G * N), kThreads, 0, stream>>>(
+        y.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), st, G, N, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_control_cuda(
+    const at::Tensor& y_in, at::TensorList K, const at::Tensor& h_in, at::ArrayRef<double> b,
+    at::ArrayRef<double> e, const c10::optional<at::Tensor>& rtol_t, double rtol,
+    const c10::optional<at::Tensor>& atol_t, double atol, at::IntArrayRef segments, const at::Tensor& h_ctl,
+    const at::Tensor& prev, const at::Tensor& running, const c10::optional<at::Tensor>& floor_in,
+    at::ArrayRef<double> ctrl) {
+  const char* op = "finish_control";
+  check_stages(y_in, K, std::max(b.size(), e.size()), op);
+  TORCH_CHECK(b.size() == K.size() && e.size() == K.size(), "fastnode.finish_control: b and e need one weight per "
+              "stage (", K.size(), "), got ", b.size(), " and ", e.size());
+  TORCH_CHECK(K.size() <= kMaxStages, "fastnode.finish_control: at most ", kMaxStages, " stages on CUDA");
+  check_rows(h_in, y_in, y_in.scalar_type(), "h", op);
+  check_rows(h_ctl, y_in, at::kDouble, "h_ctl", op);
+  check_rows(prev, y_in, at::kDouble, "prev_ratio", op);
+  check_rows(running, y_in, at::kBool, "running", op);
+  if (floor_in.has_value()) check_rows(*floor_in, y_in, at::kDouble, "ratio_floor", op);
+  check_tol(rtol_t, y_in, "rtol_t", op);
+  check_tol(atol_t, y_in, "atol_t", op);
+  const int64_t G = y_in.size(0), N = y_in.size(1);
+  check_segments(segments, N, op);
+  TORCH_CHECK(segments.size() / 2 <= kMaxSegments, "fastnode.finish_control: at most ", kMaxSegments,
+              " norm segments on CUDA");
+  const CtrlCfg cfg = unpack_ctrl(ctrl);
+  const c10::cuda::CUDAGuard guard(y_in.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+
+  auto y = y_in.contiguous();
+  auto h = h_in.contiguous();
+  auto Kc = contiguous(K);
+  auto rt = rtol_t.has_value() ? rtol_t->contiguous() : at::Tensor();
+  auto at_ = atol_t.has_value() ? atol_t->contiguous() : at::Tensor();
+  Segments seg{};
+  seg.n = static_cast<int>(segments.size() / 2);
+  for (int s = 0; s < seg.n; ++s) {
+    seg.lo[s] = segments[2 * s];
+    seg.hi[s] = segments[2 * s + 1];
+  }
+  auto dopt = y.options().dtype(at::kDouble);
+  auto y_new = at::empty_like(y);
+  auto sq = at::zeros({G, seg.n}, dopt);
+  auto bad = at::zeros({G}, y.options().dtype(at::kInt));
+  if (G * N > 0) {
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "finish_control_cuda", [&] {
+      using T = scalar_t;
+      auto sb = pack_stages<T>(Kc, b);
+      auto se = pack_stages<T>(Kc, e);
+      const int64_t r_stride = rt.defined() && rt.size(0) > 1 ? N : 0;
+      const int64_t a_stride = at_.defined() && at_.size(0) > 1 ? N : 0;
+      const dim3 grid(static_cast<unsigned>(std::min<int64_t>((N + kThreads - 1) / kThreads, 1024)),
+                      static_cast<unsigned>(std::min<int64_t>(G, 65535)));
+      finish_pass1_kernel<T><<<grid, kThreads, 0, stream>>>(
+          y.data_ptr<T>(), h.data_ptr<T>(), sb, se, Kc.back().data_ptr<T>(), rt.defined() ? rt.data_ptr<T>() : nullptr,
+          r_stride, static_cast<T>(rtol), at_.defined() ? at_.data_ptr<T>() : nullptr, a_stride, static_cast<T>(atol),
+          seg, G, N, y_new.data_ptr<T>(), sq.data_ptr<double>(), bad.data_ptr<int>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  auto ratio = at::empty({G}, dopt);
+  auto ok = at::empty({G}, y.options().dtype(at::kBool));
+  auto accept = at::empty({G}, y.options().dtype(at::kBool));
+  auto h_next = at::empty({G}, dopt);
+  auto prev_out = at::empty({G}, dopt);
+  auto fl = floor_in.has_value() ? floor_in->contiguous() : at::Tensor();
+  auto hc = h_ctl.contiguous();
+  auto pv = prev.contiguous();
+  auto rn = running.contiguous();
+  if (G > 0) {
+    finish_pass2_kernel<<<blocks_for(G), kThreads, 0, stream>>>(
+        sq.data_ptr<double>(), bad.data_ptr<int>(), seg, fl.defined() ? fl.data_ptr<double>() : nullptr,
+        hc.data_ptr<double>(), pv.data_ptr<double>(), rn.data_ptr<bool>(), cfg, G, ratio.data_ptr<double>(),
+        ok.data_ptr<bool>(), accept.data_ptr<bool>(), h_next.data_ptr<double>(), prev_out.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {y_new, ratio, ok, accept, h_next, prev_out};
+}
+
+at::Tensor adjoint_weights_cuda(const at::Tensor& h_in, const at::Tensor& accept_in, at::ArrayRef<double> b) {
+  TORCH_CHECK(h_in.dim() == 1 && (h_in.scalar_type() == at::kFloat || h_in.scalar_type() == at::kDouble),
+              "fastnode.adjoint_weights: h must be a float32/float64 [G] tensor");
+  check_rows(accept_in, h_in, at::kBool, "accept", "adjoint_weights");
+  TORCH_CHECK(b.size() <= kMaxStages, "fastnode.adjoint_weights: at most ", kMaxStages, " stages on CUDA");
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  auto h = h_in.contiguous();
+  auto acc = accept_in.contiguous();
+  const int64_t G = h.size(0), S = static_cast<int64_t>(b.size());
+  auto out = at::empty({S, G}, h.options());
+  if (S * G == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "adjoint_weights_cuda", [&] {
+    Stages<scalar_t> st{};
+    st.n = static_cast<int>(S);
+    for (int64_t j = 0; j < S; ++j) st.w[j] = static_cast<scalar_t>(b[j]);
+    adjoint_weights_kernel<scalar_t><<<blocks_for(S * G), kThreads, 0, stream>>>(
+        h.data_ptr<scalar_t>(), acc.data_ptr<bool>(), st, G, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastnode, CUDA, m) {
+  m.impl("rk_combine", &rk_combine_cuda);
+  m.impl("finish_control", &finish_control_cuda);
+  m.impl("adjoint_weights", &adjoint_weights_cuda);
+}
+
+}  // namespace fastnode
