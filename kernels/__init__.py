@@ -9,6 +9,8 @@ are opaque ``custom_op`` s, see ``_launch.register_op``):
 - ``finish_control`` (``finish_control.py``): solution, scaled error RMS norm (per group, any segments), finiteness,
   accept/reject and the next step size (I or PI controller), on the device in two launches;
 - ``step_error`` (``finish_control.py``): solution and scaled error in one pass, for a user's norm;
+- ``step_begin`` / ``step_end`` (``step_bookkeeping.py``): a step's set-up (clip to the next stop, stage times) and
+  bookkeeping (counters, status, output times crossed, the loop's host-transfer packet), one launch each;
 - ``interpolate`` (``interpolate.py``): dense output at per-row ``theta`` inside a step.
 
 ``TritonStepOps`` (``step_ops.py``) plugs them into the solver loop through the StepOps interface; the references

@@ -26,6 +26,7 @@ from fastnode.backends.torch_ops import RMSNorm, TorchStepOps
 from . import finish_control as _fc  # noqa: F401  (importing the modules registers the fastnode_triton:: ops)
 from . import interpolate as _ip  # noqa: F401
 from . import rk_combine as _rk  # noqa: F401
+from . import step_bookkeeping as _sb  # noqa: F401
 from ._launch import FLOAT_DTYPES, device_constants, tableau_constants
 
 
@@ -120,6 +121,37 @@ class TritonStepOps(TorchStepOps):
         w, idx = tableau_constants(tableau, y.device).weights("b")
         with _on(y.device):
             return self._ops.rk_combine(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), w, idx)
+
+    def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze):
+        if (t.dtype != torch.float64 or t.dim() != 1 or t_out.dtype != torch.float64 or t_out.dim() != 2
+                or t_out.shape[0] != t.shape[0] or state_dtype not in FLOAT_DTYPES or t.numel() == 0):
+            return super().step_begin(t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze)
+        G, dev, f64 = t.shape[0], t.device, torch.float64
+        cc = device_constants(tuple(float(v) for v in c), f64, dev)
+        with _on(dev), torch.no_grad():
+            h_ctl, clipped, t_new, hs, ts, te = self._ops.step_begin(
+                t.contiguous(), _rows(h, G, f64), _rows(running, G, torch.bool), t_out.contiguous(),
+                _rows(t_end, G, f64), bool(to_outputs), cc, sign < 0, state_dtype)
+        if squeeze:
+            ts, te = ts.squeeze(-1), te.squeeze(-1)
+        return h_ctl, clipped, t_new, hs, ts, te
+
+    def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
+                 new_ok, next_idx, t_out, max_num_steps, codes):
+        if (t.dtype != torch.float64 or t.dim() != 1 or t_out.dtype != torch.float64 or t_out.dim() != 2
+                or t_out.shape[0] != t.shape[0] or t.numel() == 0):
+            return super().step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
+                                    last_nonfinite, new_ok, next_idx, t_out, max_num_steps, codes)
+        G, dev, f64 = t.shape[0], t.device, torch.float64
+        cd = device_constants(tuple(int(v) for v in codes), torch.int8, dev)
+        b, i64 = torch.bool, torch.int64
+        with _on(dev), torch.no_grad():
+            return self._ops.step_end(
+                _rows(accept, G, b), _rows(h_next, G, f64), _rows(h, G, f64), _rows(clipped, G, b),
+                _rows(running, G, b), _rows(t, G, f64), _rows(t_new, G, f64), _rows(t_end, G, f64),
+                _rows(n_att, G, i64), _rows(n_acc, G, i64), _rows(status, G, torch.int8),
+                _rows(last_nonfinite, G, b), _rows(new_ok, G, b), _rows(next_idx, G, i64), t_out.contiguous(),
+                int(max_num_steps), cd)
 
     def step_finish(self, tableau, y, K, h, rtol, atol, norm):
         # Reached through StepOps.finish_control's composition when the norm is a user's (or the adjoint's custom

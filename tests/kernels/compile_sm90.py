@@ -57,6 +57,21 @@ def signatures() -> list:
     order = ["part_ptr", "fin_ptr", "seg_ptr", "consts_ptr", "hctl_ptr", "prev_ptr", "run_ptr", "floor_ptr",
              "ratio_ptr", "ok_ptr", "acc_ptr", "hnext_ptr", "pout_ptr", "G", "n_cb", "NSEG", "HAS_FLOOR", "BLOCK",
              "CBLOCK"]
+    from fastnode.kernels.step_bookkeeping import _step_begin_kernel, _step_end_kernel
+
+    f64, u8, i64 = "*fp64", "*u8", "*i64"
+    begin = {"t_ptr": f64, "h_ptr": f64, "run_ptr": u8, "tout_ptr": f64, "tend_ptr": f64, "c_ptr": f64,
+             "hctl_ptr": f64, "clip_ptr": u8, "tnew_ptr": f64, "hs_ptr": "*fp32", "ts_ptr": "*fp32",
+             "te_ptr": "*fp32", "G": "i32", "T": "i32", "S": "i32", "TO_OUT": "constexpr", "NEG": "constexpr",
+             "LOGT": "constexpr", "BLOCK": "constexpr"}
+    out.append((_step_begin_kernel, begin, {"TO_OUT": True, "NEG": True, "LOGT": 4, "BLOCK": 1024}))
+    end = {"acc_ptr": u8, "hnext_ptr": f64, "h_ptr": f64, "clip_ptr": u8, "run_ptr": u8, "t_ptr": f64,
+           "tnew_ptr": f64, "tend_ptr": f64, "natt_ptr": i64, "nacc_ptr": i64, "status_ptr": "*i8", "lnf_ptr": u8,
+           "ok_ptr": u8, "nidx_ptr": i64, "tout_ptr": f64, "codes_ptr": "*i8", "hkeep_ptr": f64, "tfut_ptr": f64,
+           "natt_out": i64, "nacc_out": i64, "status_out": "*i8", "lnf_out": u8, "stuck_ptr": u8,
+           "crossed_ptr": i64, "rn_ptr": u8, "packet_ptr": i64, "G": "i32", "T": "i32", "max_num_steps": "i32",
+           "LOGT": "constexpr", "BLOCK": "constexpr"}
+    out.append((_step_end_kernel, end, {"LOGT": 4, "BLOCK": 1024}))
     ctl = {k: control_sig[k] for k in order}
     # per-sample (many groups, few column tiles) and shared (one group, many column tiles)
     out.append((_control_kernel, ctl, {"NSEG": 2, "HAS_FLOOR": True, "BLOCK": 256, "CBLOCK": 4}))
