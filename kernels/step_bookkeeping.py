@@ -122,8 +122,13 @@ def _step_end_kernel(acc_ptr, hnext_ptr, h_ptr, clip_ptr, run_ptr, t_ptr, tnew_p
     tl.atomic_max(packet_ptr + 2, tl.max(tl.where(m, crossed, -(2**62)), axis=0))
 
 
+# Groups per program (one lane each); the interpreter takes them all in one program.
+_GPU_BLOCK = 1024
+_INTERP_BLOCK = 1 << 16
+
+
 def _block(G: int, device: torch.device) -> int:
-    return min(triton.next_power_of_2(max(G, 1)), 1024 if device.type == "cuda" else 1 << 16)
+    return min(triton.next_power_of_2(max(G, 1)), _GPU_BLOCK if device.type == "cuda" else _INTERP_BLOCK)
 
 
 def _logt(T: int) -> int:

@@ -53,10 +53,15 @@ def test_step_begin(device, G, to_outputs, sign, state_dtype):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
-@pytest.mark.parametrize("G", [7, 1], ids=["G7", "G1"])
-def test_step_end(device, G):
+@pytest.mark.parametrize("G, block", [(7, None), (1, None), (7, 2)], ids=["G7", "G1", "G7-4-programs"])
+def test_step_end(device, G, block, monkeypatch):
     """Accepted, rejected, clipped, not running; stuck by no move (non-finite and underflow), by an infinite step
-    and by the step budget; output times crossed."""
+    and by the step budget; output times crossed. With several programs the packet is reduced by atomics."""
+    if block is not None:
+        from fastnode.kernels import step_bookkeeping
+
+        monkeypatch.setattr(step_bookkeeping, "_GPU_BLOCK", block)
+        monkeypatch.setattr(step_bookkeeping, "_INTERP_BLOCK", block)
     g = torch.Generator().manual_seed(1)
     t, h, running, t_out, t_end = _groups(G, device, seed=1)
     accept = (torch.rand(G, generator=g) < 0.6).to(device) & running
