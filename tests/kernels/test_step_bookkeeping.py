@@ -96,3 +96,10 @@ def test_opcheck(device):
     c = torch.tensor(C, dtype=F64, device=device)
     torch.library.opcheck(torch.ops.fastnode_triton.step_begin.default,
                           (t, h, running, t_out, t_end, True, c, False, torch.float32))
+    G = t.shape[0]
+    b = torch.ones(G, dtype=torch.bool, device=device)
+    i = torch.ones(G, dtype=torch.int64, device=device)
+    codes = torch.tensor(CODES, dtype=torch.int8, device=device)
+    torch.library.opcheck(torch.ops.fastnode_triton.step_end.default,
+                          (b, h, h, ~b, b, t, t + h, t_end, i, i, torch.zeros(G, dtype=torch.int8, device=device),
+                           ~b, b, i, t_out, 100, codes))
