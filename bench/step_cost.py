@@ -31,7 +31,7 @@ def vdp(t, y):
 
 
 def _is_op(name: str) -> bool:
-    return name.startswith("aten::") or name.startswith("fastnode::")
+    return name.startswith(("aten::", "fastnode::"))
 
 
 def top_level_aten_ops(fn) -> int:
@@ -49,7 +49,7 @@ def main():
     for backend in ("torch", "ext"):
         opts = {"backend": backend}
         try:
-            fn_ops = top_level_aten_ops(lambda: fastnode.odeint(vdp, Y0, T, rtol=TOL, atol=TOL, options=opts))
+            fn_ops = top_level_aten_ops(lambda o=opts: fastnode.odeint(vdp, Y0, T, rtol=TOL, atol=TOL, options=o))
         except ValueError as exc:  # the extension is not built
             print(f"(skipping backend {backend}: {exc})")
             continue

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -96,6 +97,27 @@ inline void check_segments(at::IntArrayRef seg, int64_t N, const char* op) {
   for (size_t s = 0; s < seg.size(); s += 2)
     TORCH_CHECK(0 <= seg[s] && seg[s] < seg[s + 1] && seg[s + 1] <= N, "fastnode.", op, ": bad segment [",
                 seg[s], ", ", seg[s + 1], ") for N = ", N);
+}
+
+// Every check of finish_control's arguments (CPU and CUDA share them); returns the controller settings.
+inline CtrlCfg check_finish_control(const at::Tensor& y, at::TensorList K, const at::Tensor& h, at::ArrayRef<double> b,
+                                    at::ArrayRef<double> e, const c10::optional<at::Tensor>& rtol_t,
+                                    const c10::optional<at::Tensor>& atol_t, at::IntArrayRef segments,
+                                    const at::Tensor& h_ctl, const at::Tensor& prev, const at::Tensor& running,
+                                    const c10::optional<at::Tensor>& floor, at::ArrayRef<double> ctrl) {
+  const char* op = "finish_control";
+  check_stages(y, K, std::max(b.size(), e.size()), op);
+  TORCH_CHECK(b.size() == K.size() && e.size() == K.size(), "fastnode.finish_control: b and e need one weight per "
+              "stage (", K.size(), "), got ", b.size(), " and ", e.size());
+  check_rows(h, y, y.scalar_type(), "h", op);
+  check_rows(h_ctl, y, at::kDouble, "h_ctl", op);
+  check_rows(prev, y, at::kDouble, "prev_ratio", op);
+  check_rows(running, y, at::kBool, "running", op);
+  if (floor.has_value()) check_rows(*floor, y, at::kDouble, "ratio_floor", op);
+  check_tol(rtol_t, y, "rtol_t", op);
+  check_tol(atol_t, y, "atol_t", op);
+  check_segments(segments, y.size(1), op);
+  return unpack_ctrl(ctrl);
 }
 
 }  // namespace fastnode

@@ -55,7 +55,7 @@ from ._odeint import (
 )
 from ._problem import FlatFunc, StateSpec, _flag, _num, check_options, check_tol, time_dtype_of
 from .backends import get_backend
-from .backends.torch_ops import RMSNorm
+from .backends.torch_ops import RMSNorm, TorchStepOps
 from .solvers import get_solver
 
 
@@ -190,6 +190,7 @@ class BackwardHooks:
         self.k1 = None
         self.S = self.E = None
         self.h = None
+        self.ops = TorchStepOps()  # the backend's adjoint_weights op; set by the backward solve
         # deferred (per-sample) state
         self.entries: list[_Eval] = []
         self.stage_evals: list[tuple[int, _Eval]] = []
@@ -283,19 +284,20 @@ class BackwardHooks:
             self.A = torch.where(acc, self.A + self.S, self.A)
             self.k1 = torch.where(acc, self.aug.last, self.k1)
         elif self.mode == "deferred":
-            hb = torch.where(accept, self.h, 0.0)
             b = self.tab.b
             S = self.tab.num_stages
+            # [S, G]: h_g * b_j where sample g's step was accepted, else 0 (one backend op).
+            W = self.ops.adjoint_weights(self.h, accept, b)
             self.step_tainted = (~finite).any()
             self.any_acc = accept.any()
             for e in self.entries:
                 if b[0]:
-                    e.w = e.w + torch.where(e.mask, hb, 0.0) * b[0]
+                    e.w = e.w + torch.where(e.mask, W[0], 0.0)
                 e.mask = e.mask & ~accept & running_next
             self.to_retire = []
             new = None
             for i, ev in self.stage_evals:
-                ev.w = hb * b[i]
+                ev.w = W[i]
                 if i == S - 1:
                     new = ev
                 elif b[i]:
@@ -451,6 +453,7 @@ def _backward(plan: _Plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: t
     theta_norm = "rms" if (plan.norm_mode == "default" and mode == "eager" and solver.adaptive) else None
     aug = AugmentedFunc(p.func, spec, aug_spec, sign_b, params, mode)
     hooks = BackwardHooks(aug, tableau, Y, Gc, plan.t_requires_grad, theta_norm, rtol_th, atol_th, custom)
+    hooks.ops = ops
 
     if custom is not None:
         norm = hooks.stash_norm

@@ -529,3 +529,33 @@ def test_opcheck_bookkeeping_ops():
             torch.zeros(G, dtype=torch.int64), torch.zeros(G, dtype=torch.int8), running, running,
             torch.ones(G, dtype=torch.int64), t_out, 100, [3, 2, 4, 1])
     torch.library.opcheck(torch.ops.fastnode.step_end.default, args)
+
+
+def test_package_runs_without_the_extension_and_says_so_once():
+    # A missing or broken build: the package imports, auto falls back to torch, and one warning says why.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['fastnode._C'] = None  # makes 'from .. import _C' raise ImportError\n"
+        "import torch, fastnode\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    for _ in range(3):\n"
+        "        fastnode.odeint(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]))\n"
+        "        assert fastnode.last_stats().backend == 'torch'\n"
+        "msgs = [str(x.message) for x in w if 'fastnode._C' in str(x.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "try:\n"
+        "    fastnode.odeint(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), options={'backend': 'ext'})\n"
+        "except ValueError as e:\n"
+        "    assert \"options['backend']='ext' is not available\" in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('forced ext did not raise')\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FASTNODE_SKIP_EXT"}
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

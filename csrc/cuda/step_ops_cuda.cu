@@ -174,23 +174,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& atol_t, double atol, at::IntArrayRef segments, const at::Tensor& h_ctl,
     const at::Tensor& prev, const at::Tensor& running, const c10::optional<at::Tensor>& floor_in,
     at::ArrayRef<double> ctrl) {
-  const char* op = "finish_control";
-  check_stages(y_in, K, std::max(b.size(), e.size()), op);
-  TORCH_CHECK(b.size() == K.size() && e.size() == K.size(), "fastnode.finish_control: b and e need one weight per "
-              "stage (", K.size(), "), got ", b.size(), " and ", e.size());
+  const CtrlCfg cfg = check_finish_control(y_in, K, h_in, b, e, rtol_t, atol_t, segments, h_ctl, prev, running,
+                                           floor_in, ctrl);
   TORCH_CHECK(K.size() <= kMaxStages, "fastnode.finish_control: at most ", kMaxStages, " stages on CUDA");
-  check_rows(h_in, y_in, y_in.scalar_type(), "h", op);
-  check_rows(h_ctl, y_in, at::kDouble, "h_ctl", op);
-  check_rows(prev, y_in, at::kDouble, "prev_ratio", op);
-  check_rows(running, y_in, at::kBool, "running", op);
-  if (floor_in.has_value()) check_rows(*floor_in, y_in, at::kDouble, "ratio_floor", op);
-  check_tol(rtol_t, y_in, "rtol_t", op);
-  check_tol(atol_t, y_in, "atol_t", op);
-  const int64_t G = y_in.size(0), N = y_in.size(1);
-  check_segments(segments, N, op);
   TORCH_CHECK(segments.size() / 2 <= kMaxSegments, "fastnode.finish_control: at most ", kMaxSegments,
               " norm segments on CUDA");
-  const CtrlCfg cfg = unpack_ctrl(ctrl);
+  const int64_t G = y_in.size(0), N = y_in.size(1);
   const c10::cuda::CUDAGuard guard(y_in.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
 

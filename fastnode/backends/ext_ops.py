@@ -174,6 +174,8 @@ class ExtStepOps(TorchStepOps):
 
     def adjoint_weights(self, h: torch.Tensor, accept: torch.Tensor, b) -> torch.Tensor:
         """[S, G]: ``h_g * b_j`` where group g's step was accepted, else 0."""
+        if h.dtype not in _FLOATS:
+            return super().adjoint_weights(h, accept, b)
         return self._ops.adjoint_weights(h, accept, list(b))
 
 

@@ -174,6 +174,13 @@ class StepOps:
         packet = torch.stack([running_next.any().to(torch.int64), stuck.any().to(torch.int64), crossed.max()])
         return h_keep, t_fut, n_att, n_acc, status, last_nonfinite, stuck, crossed, running_next, packet
 
+    @torch.no_grad()
+    def adjoint_weights(self, h: torch.Tensor, accept: torch.Tensor, b) -> torch.Tensor:
+        """The adjoint's per-sample quadrature weights [S, G]: ``h_g * b_j`` where group g's step was accepted,
+        else 0 (folded into the cotangent of the parameter adjoint's vector-Jacobian product)."""
+        hb = torch.where(accept, h, 0.0)
+        return hb.unsqueeze(0) * _const(tuple(float(v) for v in b), h.dtype, h.device).unsqueeze(1)
+
     def finish_control(self, tableau, y, K, h, rtol, atol, norm: Callable, cfg: ControllerConfig, h_ctl,
                        prev_ratio, running, ratio_floor=None, adjust: Callable | None = None):
         """A step's whole finish: solution, error ratio, finiteness, accept/reject and the next step size.
