@@ -51,9 +51,9 @@ def run_study(name: str, *, out, quick: bool = False, progress: bool = False, de
     Example:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as d:
-        ...     r = run_study("limits", out=d, quick=True, parts=("1d",))
-        >>> r["1d"]["ODE"]["loss"] >= 0.99
-        True
+        ...     r = run_study("limits", out=d, quick=True, parts=("1d",), iters_1d=3)
+        >>> sorted(r["1d"])
+        ['ANODE (+1 dim)', 'ODE', 'ResNet (4 blocks)']
     """
     from .common import cleanup_distributed, setup_distributed
 

@@ -19,7 +19,7 @@ from .data import load_breast_cancer, load_regression
 from .report import new_figure, save_figure, write_results
 
 NAME = "tabular"
-DEFAULTS = {"epochs": 40, "batch_size": 32, "width": 32, "hidden": 64, "lr": 3e-3, "rtol": 1e-3, "adjoint": True,
+DEFAULTS = {"epochs": 25, "batch_size": 32, "width": 32, "hidden": 64, "lr": 3e-3, "rtol": 1e-3, "adjoint": True,
             "dataset": None}
 QUICK = {"epochs": 3, "batch_size": 64, "width": 8, "hidden": 16, "lr": 1e-2, "rtol": 1e-2, "adjoint": True,
          "dataset": "diabetes"}
