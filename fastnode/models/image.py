@@ -24,7 +24,7 @@ from torch import nn
 
 from .ode_block import ODEBlock
 
-__all__ = ["ConcatConv2d", "ImageODEFunc", "ImageODENet", "ResBlock", "ImageResNet", "group_norm"]
+__all__ = ["ConcatConv2d", "ImageODEFunc", "ImageODENet", "ImageResNet", "ResBlock", "group_norm"]
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

@@ -8,7 +8,7 @@ from torch import nn
 from .image import _check_int
 from .ode_block import ODEBlock
 
-__all__ = ["MLPODEFunc", "TabularODENet", "ANODE", "ResNetMLP"]
+__all__ = ["ANODE", "MLPODEFunc", "ResNetMLP", "TabularODENet"]
 
 
 class MLPODEFunc(nn.Module):

@@ -14,8 +14,18 @@ from torch import nn
 
 from ..models import ODEBlock
 
-__all__ = ["DistInfo", "setup_distributed", "cleanup_distributed", "SavedTensorMeter", "batches", "ode_blocks",
-           "train_epoch", "evaluate", "median_throughput", "progress"]
+__all__ = [
+    "DistInfo",
+    "SavedTensorMeter",
+    "batches",
+    "cleanup_distributed",
+    "evaluate",
+    "median_throughput",
+    "ode_blocks",
+    "progress",
+    "setup_distributed",
+    "train_epoch",
+]
 
 
 class DistInfo:
@@ -94,7 +104,7 @@ class SavedTensorMeter:
         self._ctx = None
 
     class _Packed:
-        __slots__ = ("tensor", "__weakref__")
+        __slots__ = ("__weakref__", "tensor")
 
         def __init__(self, tensor):
             self.tensor = tensor
@@ -252,7 +262,7 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.o
             nfe_f.append(sum(b.nfe_forward or 0 for b in blocks))
             nb = [b.nfe_backward for b in blocks]
             nfe_b.append(None if any(v is None for v in nb) else sum(nb))
-    mean = lambda v: (sum(v) / len(v)) if v and all(a is not None for a in v) else None  # noqa: E731
+    mean = lambda v: (sum(v) / len(v)) if v and all(a is not None for a in v) else None
     return {"loss": mean(losses), "batch_times": times, "samples": samples, "nfe_forward": mean(nfe_f),
             "nfe_backward": mean(nfe_b)}
 

@@ -19,17 +19,17 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "CALIFORNIA_FILES",
+    "CIFAR10_FILES",
     "IMAGE_DATASETS",
+    "MNIST_FILES",
+    "load_breast_cancer",
+    "load_california_csv",
+    "load_cifar10",
     "load_images",
     "load_mnist_idx",
-    "load_cifar10",
-    "load_california_csv",
-    "load_breast_cancer",
     "load_regression",
     "make_annulus",
-    "MNIST_FILES",
-    "CIFAR10_FILES",
-    "CALIFORNIA_FILES",
 ]
 
 IMAGE_DATASETS = ("digits", "mnist-subset", "mnist", "cifar10")
@@ -100,7 +100,7 @@ def load_mnist_idx(data_dir) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
     root = _data_dir(data_dir, "mnist", MNIST_FILES)
     arrs = [_read_idx(_find(root, f, "mnist", MNIST_FILES)) for f in MNIST_FILES]
     xtr, ytr, xte, yte = arrs
-    to_x = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)  # noqa: E731
+    to_x = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)
     return to_x(xtr), torch.from_numpy(ytr.astype(np.int64)), to_x(xte), torch.from_numpy(yte.astype(np.int64))
 
 
@@ -199,7 +199,7 @@ def load_images(dataset: str, *, data_dir=None, image_size: int | None = None, t
     if image_size is not None:
         if not isinstance(image_size, int) or image_size < 8:
             raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
-        rs = lambda a: F.interpolate(a, size=(image_size, image_size), mode="bilinear", antialias=True,  # noqa: E731
+        rs = lambda a: F.interpolate(a, size=(image_size, image_size), mode="bilinear", antialias=True,
                                      align_corners=False)
         x_train, x_test = rs(x_train), rs(x_test)
     # Per-channel standardisation with the training set's statistics.
@@ -222,7 +222,7 @@ def _split_standardise(x: np.ndarray, y: np.ndarray, seed: int, test_fraction: f
     if scale_y:
         y_scale = (float(ytr.mean()), float(ytr.std()))
         ytr, yte = (ytr - y_scale[0]) / y_scale[1], (yte - y_scale[0]) / y_scale[1]
-    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    t = lambda a: torch.tensor(a, dtype=torch.float32)
     return t(xtr), t(ytr), t(xte), t(yte), y_scale
 
 

@@ -78,14 +78,14 @@ def run(cfg: dict, info: DistInfo) -> dict:
                  r["cuda_peak_mb"], r["step_time_s"]] for r in rows_raw]
         c = cfg
         notes = [
-            f"Batch {c['batch_size']} of {c['in_channels']}x{c['image_size']}x{c['image_size']} random images, width "
-            f"{c['width']}, one training step (forward + backward) after a warm-up step.",
-            "Memory: bytes of tensors autograd holds for backward, counted by saved-tensor hooks (each storage once, "
+            (f"Batch {c['batch_size']} of {c['in_channels']}x{c['image_size']}x{c['image_size']} random images, width "
+            f"{c['width']}, one training step (forward + backward) after a warm-up step."),
+            ("Memory: bytes of tensors autograd holds for backward, counted by saved-tensor hooks (each storage once, "
             "released when autograd frees it): 'after forward' is what the graph keeps between forward and "
             "backward, 'peak' the most alive at once over forward and backward (the adjoint's backward builds one "
             "small graph per step and frees it). Parameters saved by layers count too, so even the adjoint's "
             "figure includes the stem's and head's activations and weights. On CUDA also "
-            "`torch.cuda.max_memory_allocated`.",
+            "`torch.cuda.max_memory_allocated`."),
         ]
         write_results(cfg["out"], NAME, results, [
             ("Memory of one training step", ["model", "L", "parameters", "saved after forward MB", "saved peak MB",

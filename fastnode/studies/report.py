@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import sys
 from pathlib import Path
 
 import torch
 
-__all__ = ["markdown_table", "environment", "write_results", "new_figure", "save_figure"]
+__all__ = ["environment", "markdown_table", "new_figure", "save_figure", "write_results"]
 
 
 def _fmt(v) -> str:
@@ -18,7 +19,7 @@ def _fmt(v) -> str:
     if isinstance(v, bool):
         return str(v)
     if isinstance(v, float):
-        if v != v:
+        if math.isnan(v):
             return "nan"
         a = abs(v)
         if a != 0 and (a < 1e-3 or a >= 1e6):

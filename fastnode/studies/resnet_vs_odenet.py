@@ -74,7 +74,7 @@ def run(cfg: dict, info: DistInfo) -> dict:
             yb = data["y_test"][: cfg["batch_size"]].to(dev)
             model.eval()
             with torch.no_grad():
-                entry["inference_samples_per_s"] = median_throughput(lambda: model(xb), len(xb), repeats=5,
+                entry["inference_samples_per_s"] = median_throughput(lambda m=model, b=xb: m(b), len(xb), repeats=5,
                                                                      device=dev)
             model.train()
             entry.update(_peak_step_memory(model, xb, yb, dev))
@@ -100,16 +100,16 @@ def _write(cfg: dict, results: dict) -> None:
     c = results["config"]
     size = "" if c["image_size"] is None else f" resized to {c['image_size']}x{c['image_size']}"
     notes = [
-        f"Data: {results['data']}; {c['train_size']} training / {c['test_size']} test images{size}"
+        (f"Data: {results['data']}; {c['train_size']} training / {c['test_size']} test images{size}"
         f", {c['epochs']} epochs, batch {c['batch_size']}, SGD lr {c['lr']} momentum 0.9, width {c['width']}, "
-        f"ODENet dopri5 rtol = atol = {c['rtol']}, gradients by the adjoint; {results['world_size']} process(es).",
-        "Train throughput: median over batches of samples / (forward + backward + step time), first batch left out "
-        "(warm-up). Inference: median of 5 timed forward passes of one batch after one warm-up pass.",
-        "Memory: peak bytes of tensors autograd holds for backward (distinct storages, forward and backward of one "
+        f"ODENet dopri5 rtol = atol = {c['rtol']}, gradients by the adjoint; {results['world_size']} process(es)."),
+        ("Train throughput: median over batches of samples / (forward + backward + step time), first batch left out "
+        "(warm-up). Inference: median of 5 timed forward passes of one batch after one warm-up pass."),
+        ("Memory: peak bytes of tensors autograd holds for backward (distinct storages, forward and backward of one "
         "training step, measured with saved-tensor hooks; parameters saved by layers are included). On CUDA "
-        "also `torch.cuda.max_memory_allocated` over the step.",
-        "NFE-F: function evaluations of the forward solve per batch (epoch mean); NFE-B: those of the adjoint's "
-        "backward solve (`last_stats().nfe_backward`).",
+        "also `torch.cuda.max_memory_allocated` over the step."),
+        ("NFE-F: function evaluations of the forward solve per batch (epoch mean); NFE-B: those of the adjoint's "
+        "backward solve (`last_stats().nfe_backward`)."),
     ]
     write_results(out, NAME, results, [
         ("Summary (last epoch)", ["model", "parameters", "test acc", "train samples/s", "infer samples/s",

@@ -92,11 +92,11 @@ def run(cfg: dict, info: DistInfo) -> dict:
                      r["parameters"], last["nfe_forward"], last["nfe_backward"], r["train_time_s"]])
     if info.is_main:
         c = cfg
-        notes = [f"ODENet: encoder Linear-ReLU-Linear to width {c['width']}, ODE block (MLP {c['hidden']} hidden, "
+        notes = [(f"ODENet: encoder Linear-ReLU-Linear to width {c['width']}, ODE block (MLP {c['hidden']} hidden, "
                  f"tanh, time as input; dopri5 rtol = atol = {c['rtol']}, "
                  f"{'adjoint' if c['adjoint'] else 'backprop'}), linear head; Adam lr {c['lr']}, {c['epochs']} "
                  f"epochs, batch {c['batch_size']}; 80/20 split (seed {c['seed']}), features standardised with "
-                 "training statistics; regression target standardised (MSE in units of its variance)."]
+                 "training statistics; regression target standardised (MSE in units of its variance).")]
         for label, e in results.items():
             if isinstance(e, dict) and "odenet_mse_raw_units" in e:
                 notes.append(f"{label}: test MSE in the target's own units: ODENet {e['odenet_mse_raw_units']:.4g}, "

@@ -51,10 +51,10 @@ def run(cfg: dict, info: DistInfo) -> dict:
     block.rtol = block.atol = float(cfg["rtol"])
     c = cfg
     size = "" if c["image_size"] is None else f" resized to {c['image_size']}x{c['image_size']}"
-    notes = [f"Data: {data['source']}; {c['train_size']} training / {c['test_size']} test images{size}. ODENet "
+    notes = [(f"Data: {data['source']}; {c['train_size']} training / {c['test_size']} test images{size}. ODENet "
              f"width {c['width']} trained {c['epochs']} epoch(s) at rtol = atol = {c['rtol']} (dopri5, "
              f"{'adjoint' if c['adjoint'] else 'backprop'}), then evaluated on the whole test set at each tolerance "
-             "(batches of 256; NFE is the mean per batch, time the whole test set's)."]
+             "(batches of 256; NFE is the mean per batch, time the whole test set's).")]
     write_results(cfg["out"], NAME, results, [
         ("Test at other tolerances", ["rtol = atol", "test accuracy", "NFE-F per batch", "test time s"],
          [[t["rtol"], t["accuracy"], t["nfe_forward"], t["time_s"]] for t in results["test"]])], notes)
