@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import STUDIES, get_study, run_study
@@ -56,7 +57,8 @@ def main(argv=None) -> int:
         overrides[k.replace("-", "_")] = _number(v) if v[:1].isdigit() or v[:1] in "-." else v
     out = args.out or f"results/{args.name}"
     run_study(args.name, out=out, quick=args.quick, progress=not args.no_progress, device=args.device, **overrides)
-    print(f"results written to {out}/")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"results written to {out}/")
     return 0
 
 
