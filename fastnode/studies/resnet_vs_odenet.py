@@ -16,7 +16,7 @@ from .data import load_images
 from .report import new_figure, save_figure, write_results
 
 NAME = "resnet-vs-odenet"
-DEFAULTS = {"dataset": "mnist-subset", "image_size": 14, "train_size": 1024, "test_size": 500, "epochs": 4,
+DEFAULTS = {"dataset": "mnist-subset", "image_size": 14, "train_size": 4000, "test_size": 1000, "epochs": 8,
             "batch_size": 64, "width": 64, "rtol": 1e-3, "lr": 0.05}
 QUICK = {"dataset": "digits", "image_size": None, "train_size": 128, "test_size": 64, "epochs": 2, "batch_size": 32,
          "width": 8, "rtol": 1e-2, "lr": 0.05}
