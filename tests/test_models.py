@@ -175,7 +175,10 @@ def test_image_odenet_training_step_lowers_loss():
     torch.manual_seed(0)
     # Width 64 as in the thesis: with fewer channels GroupNorm(min(32, C)) normalises every channel on its own
     # before the global pooling, which leaves the head little to learn from in a few steps.
-    net = ImageODENet(1, 3, width=64, rtol=1e-2, atol=1e-2, adjoint=True)
+    # A fixed grid (rk4, 4 steps) keeps this test independent of the backend: with dopri5 at rtol 1e-2 the adaptive
+    # adjoint of this untrained 2x2-feature-map net stalls (step size -> 1e-12, parameter-error estimate
+    # non-finite) for 5 of 8 seeds, on the torch and the ext backend alike, in float32 and float64.
+    net = ImageODENet(1, 3, width=64, method="rk4", options={"step_size": 0.25}, adjoint=True)
     y = torch.arange(12) % 3
     x = torch.randn(3, 1, 8, 8)[y] + 0.3 * torch.randn(12, 1, 8, 8)  # one template image per class, plus noise
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
