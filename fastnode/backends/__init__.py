@@ -22,33 +22,30 @@ from .torch_ops import StepOps, TorchStepOps
 BACKEND_NAMES = ("auto", "torch", "ext", "triton")
 
 
+def _chosen(name: str, device: torch.device, why: str | None, make, forced: bool) -> StepOps | None:
+    """The fast backend ``make(forced=...)`` when ``why`` is None; else None, or a clear error when it was forced."""
+    if why is None:
+        return make(forced=forced)
+    if forced:
+        raise ValueError(f"options['backend']={name!r} is not available for {device.type} tensors: {why}")
+    return None
+
+
 def _ext_ops(device: torch.device, forced: bool) -> StepOps | None:
     from . import ext_ops
 
-    why = ext_ops.unavailable_reason(device)
-    if why is None:
-        return ext_ops.ExtStepOps(forced=forced)
-    if forced:
-        raise ValueError(f"options['backend']='ext' is not available for {device.type} tensors: {why}")
-    return None
+    return _chosen("ext", device, ext_ops.unavailable_reason(device), ext_ops.ExtStepOps, forced)
 
 
 def _triton_ops(device: torch.device, forced: bool) -> StepOps | None:
-    why = None
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         why = "the Triton kernels run on CUDA tensors (on CPU only in Triton's interpreter, TRITON_INTERPRET=1)"
-    else:
-        try:
-            from .. import kernels
-        except ImportError as exc:  # triton itself missing or broken
-            why = f"triton could not be imported ({exc})"
-        else:
-            why = kernels.unavailable_reason(device)
-    if why is None:
-        return kernels.TritonStepOps(forced=forced)
-    if forced:
-        raise ValueError(f"options['backend']='triton' is not available for {device.type} tensors: {why}")
-    return None
+        return _chosen("triton", device, why, None, forced)
+    try:
+        from .. import kernels
+    except ImportError as exc:  # triton itself missing or broken
+        return _chosen("triton", device, f"triton could not be imported ({exc})", None, forced)
+    return _chosen("triton", device, kernels.unavailable_reason(device), kernels.TritonStepOps, forced)
 
 
 def get_backend(name: str, device: torch.device) -> StepOps:

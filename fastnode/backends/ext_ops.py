@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from .torch_ops import ControllerConfig, RMSNorm, TorchStepOps, _dense_tensor
+from .torch_ops import ControllerConfig, RMSNorm, TorchStepOps
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -189,4 +189,4 @@ def _dense_flat(tableau) -> list[float]:
     return hit[1]
 
 
-__all__ = ["ExtStepOps", "_dense_tensor", "available", "ctrl_values", "tol_args", "unavailable_reason"]
+__all__ = ["ExtStepOps", "available", "ctrl_values", "tol_args", "unavailable_reason"]
