@@ -2,7 +2,7 @@
 
 - ``torch`` (``torch_ops``): the pure-PyTorch reference, any device, records autograd graphs.
 - ``ext`` (``ext_ops``): the compiled extension ``fastnode._C`` (CPU; its CUDA build adds the adjoint step ops).
-- ``triton`` (``fastnode.kernels``): Triton kernels for CUDA tensors (on CPU only under ``TRITON_INTERPRET=1``).
+- ``triton`` (``triton_ops`` on the op library ``fastnode.kernels``): Triton kernels for CUDA tensors (on CPU only under ``TRITON_INTERPRET=1``).
 
 ``backend="auto"`` picks triton for CUDA tensors when triton is importable and the extension for CPU tensors
 when it is built; otherwise torch. Fast backends compute no gradients by backpropagation through the solver
@@ -45,7 +45,9 @@ def _triton_ops(device: torch.device, forced: bool) -> StepOps | None:
         from .. import kernels
     except ImportError as exc:  # triton itself missing or broken
         return _chosen("triton", device, f"triton could not be imported ({exc})", None, forced)
-    return _chosen("triton", device, kernels.unavailable_reason(device), kernels.TritonStepOps, forced)
+    from .triton_ops import TritonStepOps
+
+    return _chosen("triton", device, kernels.unavailable_reason(device), TritonStepOps, forced)
 
 
 def get_backend(name: str, device: torch.device) -> StepOps:

@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from .torch_ops import ControllerConfig, RMSNorm, TorchStepOps
+from .torch_ops import RMSNorm, TorchStepOps
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -101,12 +101,6 @@ if _LOAD_ERROR is None:
         return h.new_empty((len(b), h.shape[0]))
 
 
-def ctrl_values(cfg: ControllerConfig) -> list[float]:
-    """The controller settings in the order the ``finish_control`` op takes them."""
-    return [float(cfg.order), cfg.safety, cfg.ifactor, cfg.dfactor, cfg.min_step, cfg.max_step,
-            1.0 if cfg.kind == "pi" else 0.0, cfg.pi_alpha, cfg.pi_beta]
-
-
 def tol_args(tol, y: torch.Tensor):
     """A tolerance as the ops take it: ``(None, value)`` for a number, ``(tensor [R, N], 0.0)`` otherwise."""
     if isinstance(tol, torch.Tensor):
@@ -149,7 +143,7 @@ class ExtStepOps(TorchStepOps):
         floor = None if ratio_floor is None else ratio_floor.to(torch.float64).reshape(-1).expand(y.shape[0])
         return self._ops.finish_control(y, K, h, list(tableau.b), list(tableau.e), rt, rs, at, as_,
                                         norm.bounds(y.shape[1]), h_ctl, prev_ratio, running, floor,
-                                        ctrl_values(cfg))
+                                        cfg.as_floats())
 
     def interpolate(self, tableau, y, K, h, theta):
         if not self._fits(y) or y.device.type != "cpu":
@@ -189,4 +183,4 @@ def _dense_flat(tableau) -> list[float]:
     return hit[1]
 
 
-__all__ = ["ExtStepOps", "available", "ctrl_values", "tol_args", "unavailable_reason"]
+__all__ = ["ExtStepOps", "available", "tol_args", "unavailable_reason"]

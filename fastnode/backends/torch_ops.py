@@ -33,6 +33,12 @@ class ControllerConfig:
     pi_alpha: float = 0.7  # PI exponents, divided by the order
     pi_beta: float = 0.4
 
+    def as_floats(self) -> list[float]:
+        """The settings in the order the compiled ``finish_control`` ops take them (``fastnode::`` and
+        ``fastnode_triton::``): order, safety, ifactor, dfactor, min_step, max_step, is_pi, pi_alpha, pi_beta."""
+        return [float(self.order), self.safety, self.ifactor, self.dfactor, self.min_step, self.max_step,
+                1.0 if self.kind == "pi" else 0.0, self.pi_alpha, self.pi_beta]
+
 
 def rms_norm(x: torch.Tensor, segments: list[tuple[int, int]] | None = None) -> torch.Tensor:
     """Per-row RMS of ``x: [G, N]``; with ``segments`` the max over segments of each segment's RMS. Returns [G]."""

@@ -20,14 +20,12 @@ import contextlib
 
 import torch
 
-from fastnode.backends.ext_ops import ctrl_values
-from fastnode.backends.torch_ops import RMSNorm, TorchStepOps
-
-from . import finish_control as _fc  # noqa: F401  (importing the modules registers the fastnode_triton:: ops)
-from . import interpolate as _ip  # noqa: F401
-from . import rk_combine as _rk  # noqa: F401
-from . import step_bookkeeping as _sb  # noqa: F401
-from ._launch import FLOAT_DTYPES, device_constants, tableau_constants
+from ..kernels import finish_control as _fc  # noqa: F401  (importing the modules registers the fastnode_triton:: ops)
+from ..kernels import interpolate as _ip  # noqa: F401
+from ..kernels import rk_combine as _rk  # noqa: F401
+from ..kernels import step_bookkeeping as _sb  # noqa: F401
+from ..kernels._launch import FLOAT_DTYPES, device_constants, tableau_constants
+from .torch_ops import RMSNorm, TorchStepOps
 
 
 def _tol(tol, y: torch.Tensor):
@@ -182,7 +180,7 @@ class TritonStepOps(TorchStepOps):
         G, N = y.shape
         dev = y.device
         tc = tableau_constants(tableau, dev)
-        consts = device_constants((rt[1], at[1], *ctrl_values(cfg)), torch.float64, dev)
+        consts = device_constants((rt[1], at[1], *cfg.as_floats()), torch.float64, dev)
         segments = device_constants(tuple(norm.bounds(N)), torch.int64, dev)
         floor = None if ratio_floor is None else _rows(ratio_floor, G, torch.float64)  # 0-d in shared mode
         with _on(y.device):
