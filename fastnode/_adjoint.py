@@ -34,6 +34,7 @@ Time gradients need no time adjoint: moving an output time ``t_i`` (i > 0) only 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,20 +43,19 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import _stats as st
-from ._adaptive import solve_adaptive
+from ._adaptive import AdaptiveProblem, solve_adaptive
 from ._fixed import solve_fixed, step_size_grid
 from ._odeint import (
-    Prepared,
-    _make_norm,
-    parse_adaptive_options,
+    Problem,
     prepare,
     result_to_user,
     run_adaptive,
     run_fixed,
 )
-from ._problem import FlatFunc, StateSpec, _flag, _num, check_options, check_tol, time_dtype_of
+from ._options import RMSNorm, check_options, flag, make_norm, num, parse_adaptive_options, time_dtype_of
+from ._problem import FlatFunc, StateSpec, check_tol
 from .backends import get_backend
-from .backends.torch_ops import RMSNorm, TorchStepOps
+from .backends.torch_ops import TorchStepOps
 from .solvers import get_solver
 
 
@@ -384,7 +384,7 @@ class BackwardHooks:
 class _Plan:
     """Everything the adjoint's forward and backward need besides tensors."""
 
-    p: Prepared
+    p: Problem
     params: tuple
     bwd_method: str
     bwd_options: dict
@@ -444,7 +444,7 @@ def _backward(plan: _Plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: t
     rtol_b, rtol_th = tol(plan.bwd_rtol, "adjoint_rtol")
     atol_b, atol_th = tol(plan.bwd_atol, "adjoint_atol")
 
-    state_norm = _make_norm(p.options, spec)
+    state_norm = make_norm(p.options, spec)
 
     mode = None
     if params:
@@ -480,9 +480,9 @@ def _backward(plan: _Plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: t
         if not solver.adaptive:
             z_end = _solve_backward_fixed(aug, hooks, z0, tau_b, tableau, ops, opts, bstats)
         else:
-            z_end = solve_adaptive(aug, aug_spec, z0, tau_b, tableau, ops, cfg.ctrl, rtol_b, atol_b, norm,
-                                   first_step=first, max_num_steps=cfg.max_num_steps, step_t=cfg.step_t,
-                                   jump_t=cfg.jump_t, on_failure="raise", stats=bstats, hooks=hooks)
+            cfg = dataclasses.replace(cfg, first_step=first, on_failure="raise")
+            problem = AdaptiveProblem(aug_spec, z0, tau_b, tableau, cfg, rtol_b, atol_b, norm)
+            z_end = solve_adaptive(aug, problem, ops, hooks=hooks, stats=bstats)
         grads_theta = hooks.finish()
         f0 = None
         if hooks.tdots is not None:
@@ -519,11 +519,11 @@ def _solve_backward_fixed(aug: AugmentedFunc, hooks: BackwardHooks, z0: torch.Te
     with every output time added as a grid point; cotangents are added there. Returns the final state."""
     step_size = opts.get("step_size")
     if step_size is not None:
-        step_size = _num(opts, "step_size", None, lo=0.0, lo_open=True)
+        step_size = num(opts, "step_size", None, lo=0.0, lo_open=True)
         grid = torch.cat([step_size_grid(tau_b, step_size), tau_b]).unique(sorted=True)
     else:
         grid = tau_b
-    z = solve_fixed(aug, z0, tau_b, grid, tableau, ops, "linear", _flag(opts, "perturb", False), stats, hooks=hooks)
+    z = solve_fixed(aug, z0, tau_b, grid, tableau, ops, "linear", flag(opts, "perturb", False), stats, hooks=hooks)
     if not bool(torch.isfinite(z).all()):
         raise st.SolverError("non-finite values (NaN/inf) in the fixed-grid backward solve; use a smaller "
                              "step_size or an adaptive adjoint_method", samples=[0])
@@ -687,7 +687,7 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
         if callable(norm_mode):
             raise ValueError(f"adjoint_options['norm'] has no effect with the fixed-grid adjoint_method "
                              f"{bwd_method!r} (no error control); leave it out")
-    if "per_sample" in bwd_options and _flag(bwd_options, "per_sample", False) != p.per_sample:
+    if "per_sample" in bwd_options and flag(bwd_options, "per_sample", False) != p.per_sample:
         raise ValueError(f"adjoint_options['per_sample'] ({bwd_options['per_sample']}) must match "
                          f"options['per_sample'] ({p.per_sample}): the backward solve uses the forward's step mode")
     if adjoint_options is not None and bwd_options.get("on_failure", "raise") != "raise":
@@ -700,8 +700,8 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
         parse_adaptive_options(bwd_options, bwd_solver.tableau, -p.sign, p.tau.dtype, p.spec.device)
     else:
         if bwd_options.get("step_size") is not None:
-            _num(bwd_options, "step_size", None, lo=0.0, lo_open=True)
-        _flag(bwd_options, "perturb", False)
+            num(bwd_options, "step_size", None, lo=0.0, lo_open=True)
+        flag(bwd_options, "perturb", False)
     if "dtype" in bwd_options:
         time_dtype_of(bwd_options)
     bwd_rtol = rtol if adjoint_rtol is None else adjoint_rtol

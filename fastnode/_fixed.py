@@ -14,7 +14,7 @@ from . import _stats as st
 from ._problem import FlatFunc
 from ._tableau import ButcherTableau
 from .backends import for_recording
-from .backends.torch_ops import StepOps
+from .backends.base import StepOps
 
 
 def step_size_grid(tau: torch.Tensor, step_size: float) -> torch.Tensor:

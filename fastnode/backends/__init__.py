@@ -17,7 +17,8 @@ import os
 
 import torch
 
-from .torch_ops import StepOps, TorchStepOps
+from .base import StepOps
+from .torch_ops import TorchStepOps
 
 BACKEND_NAMES = ("auto", "torch", "ext", "triton")
 

@@ -23,7 +23,9 @@ import warnings
 
 import torch
 
-from .torch_ops import RMSNorm, TorchStepOps
+from .._options import RMSNorm
+from .base import StepEnd, StepPlan, StepResult
+from .torch_ops import TorchStepOps
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -141,9 +143,9 @@ class ExtStepOps(TorchStepOps):
         rt, rs = tol_args(rtol, y)
         at, as_ = tol_args(atol, y)
         floor = None if ratio_floor is None else ratio_floor.to(torch.float64).reshape(-1).expand(y.shape[0])
-        return self._ops.finish_control(y, K, h, list(tableau.b), list(tableau.e), rt, rs, at, as_,
-                                        norm.bounds(y.shape[1]), h_ctl, prev_ratio, running, floor,
-                                        cfg.as_floats())
+        return StepResult(*self._ops.finish_control(y, K, h, list(tableau.b), list(tableau.e), rt, rs, at, as_,
+                                                    norm.bounds(y.shape[1]), h_ctl, prev_ratio, running, floor,
+                                                    cfg.as_floats()))
 
     def interpolate(self, tableau, y, K, h, theta):
         if not self._fits(y) or y.device.type != "cpu":
@@ -152,19 +154,24 @@ class ExtStepOps(TorchStepOps):
         P = len(tableau.dense[0])
         return self._ops.interpolate(y, list(K), h, theta.to(y.dtype).expand(y.shape[0]).contiguous(), dense, P)
 
-    def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze):
-        if t.device.type != "cpu" or t.dtype != torch.float64 or state_dtype not in _FLOATS:
-            return super().step_begin(t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze)
-        return self._ops.step_begin(t, h, running, t_out, t_end, to_outputs, list(c), float(sign), state_dtype,
-                                    squeeze)
+    def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze, *, stops=None,
+                   end_perturb=0, time_grad=False):
+        if (stops is not None or end_perturb or time_grad or t.device.type != "cpu" or t.dtype != torch.float64
+                or state_dtype not in _FLOATS):
+            return super().step_begin(t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze,
+                                      stops=stops, end_perturb=end_perturb, time_grad=time_grad)
+        h_ctl, clipped, t_new, hs, ts, te = self._ops.step_begin(t, h, running, t_out, t_end, to_outputs, list(c),
+                                                                  float(sign), state_dtype, squeeze)
+        return StepPlan(h_ctl, h_ctl, clipped, t_new, hs, ts, te)
 
     def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
-                 new_ok, next_idx, t_out, max_num_steps, codes):
-        if t.device.type != "cpu" or t.dtype != torch.float64:
+                 new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None):
+        if jump_t is not None or stop is not None or t.device.type != "cpu" or t.dtype != torch.float64:
             return super().step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
-                                    last_nonfinite, new_ok, next_idx, t_out, max_num_steps, codes)
-        return self._ops.step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
-                                  last_nonfinite, new_ok, next_idx, t_out, int(max_num_steps), list(codes))
+                                    last_nonfinite, new_ok, next_idx, t_out, max_num_steps, codes, jump_t=jump_t,
+                                    stop=stop)
+        return StepEnd(*self._ops.step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
+                                           last_nonfinite, new_ok, next_idx, t_out, int(max_num_steps), list(codes)))
 
     def adjoint_weights(self, h: torch.Tensor, accept: torch.Tensor, b) -> torch.Tensor:
         """[S, G]: ``h_g * b_j`` where group g's step was accepted, else 0."""

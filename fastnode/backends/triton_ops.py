@@ -20,12 +20,14 @@ import contextlib
 
 import torch
 
+from .._options import RMSNorm
 from ..kernels import finish_control as _fc  # noqa: F401  (importing the modules registers the fastnode_triton:: ops)
 from ..kernels import interpolate as _ip  # noqa: F401
 from ..kernels import rk_combine as _rk  # noqa: F401
 from ..kernels import step_bookkeeping as _sb  # noqa: F401
 from ..kernels._launch import FLOAT_DTYPES, device_constants, tableau_constants
-from .torch_ops import RMSNorm, TorchStepOps
+from .base import StepEnd, StepPlan, StepResult
+from .torch_ops import TorchStepOps
 
 
 def _tol(tol, y: torch.Tensor):
@@ -120,10 +122,13 @@ class TritonStepOps(TorchStepOps):
         with _on(y.device):
             return self._ops.rk_combine(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), w, idx)
 
-    def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze):
-        if (t.dtype != torch.float64 or t.dim() != 1 or t_out.dtype != torch.float64 or t_out.dim() != 2
-                or t_out.shape[0] != t.shape[0] or state_dtype not in FLOAT_DTYPES or t.numel() == 0):
-            return super().step_begin(t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze)
+    def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze, *, stops=None,
+                   end_perturb=0, time_grad=False):
+        if (stops is not None or end_perturb or time_grad or t.dtype != torch.float64 or t.dim() != 1
+                or t_out.dtype != torch.float64 or t_out.dim() != 2 or t_out.shape[0] != t.shape[0]
+                or state_dtype not in FLOAT_DTYPES or t.numel() == 0):
+            return super().step_begin(t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze,
+                                      stops=stops, end_perturb=end_perturb, time_grad=time_grad)
         G, dev, f64 = t.shape[0], t.device, torch.float64
         cc = device_constants(tuple(float(v) for v in c), f64, dev)
         with _on(dev), torch.no_grad():
@@ -132,24 +137,25 @@ class TritonStepOps(TorchStepOps):
                 _rows(t_end, G, f64), bool(to_outputs), cc, sign < 0, state_dtype)
         if squeeze:
             ts, te = ts.squeeze(-1), te.squeeze(-1)
-        return h_ctl, clipped, t_new, hs, ts, te
+        return StepPlan(h_ctl, h_ctl, clipped, t_new, hs, ts, te)
 
     def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
-                 new_ok, next_idx, t_out, max_num_steps, codes):
-        if (t.dtype != torch.float64 or t.dim() != 1 or t_out.dtype != torch.float64 or t_out.dim() != 2
-                or t_out.shape[0] != t.shape[0] or t.numel() == 0):
+                 new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None):
+        if (jump_t is not None or stop is not None or t.dtype != torch.float64 or t.dim() != 1
+                or t_out.dtype != torch.float64 or t_out.dim() != 2 or t_out.shape[0] != t.shape[0] or t.numel() == 0):
             return super().step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
-                                    last_nonfinite, new_ok, next_idx, t_out, max_num_steps, codes)
+                                    last_nonfinite, new_ok, next_idx, t_out, max_num_steps, codes, jump_t=jump_t,
+                                    stop=stop)
         G, dev, f64 = t.shape[0], t.device, torch.float64
         cd = device_constants(tuple(int(v) for v in codes), torch.int8, dev)
         b, i64 = torch.bool, torch.int64
         with _on(dev), torch.no_grad():
-            return self._ops.step_end(
+            return StepEnd(*self._ops.step_end(
                 _rows(accept, G, b), _rows(h_next, G, f64), _rows(h, G, f64), _rows(clipped, G, b),
                 _rows(running, G, b), _rows(t, G, f64), _rows(t_new, G, f64), _rows(t_end, G, f64),
                 _rows(n_att, G, i64), _rows(n_acc, G, i64), _rows(status, G, torch.int8),
                 _rows(last_nonfinite, G, b), _rows(new_ok, G, b), _rows(next_idx, G, i64), t_out.contiguous(),
-                int(max_num_steps), cd)
+                int(max_num_steps), cd))
 
     def step_finish(self, tableau, y, K, h, rtol, atol, norm):
         # Reached through StepOps.finish_control's composition when the norm is a user's (or the adjoint's custom
@@ -184,9 +190,10 @@ class TritonStepOps(TorchStepOps):
         segments = device_constants(tuple(norm.bounds(N)), torch.int64, dev)
         floor = None if ratio_floor is None else _rows(ratio_floor, G, torch.float64)  # 0-d in shared mode
         with _on(y.device):
-            return self._ops.finish_control(self._contiguous(y), K, _rows(h, G, y.dtype), *tc.finish(), rt[0],
-                                            at[0], consts, segments, _rows(h_ctl, G, torch.float64),
-                                            _rows(prev_ratio, G, torch.float64), _rows(running, G, torch.bool), floor)
+            return StepResult(*self._ops.finish_control(
+                self._contiguous(y), K, _rows(h, G, y.dtype), *tc.finish(), rt[0], at[0], consts, segments,
+                _rows(h_ctl, G, torch.float64), _rows(prev_ratio, G, torch.float64), _rows(running, G, torch.bool),
+                floor))
 
     def interpolate(self, tableau, y, K, h, theta):
         if isinstance(K, (list, tuple)) and len(K) == tableau.num_stages and all(isinstance(k, torch.Tensor) for k in K):
