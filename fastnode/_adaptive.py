@@ -293,7 +293,7 @@ def _evaluate_stages(f: FlatFunc, ops: StepOps, tab: ButcherTableau, s: LoopStat
     K = ops.set_stage(ops.new_stages(tab, s.y), 0, s.f)
     c = tab.c
     for i in range(1, tab.num_stages):
-        yi = ops.stage_input(tab, i, s.y, K, plan.h_state)
+        yi = ops.rk_combine(s.y, K, plan.h_state, tab.a[i])
         # Stages at the step's end see t_new exactly; with jump_t they see the left limit, so a step that lands
         # on a discontinuity never mixes in the right-hand value.
         K = ops.set_stage(K, i, f(None, yi, t_user=plan.t_end_stage if c[i] == 1.0 else plan.t_stage[i]))

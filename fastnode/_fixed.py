@@ -62,13 +62,13 @@ def solve_fixed(f: FlatFunc, y0: torch.Tensor, tau: torch.Tensor, grid: torch.Te
             hooks.k1_evaluated(one, ops.stage(K, 0), at_output=at_output)
             hooks.begin_step(hy)
         for i in range(1, S):
-            yi = ops.stage_input(tableau, i, y, K, hy)
+            yi = ops.rk_combine(y, K, hy, tableau.a[i])
             at_end = tableau.c[i] == 1.0
             ti = t1 if at_end else t0 + tableau.c[i] * h
             K = ops.set_stage(K, i, f(ti, yi, perturb=-1 if (perturb and at_end) else 0))
             if hooks is not None:
                 hooks.stage_evaluated(i)
-        y1 = ops.solution(tableau, y, K, hy)
+        y1 = ops.rk_combine(y, K, hy, tableau.b)
         stats.n_accepted += 1
         if hooks is not None:
             hooks.end_step(one, one, one)

@@ -76,16 +76,18 @@ class StepOps:
         """Stage ``i`` of the store: [G, N]."""
         raise NotImplementedError
 
-    def stage_input(self, tableau: ButcherTableau, i: int, y, K, h) -> torch.Tensor:
-        """``y + h * sum_{j<i} a_ij k_j``: ``y: [G, N]``, ``h: [G]`` (state dtype) -> [G, N]."""
+    def rk_combine(self, y, K, h, weights) -> torch.Tensor:
+        """``y + h * sum_j w_j k_j``: a stage input (``weights = tableau.a[i]``) or the solution (``tableau.b``).
+
+        ``y: [G, N]``, ``K``: the stage store (its first ``len(weights)`` stages are read), ``h: [G]`` (state
+        dtype), ``weights``: Python floats (zeros skipped, so a non-finite stage with weight 0 never leaks in).
+        Returns [G, N].
+        """
         raise NotImplementedError
 
-    def solution(self, tableau: ButcherTableau, y, K, h) -> torch.Tensor:
-        """``y + h * sum_j b_j k_j`` -> [G, N]."""
-        raise NotImplementedError
-
-    def step_finish(self, tableau, y, K, h, rtol, atol, norm: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-        """New solution [G, N] and error ratio [G] = norm(h * sum e_j k_j / (atol + rtol * max(|y|, |y_new|)))."""
+    def step_error(self, tableau, y, K, h, rtol, atol) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new solution and the scaled error before the norm: ``(y_new [G, N], x [G, N])`` with
+        ``x = h * sum_j e_j k_j / (atol + rtol * max(|y|, |y_new|))`` (no graph through ``x``)."""
         raise NotImplementedError
 
     def controller(self, cfg: ControllerConfig, h, ratio, prev_ratio, running):

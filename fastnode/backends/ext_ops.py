@@ -124,15 +124,10 @@ class ExtStepOps(TorchStepOps):
     def _fits(y: torch.Tensor) -> bool:
         return y.dtype in _FLOATS and y.dim() == 2
 
-    def stage_input(self, tableau, i, y, K, h):
+    def rk_combine(self, y, K, h, weights):
         if not self._fits(y):
-            return super().stage_input(tableau, i, y, K, h)
-        return self._ops.rk_combine(y, K[:i], h, list(tableau.a[i][:i]))
-
-    def solution(self, tableau, y, K, h):
-        if not self._fits(y):
-            return super().solution(tableau, y, K, h)
-        return self._ops.rk_combine(y, K, h, list(tableau.b))
+            return super().rk_combine(y, K, h, weights)
+        return self._ops.rk_combine(y, K[: len(weights)], h, list(weights))
 
     def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                        ratio_floor=None, adjust=None):

@@ -56,19 +56,16 @@ class TorchStepOps(StepOps):
     def stage(self, K, i):
         return K[i]
 
-    def stage_input(self, tableau, i, y, K, h):
-        return _combine(y, K[:i], h, tableau.a[i])
+    def rk_combine(self, y, K, h, weights):
+        return _combine(y, K[: len(weights)], h, weights)
 
-    def solution(self, tableau, y, K, h):
-        return _combine(y, K, h, tableau.b)
-
-    def step_finish(self, tableau, y, K, h, rtol, atol, norm):
+    def step_error(self, tableau, y, K, h, rtol, atol):
         y_new = _combine(y, K, h, tableau.b)
         with torch.no_grad():
             err = _lincomb(K, tableau.e).mul_(h.unsqueeze(1))
             scale = torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
-            ratio = norm(err.div_(scale))
-        return y_new, ratio
+            x = err.div_(scale)
+        return y_new, x
 
     @torch.no_grad()
     def controller(self, cfg, h, ratio, prev_ratio, running):
@@ -114,8 +111,9 @@ class TorchStepOps(StepOps):
     def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                        ratio_floor=None, adjust=None):
         # The composition of solution/error, norm and controller that fast backends fuse into one pass.
-        y_new, ratio = self.step_finish(tableau, y, K, h, rtol, atol, norm)
+        y_new, x = self.step_error(tableau, y, K, h, rtol, atol)
         with torch.no_grad():
+            ratio = norm(x)
             # One pass flags a non-finite new state or derivative (the sum is non-finite iff either is,
             # barring overflow of the sum itself, which is as good as non-finite here).
             ok = torch.isfinite(y_new + self.stage(K, tableau.num_stages - 1)).all(dim=1)

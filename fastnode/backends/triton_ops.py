@@ -54,6 +54,23 @@ def _on(device: torch.device):
     return contextlib.nullcontext()
 
 
+_WEIGHTS: dict = {}
+
+
+def _weights(weights, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w [M] float64, idx [M] int32)`` on ``device``: the nonzero entries of a tableau row and their stages.
+
+    Cached per row object (a tableau's rows are tuples that live as long as the tableau)."""
+    key = (id(weights), device)
+    hit = _WEIGHTS.get(key)
+    if hit is None or hit[0] is not weights:
+        nz = [(j, float(w)) for j, w in enumerate(weights) if w != 0.0]
+        w = torch.tensor([v for _, v in nz], dtype=torch.float64, device=device)
+        idx = torch.tensor([j for j, _ in nz], dtype=torch.int32, device=device)
+        hit = _WEIGHTS[key] = (weights, w, idx)
+    return hit[1], hit[2]
+
+
 def _rows(x: torch.Tensor, G: int, dtype: torch.dtype) -> torch.Tensor:
     """``x`` (0-d, [1] or [G]) as a contiguous [G] tensor of ``dtype`` (no copy when it already is one)."""
     return torch.broadcast_to(x.to(dtype), (G,)).contiguous()
@@ -108,17 +125,10 @@ class TritonStepOps(TorchStepOps):
         K[i].copy_(k)
         return K
 
-    def stage_input(self, tableau, i, y, K, h):
+    def rk_combine(self, y, K, h, weights):
         if not self._fits(y, K):
-            return super().stage_input(tableau, i, y, K, h)
-        w, idx = tableau_constants(tableau, y.device).weights(("a", i))
-        with _on(y.device):
-            return self._ops.rk_combine(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), w, idx)
-
-    def solution(self, tableau, y, K, h):
-        if not self._fits(y, K):
-            return super().solution(tableau, y, K, h)
-        w, idx = tableau_constants(tableau, y.device).weights("b")
+            return super().rk_combine(y, K, h, weights)
+        w, idx = _weights(weights, y.device)
         with _on(y.device):
             return self._ops.rk_combine(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), w, idx)
 
@@ -157,22 +167,19 @@ class TritonStepOps(TorchStepOps):
                 _rows(last_nonfinite, G, b), _rows(new_ok, G, b), _rows(next_idx, G, i64), t_out.contiguous(),
                 int(max_num_steps), cd))
 
-    def step_finish(self, tableau, y, K, h, rtol, atol, norm):
-        # Reached through StepOps.finish_control's composition when the norm is a user's (or the adjoint's custom
-        # norm): solution and scaled error in one pass, then the user's norm on the scaled error.
+    def step_error(self, tableau, y, K, h, rtol, atol):
+        # Reached through finish_control's composition when the norm is a user's (or the adjoint's custom norm):
+        # solution and scaled error in one pass; the norm then runs on torch.
         rt = at = False
         if self._fits(y, K) and tableau.e is not None and K.shape[0] == tableau.num_stages:
             rt, at = self._tol(rtol, y), self._tol(atol, y)
         if rt is False or at is False:
-            return super().step_finish(tableau, y, K, h, rtol, atol, norm)
+            return super().step_error(tableau, y, K, h, rtol, atol)
         tc = tableau_constants(tableau, y.device)
         consts = device_constants((rt[1], at[1]) + (0.0,) * 9, torch.float64, y.device)
         with _on(y.device):
-            y_new, x = self._ops.step_error(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), *tc.finish(), rt[0],
-                                            at[0], consts)
-        with torch.no_grad():
-            ratio = norm(x)
-        return y_new, ratio
+            return self._ops.step_error(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), *tc.finish(), rt[0],
+                                        at[0], consts)
 
     def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                        ratio_floor=None, adjust=None):
