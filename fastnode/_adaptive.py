@@ -105,23 +105,23 @@ class HostPacket:
         self.n = 0
         self.running = self.failed = self.max_crossed = self.jumped = self.landed_running = 0
 
-    def _get(self, x: torch.Tensor) -> list:
-        self.n += 1
-        return x.tolist()
-
     def fetch_start(self, status: torch.Tensor, running: torch.Tensor) -> None:
         """The set-up's transfer: a failure at the start (raise before stepping) and whether anything runs."""
-        self.failed, self.running = self._get(torch.stack([(status != 0).any(), running.any()]))
+        self.n += 1
+        self.failed, self.running = torch.stack([(status != 0).any(), running.any()]).tolist()
 
     def fetch(self, end: StepEnd, hooks) -> None:
-        """``end.packet`` plus the jump's flag and the adjoint's questions; sets the fields, returns nothing."""
+        """``end.packet`` plus the jump's flag and the adjoint's questions; sets the fields."""
+        self.n += 1
+        if end.jumped is None and hooks is None:
+            self.running, self.failed, self.max_crossed = end.packet.tolist()
+            return
         extra = [] if end.jumped is None else [end.jumped.any()]
         if hooks is not None:
             # Does any group that landed on an output time keep running (its derivative must be re-evaluated
             # there), plus the parameter quadrature's flags.
             extra += [((end.crossed > 0) & end.running).any()] + hooks.packet_flags()
-        packet = end.packet if not extra else torch.cat([end.packet, torch.stack(extra).to(torch.int64)])
-        got = self._get(packet)
+        got = torch.cat([end.packet, torch.stack(extra).to(torch.int64)]).tolist()
         self.running, self.failed, self.max_crossed = got[0], got[1], got[2]
         rest = got[3:]
         if end.jumped is not None:
@@ -131,6 +131,7 @@ class HostPacket:
             hooks.after_fetch(rest[1:])
 
     def must_stop(self, on_failure: str) -> bool:
+        """Nothing runs, or something failed and failures raise."""
         return not self.running or (self.failed and on_failure == "raise")
 
 
@@ -183,19 +184,21 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
     events = None if event_fn is None else EventTracker(event_fn, None, problem.tableau)
     packet = HostPacket()
     s, ops = _start(f, problem, ops, grid, hooks, events, packet, stats)
-    on_failure = problem.config.on_failure
+    step = _stepper(f, ops, problem, grid, hooks, events)
+    raise_on_failure = problem.config.on_failure == "raise"
+    S = problem.tableau.num_stages
     iterations = 0
-    while not packet.must_stop(on_failure):
+    while packet.running and not (packet.failed and raise_on_failure):
         iterations += 1
-        plan, K, fin, end = _step(f, ops, problem, grid, s, hooks, events)
+        plan, K, fin, end = step(s)
         packet.fetch(end, hooks)
-        s_old, s = s, _advance(ops, problem.tableau, s, fin, end, K)
+        s_old, s = s, _advance(ops, S, s, fin, end, K)
         n_cross = packet.max_crossed
-        if out is not None and n_cross:
-            out.write(ops, problem.tableau, s_old, plan, fin, K, end.crossed, n_cross)
-        if hooks is not None and n_cross:
-            _land(f, hooks, s, end, packet.landed_running)
         if n_cross:
+            if out is not None:
+                out.write(ops, problem.tableau, s_old, plan, fin, K, end.crossed, n_cross)
+            else:
+                _land(f, hooks, s, end, packet.landed_running)
             s.next_out = s.next_out + end.crossed
         if packet.jumped:
             _restart_after_jump(f, s, end.jumped, hooks)
@@ -206,7 +209,7 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
         return s.y
     if events is None:
         return out.result()
-    return events.finish(s.f, problem.y0, s.t.detach() * f.sign, stats, on_failure)
+    return events.finish(s.f, problem.y0, s.t.detach() * f.sign, stats, problem.config.on_failure)
 
 
 def _start(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, grid: _Grid, hooks, events, packet: HostPacket,
@@ -261,54 +264,59 @@ def _first_step(f: FlatFunc, problem: AdaptiveProblem, t: torch.Tensor, k1: torc
     return h.clamp(cfg.ctrl.min_step, cfg.ctrl.max_step)
 
 
-def _step(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, s: LoopState, hooks, events):
-    """One step attempt for every group, from ``s``: set-up, stages, finish, events, bookkeeping. No host transfer.
-
-    Returns ``(plan, K, fin, end)``; ``_advance`` turns them into the next ``LoopState``.
-    """
+def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, hooks, events):
+    """The step as a function of the state, with the solve's constants bound once (the loop's per-step Python time
+    is the CPU goal): ``step(s) -> (plan, K, fin, end)``, one attempt for every group from ``s`` (set-up, stages,
+    finish, events, bookkeeping), with no host transfer. ``_advance`` turns its result into the next state."""
     tab, cfg = problem.tableau, problem.config
-    plan = ops.step_begin(s.t, s.h, s.running, grid.t_out, grid.t_end, grid.to_outputs, tab.c, f.sign, s.y.dtype,
-                          grid.squeeze, stops=grid.stops, end_perturb=grid.end_perturb, time_grad=grid.time_grad)
-    K = _evaluate_stages(f, ops, tab, s, plan, hooks)
-    if hooks is None:
-        floor = adjust = None
-    else:
-        floor = hooks.ratio_floor()
-        adjust = hooks.step_ratio if hooks.custom_norm is not None else None
-    fin = ops.finish_control(tab, s.y, K, plan.h_state, problem.rtol, problem.atol, problem.norm, cfg.ctrl,
-                             plan.h_ctl, s.prev_ratio, s.running, ratio_floor=floor, adjust=adjust)
-    stop = events.after_step(s, plan, fin, K) if events is not None else None  # event crossings end groups
-    end = ops.step_end(fin.accept, fin.h_next, s.h, plan.clipped, s.running, s.t, plan.t_new, grid.t_end,
-                       s.n_attempted, s.n_accepted, s.status, s.last_nonfinite, fin.ok, s.next_out, grid.t_out,
-                       cfg.max_num_steps, _CODES, jump_t=grid.jump_t, stop=stop)
-    if hooks is not None:
-        hooks.end_step(fin.accept, end.running, fin.ok | ~s.running)
-    return plan, K, fin, end
+    c, sign, squeeze, to_outputs = tab.c, f.sign, grid.squeeze, grid.to_outputs
+    t_out, t_end, stops, jump_t = grid.t_out, grid.t_end, grid.stops, grid.jump_t
+    end_perturb, time_grad = grid.end_perturb, grid.time_grad
+    rtol, atol, norm, ctrl, max_steps = problem.rtol, problem.atol, problem.norm, cfg.ctrl, cfg.max_num_steps
+    # Stages 1..S-1: their row of a, and whether they sit at the step's end (c = 1), where they see t_new exactly
+    # (with jump_t the left limit there, so a step that lands on a discontinuity never mixes in the right side).
+    rows = [(i, tab.a[i], c[i] == 1.0) for i in range(1, tab.num_stages)]
+    step_begin, finish_control, step_end = ops.step_begin, ops.finish_control, ops.step_end
+    new_stages, set_stage, rk_combine = ops.new_stages, ops.set_stage, ops.rk_combine
 
-
-def _evaluate_stages(f: FlatFunc, ops: StepOps, tab: ButcherTableau, s: LoopState, plan: StepPlan, hooks):
-    """The step's stage store: stage 0 is ``s.f`` (FSAL), stages 1.. evaluate ``f`` at the plan's stage times."""
-    if hooks is not None:
-        hooks.begin_step(plan.h_state)
-    K = ops.set_stage(ops.new_stages(tab, s.y), 0, s.f)
-    c = tab.c
-    for i in range(1, tab.num_stages):
-        yi = ops.rk_combine(s.y, K, plan.h_state, tab.a[i])
-        # Stages at the step's end see t_new exactly; with jump_t they see the left limit, so a step that lands
-        # on a discontinuity never mixes in the right-hand value.
-        K = ops.set_stage(K, i, f(None, yi, t_user=plan.t_end_stage if c[i] == 1.0 else plan.t_stage[i]))
+    def step(s: LoopState):
+        y = s.y
+        plan = step_begin(s.t, s.h, s.running, t_out, t_end, to_outputs, c, sign, y.dtype, squeeze, stops=stops,
+                          end_perturb=end_perturb, time_grad=time_grad)
+        hy = plan.h_state
         if hooks is not None:
-            hooks.stage_evaluated(i)
-    return K
+            hooks.begin_step(hy)
+        K = set_stage(new_stages(tab, y), 0, s.f)  # stage 0: the previous step's last one (FSAL)
+        for i, a_i, at_end in rows:
+            yi = rk_combine(y, K, hy, a_i)
+            K = set_stage(K, i, f(None, yi, t_user=plan.t_end_stage if at_end else plan.t_stage[i]))
+            if hooks is not None:
+                hooks.stage_evaluated(i)
+        floor = adjust = None
+        if hooks is not None:
+            floor = hooks.ratio_floor()
+            adjust = hooks.step_ratio if hooks.custom_norm is not None else None
+        fin = finish_control(tab, y, K, hy, rtol, atol, norm, ctrl, plan.h_ctl, s.prev_ratio, s.running,
+                             ratio_floor=floor, adjust=adjust)
+        stop = None if events is None else events.after_step(s, plan, fin, K)  # event crossings end groups
+        end = step_end(fin.accept, fin.h_next, s.h, plan.clipped, s.running, s.t, plan.t_new, t_end, s.n_attempted,
+                       s.n_accepted, s.status, s.last_nonfinite, fin.ok, s.next_out, t_out, max_steps, _CODES,
+                       jump_t=jump_t, stop=stop)
+        if hooks is not None:
+            hooks.end_step(fin.accept, end.running, fin.ok | ~s.running)
+        return plan, K, fin, end
+
+    return step
 
 
-def _advance(ops: StepOps, tab: ButcherTableau, s: LoopState, fin: StepResult, end: StepEnd, K) -> LoopState:
+def _advance(ops: StepOps, S: int, s: LoopState, fin: StepResult, end: StepEnd, K) -> LoopState:
     """The next state: accepted groups move to the step's end (``next_out`` moves in the host part)."""
     acc = fin.accept.unsqueeze(1)
-    return LoopState(t=end.t, h=end.h, y=torch.where(acc, fin.y_new, s.y),
-                     f=torch.where(acc, ops.stage(K, tab.num_stages - 1), s.f), running=end.running,
-                     status=end.status, n_attempted=end.n_attempted, n_accepted=end.n_accepted,
-                     prev_ratio=fin.prev_ratio, last_nonfinite=end.last_nonfinite, next_out=s.next_out)
+    # Positional, in LoopState's field order (t, h, y, f, running, status, n_attempted, n_accepted, prev_ratio,
+    # last_nonfinite, next_out): this runs once per step.
+    return LoopState(end.t, end.h, torch.where(acc, fin.y_new, s.y), torch.where(acc, ops.stage(K, S - 1), s.f),
+                     end.running, end.status, end.n_attempted, end.n_accepted, fin.prev_ratio, end.last_nonfinite,
+                     s.next_out)
 
 
 def _land(f: FlatFunc, hooks, s: LoopState, end: StepEnd, landed_running: int) -> None:

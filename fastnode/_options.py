@@ -39,11 +39,17 @@ class ControllerConfig:
     pi_alpha: float = 0.7  # PI exponents, divided by the order
     pi_beta: float = 0.4
 
-    def as_floats(self) -> list[float]:
+    def as_floats(self) -> tuple[float, ...]:
         """The settings in the order the compiled ``finish_control`` ops take them (``fastnode::`` and
-        ``fastnode_triton::``): order, safety, ifactor, dfactor, min_step, max_step, is_pi, pi_alpha, pi_beta."""
-        return [float(self.order), self.safety, self.ifactor, self.dfactor, self.min_step, self.max_step,
-                1.0 if self.kind == "pi" else 0.0, self.pi_alpha, self.pi_beta]
+        ``fastnode_triton::``): order, safety, ifactor, dfactor, min_step, max_step, is_pi, pi_alpha, pi_beta.
+
+        Made once per config (the fused finish asks every step)."""
+        hit = self.__dict__.get("_floats")
+        if hit is None:
+            hit = (float(self.order), self.safety, self.ifactor, self.dfactor, self.min_step, self.max_step,
+                   1.0 if self.kind == "pi" else 0.0, self.pi_alpha, self.pi_beta)
+            object.__setattr__(self, "_floats", hit)  # a cache, not a field: equality and hash ignore it
+        return hit
 
 
 def rms_norm(x: torch.Tensor, segments: list[tuple[int, int]] | None = None) -> torch.Tensor:
@@ -62,18 +68,21 @@ class RMSNorm:
     stays a plain callable; backends then compute the scaled error fused and call it.
     """
 
-    __slots__ = ("segments",)
+    __slots__ = ("_bounds", "segments")
 
     def __init__(self, segments: list[tuple[int, int]] | None = None):
         self.segments = None if segments is None or len(segments) <= 1 else [(int(s), int(e)) for s, e in segments]
+        self._bounds = (-1, None)  # (n, bounds(n)): the fused finish asks every step with the same n
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.segments)
 
-    def bounds(self, n: int) -> list[int]:
+    def bounds(self, n: int) -> tuple[int, ...]:
         """Flat ``[s0, e0, s1, e1, ...]`` of the non-empty segments of a row of ``n`` columns."""
-        segs = self.segments or [(0, n)]
-        return [v for s, e in segs if e > s for v in (s, e)]
+        if self._bounds[0] != n:
+            segs = self.segments or [(0, n)]
+            self._bounds = (n, tuple(v for s, e in segs if e > s for v in (s, e)))
+        return self._bounds[1]
 
     def __repr__(self) -> str:
         return f"RMSNorm({self.segments})"

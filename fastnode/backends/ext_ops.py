@@ -127,7 +127,7 @@ class ExtStepOps(TorchStepOps):
     def rk_combine(self, y, K, h, weights):
         if not self._fits(y):
             return super().rk_combine(y, K, h, weights)
-        return self._ops.rk_combine(y, K[: len(weights)], h, list(weights))
+        return self._ops.rk_combine(y, K[: len(weights)], h, weights)
 
     def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                        ratio_floor=None, adjust=None):
@@ -138,7 +138,7 @@ class ExtStepOps(TorchStepOps):
         rt, rs = tol_args(rtol, y)
         at, as_ = tol_args(atol, y)
         floor = None if ratio_floor is None else ratio_floor.to(torch.float64).reshape(-1).expand(y.shape[0])
-        return StepResult(*self._ops.finish_control(y, K, h, list(tableau.b), list(tableau.e), rt, rs, at, as_,
+        return StepResult(*self._ops.finish_control(y, K, h, tableau.b, tableau.e, rt, rs, at, as_,
                                                     norm.bounds(y.shape[1]), h_ctl, prev_ratio, running, floor,
                                                     cfg.as_floats()))
 
