@@ -181,7 +181,7 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
     out = DenseOutput(grid, problem.y0) if hooks is None else None
     if event_fn is None and grid.T == 1:
         return problem.y0 if hooks is not None else out.result()
-    events = None if event_fn is None else EventTracker(event_fn, None, problem.tableau)
+    events = None if event_fn is None else EventTracker(event_fn, problem.tableau)
     packet = HostPacket()
     s, ops = _start(f, problem, ops, grid, hooks, events, packet, stats)
     step = _stepper(f, ops, problem, grid, hooks, events)
@@ -209,7 +209,7 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
         return s.y
     if events is None:
         return out.result()
-    return events.finish(s.f, problem.y0, s.t.detach() * f.sign, stats, problem.config.on_failure)
+    return events.finish(ops, s.f, problem.y0, s.t.detach() * f.sign, stats, problem.config.on_failure)
 
 
 def _start(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, grid: _Grid, hooks, events, packet: HostPacket,
@@ -232,7 +232,6 @@ def _start(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, grid: _Grid, hoo
     if hooks is not None:
         hooks.k1_evaluated(torch.ones_like(running), k1)
     if events is not None:
-        events.ops = ops
         running = events.start(t, y0, running)
     packet.fetch_start(status, running)
     h = _first_step(f, problem, t, k1, packet)

@@ -20,9 +20,8 @@ from ._tableau import ButcherTableau
 class EventTracker:
     """The event bookkeeping of one solve. ``event_fn``: flat ``(tau [G], y [G, N]) -> [G]``."""
 
-    def __init__(self, event_fn: Callable, ops, tableau: ButcherTableau):
+    def __init__(self, event_fn: Callable, tableau: ButcherTableau):
         self.event_fn = event_fn
-        self.ops = ops
         self.tableau = tableau
         self.sign0 = self.fired = self.lo = self.h = self.y = None
         self.K = None
@@ -50,12 +49,13 @@ class EventTracker:
         self.K = list(K) if self.K is None else [torch.where(col, k, e) for k, e in zip(K, self.K)]
         return newly
 
-    def finish(self, f_last: torch.Tensor, y0: torch.Tensor, t_user: torch.Tensor, stats: st.SolveStats,
+    def finish(self, ops, f_last: torch.Tensor, y0: torch.Tensor, t_user: torch.Tensor, stats: st.SolveStats,
                on_failure: str):
         """``(event_tau [G], out [2, G, N])``: the event times (NaN where none fired, with ``on_failure="return"``)
-        and the states at the start and at the event. ``f_last``: the final derivative (no bracket yet)."""
+        and the states at the start and at the event, located on ``ops``' dense output. ``f_last``: the final
+        derivative (the bracket when no step was recorded)."""
         K = self.K or [f_last] * self.tableau.num_stages
-        event_tau, y_ev = locate_events(self.ops, self.tableau, self.event_fn, self.sign0, self.lo, self.h, self.y, K)
+        event_tau, y_ev = locate_events(ops, self.tableau, self.event_fn, self.sign0, self.lo, self.h, self.y, K)
         not_fired = ~self.fired
         if bool(not_fired.any()):
             stats.n_host_syncs += 1
