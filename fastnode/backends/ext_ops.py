@@ -135,15 +135,15 @@ class ExtStepOps(TorchStepOps):
                 or tableau.e is None or len(K) != tableau.num_stages):
             return super().finish_control(tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                                           ratio_floor=ratio_floor, adjust=adjust)
-        rt, rs = tol_args(rtol, y)
-        at, as_ = tol_args(atol, y)
+        rt, rs = (None, float(rtol)) if not isinstance(rtol, torch.Tensor) else tol_args(rtol, y)
+        at, as_ = (None, float(atol)) if not isinstance(atol, torch.Tensor) else tol_args(atol, y)
         floor = None if ratio_floor is None else ratio_floor.to(torch.float64).reshape(-1).expand(y.shape[0])
         return StepResult(*self._ops.finish_control(y, K, h, tableau.b, tableau.e, rt, rs, at, as_,
                                                     norm.bounds(y.shape[1]), h_ctl, prev_ratio, running, floor,
                                                     cfg.as_floats()))
 
     def interpolate(self, tableau, y, K, h, theta):
-        if not self._fits(y) or y.device.type != "cpu":
+        if not self._fits(y) or not y.is_cpu:
             return super().interpolate(tableau, y, K, h, theta)
         dense = _dense_flat(tableau)
         P = len(tableau.dense[0])
@@ -151,22 +151,23 @@ class ExtStepOps(TorchStepOps):
 
     def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze, *, stops=None,
                    end_perturb=0, time_grad=False):
-        if (stops is not None or end_perturb or time_grad or t.device.type != "cpu" or t.dtype != torch.float64
+        # NOTE: t.is_cpu, not t.device.type: building a torch.device costs about as much as the rest of this check.
+        if (stops is not None or end_perturb or time_grad or not t.is_cpu or t.dtype != torch.float64
                 or state_dtype not in _FLOATS):
             return super().step_begin(t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze,
                                       stops=stops, end_perturb=end_perturb, time_grad=time_grad)
-        h_ctl, clipped, t_new, hs, ts, te = self._ops.step_begin(t, h, running, t_out, t_end, to_outputs, list(c),
+        h_ctl, clipped, t_new, hs, ts, te = self._ops.step_begin(t, h, running, t_out, t_end, to_outputs, c,
                                                                   float(sign), state_dtype, squeeze)
         return StepPlan(h_ctl, h_ctl, clipped, t_new, hs, ts, te)
 
     def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
                  new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None):
-        if jump_t is not None or stop is not None or t.device.type != "cpu" or t.dtype != torch.float64:
+        if jump_t is not None or stop is not None or not t.is_cpu or t.dtype != torch.float64:
             return super().step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
                                     last_nonfinite, new_ok, next_idx, t_out, max_num_steps, codes, jump_t=jump_t,
                                     stop=stop)
         return StepEnd(*self._ops.step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
-                                           last_nonfinite, new_ok, next_idx, t_out, int(max_num_steps), list(codes)))
+                                           last_nonfinite, new_ok, next_idx, t_out, int(max_num_steps), codes))
 
     def adjoint_weights(self, h: torch.Tensor, accept: torch.Tensor, b) -> torch.Tensor:
         """[S, G]: ``h_g * b_j`` where group g's step was accepted, else 0."""
