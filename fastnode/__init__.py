@@ -8,8 +8,8 @@ Example:
     (5, 4)
 """
 
-from ._adjoint import odeint_adjoint, odeint_event
-from ._odeint import odeint
+from ._adjoint import odeint_adjoint
+from ._odeint import odeint, odeint_event
 from ._stats import MAX_STEPS, NON_FINITE, STATUS_NAMES, STEP_UNDERFLOW, SUCCESS, SolverError, SolveStats, last_stats
 from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, SOLVERS
 

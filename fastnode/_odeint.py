@@ -1,4 +1,4 @@
-"""``odeint``: the torchdiffeq-compatible entry point."""
+"""``odeint``: the torchdiffeq-compatible entry point; ``odeint_event``: gradients through the event time."""
 
 from __future__ import annotations
 
@@ -173,3 +173,114 @@ def run_fixed(p: Problem, y0_flat: torch.Tensor, y0, t) -> torch.Tensor:
     else:
         grid = tau
     return solve_fixed(p.f, y0_flat, tau, grid, p.solver.tableau, p.ops, cfg.interp, cfg.perturb, p.stats)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Events with gradients through the event time
+# ---------------------------------------------------------------------------------------------------------------
+
+def odeint_event(func: Callable, y0, t0: torch.Tensor, *, event_fn: Callable, reverse_time: bool = False,
+                 odeint_interface: Callable | None = None, **kwargs):
+    """Solve from ``t0`` until ``event_fn(t, y)`` crosses zero; differentiable through the event time.
+
+    As torchdiffeq's ``odeint_event``: returns ``(event_t, solution)`` with ``solution`` the states at ``t0`` and
+    at the event. Gradients of both w.r.t. ``y0``, ``t0``, the parameters of ``func`` and any tensors
+    ``event_fn`` uses come from the implicit function theorem: with ``c(t*, y(t*)) = 0``,
+    ``dt* = -(dc/dy . dy|_t + dc/dphi . dphi) / (dc/dt + dc/dy . f)``, and ``y(t*)`` moves by ``f(t*, y*) dt*``
+    on top of its fixed-time change.
+
+    Args:
+        func: ``func(t, y)``.
+        y0: initial state (tuple allowed).
+        t0: start time, a 0-d (or one-element) tensor; per-sample mode (``options={"per_sample": True}``):
+            ``[B]``, one start time per sample.
+        event_fn: ``event_fn(t, y)`` returning a scalar (``[B]`` per sample); the event is its zero crossing.
+        reverse_time: integrate towards decreasing time.
+        odeint_interface: ``fastnode.odeint`` (default, backpropagation) or ``fastnode.odeint_adjoint``.
+        **kwargs: passed to ``odeint_interface`` (``rtol``, ``atol``, ``method``, ``options``, adjoint arguments).
+
+    Example:
+        >>> import torch
+        >>> from fastnode import odeint_event
+        >>> y0 = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+        >>> t_ev, sol = odeint_event(lambda t, y: -y, y0, torch.tensor(0.0, dtype=torch.float64),
+        ...                          event_fn=lambda t, y: y[0] - 0.5)
+        >>> round(float(t_ev.detach()), 6) == round(float(torch.log(torch.tensor(2.0))), 6)
+        True
+        >>> t_ev.backward(); round(float(y0.grad), 6)  # d/dy0 log(y0 / 0.5) = 1 / y0
+        1.0
+    """
+    if odeint_interface is None:
+        odeint_interface = odeint
+    if not callable(event_fn):
+        raise TypeError(f"event_fn must be callable as event_fn(t, y), got {type(event_fn).__name__}")
+    if not isinstance(t0, torch.Tensor):
+        raise TypeError(f"t0 must be a tensor (0-d, or [B] per sample), got {type(t0).__name__}")
+    if not isinstance(reverse_time, bool):
+        raise TypeError(f"reverse_time must be True or False, got {reverse_time!r}")
+    per_sample = bool((kwargs.get("options") or {}).get("per_sample", False))
+    t = _event_times(t0, reverse_time, per_sample)
+    event_t, solution = odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+
+    is_tuple = isinstance(solution, (tuple, list))
+    state = tuple(s[-1] for s in solution) if is_tuple else solution[-1]
+    event_t, state = _reroute_event_gradient(func, event_fn, event_t, state, per_sample)
+    if is_tuple:
+        solution = tuple(torch.cat([s[:-1], x.unsqueeze(0)], dim=0) for s, x in zip(solution, state))
+    else:
+        solution = torch.cat([solution[:-1], state.unsqueeze(0)], dim=0)
+    return event_t, solution
+
+
+def _event_times(t0: torch.Tensor, reverse_time: bool, per_sample: bool) -> torch.Tensor:
+    """``t`` for the event solve: ``t0`` and a second time in the direction of integration (only ``t[0]`` is used)."""
+    if per_sample and t0.numel() > 1:
+        if t0.dim() != 1:
+            raise ValueError(f"per-sample t0 must be [B], got shape {tuple(t0.shape)}")
+        step = -1.0 if reverse_time else 1.0
+        return torch.stack([t0, t0.detach() + step], dim=1)
+    if t0.numel() != 1:
+        raise ValueError(f"t0 must hold one time (or [B] with options['per_sample']=True), got shape "
+                         f"{tuple(t0.shape)}")
+    t0f = t0.reshape(-1)
+    return torch.cat([t0f, t0f.detach() + (-1.0 if reverse_time else 1.0)])
+
+
+def _reroute_event_gradient(func, event_fn, event_t, state, per_sample: bool):
+    """Event time and state whose gradients follow the implicit function theorem (values unchanged)."""
+    te = event_t.detach()
+    is_tuple = isinstance(state, tuple)
+    parts = state if is_tuple else (state,)
+
+    def per(x):  # reduce everything but the batch dim (per-sample) or everything (shared)
+        return x.reshape(x.shape[0], -1).sum(dim=1) if per_sample else x.sum()
+
+    with torch.no_grad():
+        f_val = func(te, tuple(x.detach() for x in parts) if is_tuple else parts[0].detach())
+    f_parts = tuple(f_val) if isinstance(f_val, (tuple, list)) else (f_val,)
+    # Partial derivatives of the event function at the event: dc/dt and dc/dy (detached).
+    with torch.enable_grad():
+        te_ = te.clone().requires_grad_(True)
+        ys_ = tuple(x.detach().clone().requires_grad_(True) for x in parts)
+        c0 = event_fn(te_, ys_ if is_tuple else ys_[0])
+        if not isinstance(c0, torch.Tensor):
+            raise TypeError(f"event_fn must return a tensor, got {type(c0).__name__}")
+        grads = (torch.autograd.grad(c0.sum(), (te_, *ys_), allow_unused=True) if c0.requires_grad
+                 else (None,) * (1 + len(ys_)))
+    dcdt = torch.zeros_like(te) if grads[0] is None else grads[0]
+    for g, fx in zip(grads[1:], f_parts):
+        if g is not None:
+            dcdt = dcdt + per(g * fx)
+    # The live event function: its graph reaches y (fixed-time gradients from the solver) and event_fn's tensors.
+    c = event_fn(te, state)
+    if not c.requires_grad:
+        return event_t, state
+    c = c.reshape(dcdt.shape)
+    # NOTE: value exactly te (c - c.detach() is 0); gradient -dc / (dc/dt)_total, the implicit function theorem.
+    t_out = te - (c - c.detach()) / dcdt
+    dt = t_out - te
+    new = []
+    for x, fx in zip(parts, f_parts):
+        d = dt.reshape(-1, *([1] * (x.dim() - 1))) if per_sample else dt
+        new.append(x + fx.detach() * d)
+    return t_out.to(event_t.dtype), (tuple(new) if is_tuple else new[0])
