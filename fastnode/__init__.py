@@ -14,19 +14,19 @@ from ._stats import MAX_STEPS, NON_FINITE, STATUS_NAMES, STEP_UNDERFLOW, SUCCESS
 from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, SOLVERS
 
 __all__ = [
-                     "ADAPTIVE_METHODS",
-                     "FIXED_METHODS",
-                     "MAX_STEPS",
-                     "NON_FINITE",
-                     "SOLVERS",
-                     "STATUS_NAMES",
-                     "STEP_UNDERFLOW",
-                     "SUCCESS",
-                     "SolveStats",
-                     "SolverError",
-                     "last_stats",
-                     "odeint",
-                     "odeint_adjoint",
-                     "odeint_event",
+    "ADAPTIVE_METHODS",
+    "FIXED_METHODS",
+    "MAX_STEPS",
+    "NON_FINITE",
+    "SOLVERS",
+    "STATUS_NAMES",
+    "STEP_UNDERFLOW",
+    "SUCCESS",
+    "SolveStats",
+    "SolverError",
+    "last_stats",
+    "odeint",
+    "odeint_adjoint",
+    "odeint_event",
 ]
 __version__ = "0.1.0"

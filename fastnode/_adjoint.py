@@ -37,6 +37,7 @@ The dynamics and the two quadratures are in ``fastnode._adjoint_dynamics``; the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,21 +46,20 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import _stats as st
-from ._adaptive import solve_adaptive
+from ._adaptive import AdaptiveProblem, solve_adaptive
 from ._adjoint_dynamics import AugmentedFunc, BackwardHooks, PerSampleQuadrature, SharedQuadrature
 from ._fixed import solve_fixed, step_size_grid
-from ._odeint import Prepared, _make_norm, prepare, result_to_user, run_adaptive, run_fixed
-from ._options import AdjointConfig, parse_adjoint_options
+from ._odeint import Problem, prepare, result_to_user, run_adaptive, run_fixed
+from ._options import AdjointConfig, RMSNorm, make_norm, parse_adjoint_options
 from ._problem import StateSpec
 from .backends import get_backend
-from .backends.torch_ops import RMSNorm
 
 
 @dataclass
 class _Plan:
     """Everything the adjoint's forward and backward need besides tensors."""
 
-    p: Prepared
+    p: Problem
     params: tuple
     cfg: AdjointConfig  # the backward solve's options, checked once by odeint_adjoint
     t_requires_grad: bool
@@ -121,7 +121,7 @@ def _backward_config(plan: _Plan, out: torch.Tensor, grad_out: torch.Tensor, tau
     rtol_b, rtol_th = _tol_pair(cfg.rtol)
     atol_b, atol_th = _tol_pair(cfg.atol)
     aug, hooks = _dynamics(plan, aug_spec, Y, Gc, ops, (rtol_th, atol_th))
-    norm = hooks.stash_norm if hooks.custom_norm is not None else _pair_norm(_make_norm(p.options, spec), N)
+    norm = hooks.stash_norm if hooks.custom_norm is not None else _pair_norm(make_norm(p.options, spec), N)
     return _BackwardSolve(aug, hooks, aug_spec, z0, tau_b, ops, rtol_b, atol_b, norm, _first_step(cfg, p.stats))
 
 
@@ -184,10 +184,9 @@ def _solve_backward(plan: _Plan, bw: _BackwardSolve):
         if cfg.adaptive is None:
             z_end = _solve_backward_fixed(bw, cfg, bstats)
         else:
-            a = cfg.adaptive
-            z_end = solve_adaptive(bw.aug, bw.aug_spec, bw.z0, bw.tau_b, cfg.solver.tableau, bw.ops, a.ctrl, bw.rtol,
-                                   bw.atol, bw.norm, first_step=bw.first_step, max_num_steps=a.max_num_steps,
-                                   step_t=a.step_t, jump_t=a.jump_t, on_failure="raise", stats=bstats, hooks=bw.hooks)
+            a = dataclasses.replace(cfg.adaptive, first_step=bw.first_step, on_failure="raise")
+            problem = AdaptiveProblem(bw.aug_spec, bw.z0, bw.tau_b, cfg.solver.tableau, a, bw.rtol, bw.atol, bw.norm)
+            z_end = solve_adaptive(bw.aug, problem, bw.ops, hooks=bw.hooks, stats=bstats)
         grads_theta = bw.hooks.finish()
         f0 = _f_at_t0(bw, spec.per_sample) if bw.hooks.tdots is not None else None
     except st.SolverError as err:
