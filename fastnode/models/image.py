@@ -151,11 +151,42 @@ class ImageODENet(nn.Module):
         self.block = ODEBlock(ImageODEFunc(width), **block_kwargs)
         self.head = _head(width, num_classes)
 
+    @staticmethod
+    def feature_map_size(image_size: int) -> int:
+        """Side of the map the ODE block runs on for ``image_size x image_size`` inputs (28 -> 6).
+
+        Example:
+            >>> ImageODENet.feature_map_size(28), ImageODENet.feature_map_size(8)
+            (6, 1)
+        """
+        s = _check_int("image_size", image_size) - 2  # conv3x3, no padding
+        for _ in range(2):  # conv4x4, stride 2, padding 1
+            s = (s - 2) // 2 + 1
+        return s
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, in_channels, H, W]`` (``H, W >= 11``); returns logits ``[B, num_classes]``."""
+        """``x``: ``[B, in_channels, H, W]`` (``H, W >= 14``); returns logits ``[B, num_classes]``.
+
+        Raises:
+            ValueError: when the stem leaves a feature map below 3x3 (inputs under 14x14): there the block's
+                GroupNorm normalises groups of a few values (one, at 1x1 with 32 channels or fewer), which maps
+                every input to nearly the same logits, so training cannot rise above chance.
+        """
         if x.ndim != 4:
             raise ValueError(f"x must be [B, C, H, W], got shape {tuple(x.shape)}")
-        return self.head(self.block(self.stem(x)))
+        h = self.stem(x)
+        _check_map(h, x, "ODENet", 14)
+        return self.head(self.block(h))
+
+
+def _check_map(h: torch.Tensor, x: torch.Tensor, net: str, min_input: int) -> None:
+    # Why: a GroupNorm over a group of one value outputs its bias alone, whatever the input; below 3x3 a group
+    # holds so few values that the network degenerates the same way (the --quick study once trained on this).
+    if h.shape[-1] < 3 or h.shape[-2] < 3:
+        per_group = (h.shape[1] // min(32, h.shape[1])) * h.shape[-1] * h.shape[-2]
+        raise ValueError(f"x of {tuple(x.shape[-2:])} leaves a {tuple(h.shape[-2:])} feature map after the {net} "
+                         f"stem, below 3x3 (its GroupNorm groups hold {per_group} value(s)); use images of at least "
+                         f"{min_input}x{min_input} (resize them, e.g. image_size={min_input})")
 
 
 class ResBlock(nn.Module):
@@ -224,8 +255,27 @@ class ImageResNet(nn.Module):
         self.blocks = nn.Sequential(*[ResBlock(width) for _ in range(n_blocks)])
         self.head = _head(width, num_classes)
 
+    @staticmethod
+    def feature_map_size(image_size: int) -> int:
+        """Side of the map the residual blocks run on for ``image_size x image_size`` inputs (28 -> 7).
+
+        Example:
+            >>> ImageResNet.feature_map_size(28)
+            7
+        """
+        s = _check_int("image_size", image_size) - 2
+        for _ in range(2):  # conv3x3, stride 2, padding 1
+            s = (s - 1) // 2 + 1
+        return s
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, in_channels, H, W]``; returns logits ``[B, num_classes]``."""
+        """``x``: ``[B, in_channels, H, W]`` (``H, W >= 11``); returns logits ``[B, num_classes]``.
+
+        Raises:
+            ValueError: when the stem leaves a feature map below 3x3 (see ``ImageODENet.forward``).
+        """
         if x.ndim != 4:
             raise ValueError(f"x must be [B, C, H, W], got shape {tuple(x.shape)}")
-        return self.head(self.blocks(self.stem(x)))
+        h = self.stem(x)
+        _check_map(h, x, "ResNet", 11)
+        return self.head(self.blocks(h))
