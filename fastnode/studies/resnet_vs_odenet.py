@@ -38,9 +38,9 @@ DEFAULTS = {"dataset": "mnist-subset", "image_size": 28, "train_size": 4000, "te
             "sweep_batch_sizes": (8, 32, 128, 512), "threads": 1}
 # Small but not degenerate: digits resized to 16x16 leave a 3x3 map for the ODE block (8x8 would leave 1x1,
 # where the GroupNorm sees one value per group and every input gets the same logits).
-QUICK = {"dataset": "digits", "image_size": 16, "train_size": 1024, "test_size": 359, "epochs": 2, "batch_size": 32,
-         "width": 16, "rtol": 1e-2, "lr": 0.05, "seeds": (0, 1, 2), "timing_rounds": 3,
-         "sweep_batch_sizes": (8, 32), "threads": 1}
+QUICK = {"dataset": "digits", "image_size": 16, "train_size": 1024, "test_size": 359, "epochs": 3, "batch_size": 16,
+         "width": 16, "rtol": 1e-2, "lr": 0.1, "seeds": (0, 1, 2), "timing_rounds": 3, "sweep_batch_sizes": (8, 32),
+         "threads": 1}
 
 
 def check_config(cfg: dict, native_size: int) -> None:
