@@ -27,7 +27,8 @@ def _scalar(s: str):
 def parse_setting(key: str, text: str, default):
     """The value of ``--set key=text``, typed after the study's default for ``key``.
 
-    A default that is a tuple or list makes the value a tuple (comma separated, ``depths=1,2`` or ``parts=1d``);
+    A default that is a tuple or list makes the value a tuple (comma separated, ``depths=1,2`` or ``parts=1d``;
+    ``key=`` is the empty tuple);
     a bool default takes ``true``/``false``/``1``/``0``; otherwise numbers become int or float.
 
     Raises:
@@ -40,10 +41,7 @@ def parse_setting(key: str, text: str, default):
         (0.001, False)
     """
     if isinstance(default, (tuple, list)):
-        items = [t for t in text.split(",") if t.strip()]
-        if not items:
-            raise ValueError(f"{key} needs a comma-separated list, got {text!r}")
-        return tuple(_scalar(t) for t in items)
+        return tuple(_scalar(t) for t in text.split(",") if t.strip())  # "key=" gives an empty list
     if isinstance(default, bool):
         low = text.strip().lower()
         if low not in ("true", "false", "1", "0"):

@@ -18,6 +18,7 @@ __all__ = [
     "DistInfo",
     "SavedTensorMeter",
     "batches",
+    "check_feature_map",
     "cleanup_distributed",
     "evaluate",
     "median_throughput",
@@ -382,3 +383,34 @@ def spread(values) -> dict:
     q1, q2, q3 = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else (v[0], v[0], v[0])
     return {"median": q2, "q1": q1, "q3": q3, "iqr": q3 - q1, "mean": statistics.fmean(v),
             "std": statistics.stdev(v) if len(v) > 1 else None, "min": min(v), "max": max(v), "n": len(v)}
+
+
+def check_feature_map(image_size: int | None, native_size: int) -> None:
+    """Refuse an image ODENet configuration whose ODE block would run on a feature map below 3x3.
+
+    There its GroupNorm groups hold a handful of values (one at 1x1 with 32 channels or fewer, where the norm outputs
+    its bias whatever the input), and the network gives nearly the same logits for every image: such a run
+    measures nothing.
+
+    Args:
+        image_size: the configured size (``None``: the data set's own).
+        native_size: the data set's image side.
+
+    Raises:
+        ValueError: naming ``image_size`` and the smallest size that works (14).
+
+    Example:
+        >>> check_feature_map(28, 28)
+        >>> check_feature_map(None, 8)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: image_size None (8x8 images) leaves a 1x1 feature map for the ODE block...
+    """
+    from ..models import ImageODENet
+
+    size = image_size or native_size
+    side = ImageODENet.feature_map_size(size)
+    if side < 3:
+        raise ValueError(f"image_size {image_size} ({size}x{size} images) leaves a {side}x{side} feature map for the "
+                         "ODE block, below 3x3: its GroupNorm groups then hold a handful of values (one at 1x1) and "
+                         "the network gives nearly the same logits for every input; use image_size >= 14")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..models import ImageODENet, ImageResNet, count_parameters
-from .common import DistInfo, SavedTensorMeter, evaluate, spread, time_call, train_epoch
+from .common import DistInfo, SavedTensorMeter, check_feature_map, evaluate, spread, time_call, train_epoch
 from .data import load_images
 from .report import new_figure, save_figure, write_results
 
@@ -60,16 +60,13 @@ def check_config(cfg: dict, native_size: int) -> None:
         ...
         ValueError: image_size None (8x8 images) leaves a 1x1 feature map for the ODE block...
     """
-    size = cfg["image_size"] or native_size
-    side = ImageODENet.feature_map_size(size)
-    if side < 3:
-        raise ValueError(f"image_size {cfg['image_size']} ({size}x{size} images) leaves a {side}x{side} feature map "
-                         "for the ODE block, below 3x3: its GroupNorm groups then hold a handful of values (one at "
-                         "1x1) and the network gives nearly the same logits for every input; use image_size >= 14")
+    check_feature_map(cfg["image_size"], native_size)
     for key in ("seeds", "sweep_batch_sizes"):
         vals = cfg[key]
-        if not isinstance(vals, (tuple, list)) or not vals or not all(isinstance(v, int) for v in vals):
-            raise ValueError(f"{key} must be a non-empty list of ints, got {vals!r}")
+        if not isinstance(vals, (tuple, list)) or not all(isinstance(v, int) for v in vals):
+            raise ValueError(f"{key} must be a list of ints, got {vals!r}")
+    if not cfg["seeds"]:
+        raise ValueError("seeds must not be empty")
     if any(b < 1 for b in cfg["sweep_batch_sizes"]):
         raise ValueError(f"sweep_batch_sizes must be positive, got {cfg['sweep_batch_sizes']!r}")
     for key in ("timing_rounds", "threads"):
@@ -221,7 +218,7 @@ def run(cfg: dict, info: DistInfo) -> dict:
             entry["runs"] = runs[name]
             if info.is_main:
                 entry["seeds"] = _seed_summary(runs[name])
-        if info.is_main and i == 0:
+        if info.is_main and i == 0 and cfg["sweep_batch_sizes"]:  # an empty sweep: seeds run in other processes
             # The sweep runs on the first seed's models right after they are trained, so a long study that is
             # stopped early still has its throughput; the report is rewritten after every seed.
             results["backend"] = _backend(trained[MODEL_NAMES[1]], data["x_test"][:2].to(info.device))

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import last_stats, odeint, odeint_adjoint
 from ..models import ImageODENet
-from .common import DistInfo, SavedTensorMeter, spread, time_call
+from .common import DistInfo, SavedTensorMeter, check_feature_map, spread, time_call
 from .data import load_images
 from .report import new_figure, save_figure, write_results
 
@@ -115,10 +115,7 @@ def _reference(net: ImageODENet, z0, y, t, cfg: dict) -> tuple[dict, str]:
 def run(cfg: dict, info: DistInfo) -> dict:
     data = load_images(cfg["dataset"], data_dir=cfg.get("data_dir"), image_size=cfg["image_size"],
                        train_size=cfg["train_size"], test_size=cfg["test_size"], seed=cfg["seed"])
-    side = ImageODENet.feature_map_size(data["x_train"].shape[-1])
-    if side < 3:
-        raise ValueError(f"image_size {cfg['image_size']} leaves a {side}x{side} map for the ODE block (below 3x3); "
-                         "use image_size >= 14")
+    check_feature_map(cfg["image_size"], data["x_train"].shape[-1])
     torch.manual_seed(cfg["seed"])
     net = ImageODENet(data["in_channels"], data["num_classes"], width=cfg["width"]).to(info.device)
     x = data["x_train"][: cfg["batch_size"]].to(info.device)

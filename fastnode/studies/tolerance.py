@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..models import ImageODENet, count_parameters
-from .common import DistInfo, evaluate, train_epoch
+from .common import DistInfo, check_feature_map, evaluate, train_epoch
 from .data import load_images
 from .report import new_figure, save_figure, write_results
 
@@ -29,6 +29,7 @@ QUICK = {"dataset": "digits", "image_size": 16, "train_size": 128, "test_size": 
 def run(cfg: dict, info: DistInfo) -> dict:
     data = load_images(cfg["dataset"], data_dir=cfg.get("data_dir"), image_size=cfg["image_size"],
                        train_size=cfg["train_size"], test_size=cfg["test_size"], seed=cfg["seed"])
+    check_feature_map(cfg["image_size"], data["x_train"].shape[-1])
     torch.manual_seed(cfg["seed"])
     model = ImageODENet(data["in_channels"], data["num_classes"], width=cfg["width"], adjoint=cfg["adjoint"],
                         rtol=cfg["rtol"], atol=cfg["rtol"]).to(info.device)
