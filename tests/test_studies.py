@@ -290,6 +290,8 @@ def test_cifar_split_by_file(tmp_path):
     assert tuple(xtr.shape) == (15, 3, 32, 32) and tuple(xte.shape) == (7, 3, 32, 32)
     import pickle
 
+    train = [pickle.loads((tmp_path / n).read_bytes()) for n in CIFAR10_FILES[:-1]]
+    assert ytr.tolist() == [int(v) for b in train for v in b[b"labels"]]
     test = pickle.loads((tmp_path / CIFAR10_FILES[-1]).read_bytes())
     assert yte.tolist() == [int(v) for v in test[b"labels"]]
     torch.testing.assert_close(xte.reshape(7, -1), torch.tensor(test[b"data"] / 255.0, dtype=torch.float32))
@@ -417,7 +419,7 @@ def test_resnet_vs_odenet_seeds_sweep_csv(tmp_path):
     assert names == [f"resnet-vs-odenet.{e}" for e in ("csv", "json", "md", "png")]
     data = json.loads((tmp_path / "resnet-vs-odenet.json").read_text())
     assert data["commit"] and data["backend"] and data["seeds_done"] == 2
-    for name, e in data["models"].items():
+    for e in data["models"].values():
         accs = [r["epochs"][-1]["test_accuracy"] for r in e["runs"]]
         assert [r["seed"] for r in e["runs"]] == [0, 1]
         assert e["seeds"]["test_accuracy"]["mean"] == pytest.approx(np.mean(accs))
@@ -441,6 +443,30 @@ def test_resnet_vs_odenet_seeds_sweep_csv(tmp_path):
     assert "zero_grad + forward + cross-entropy + backward + SGD step" in md and "| 8 |" in md
 
 
+def test_seeds_in_separate_processes_merge_to_the_joint_run(tmp_path):
+    from fastnode.studies.resnet_vs_odenet import merge
+
+    kw = {"quick": True, "epochs": 1, "train_size": 64, "test_size": 32, "timing_rounds": 1}
+    joint = run_study("resnet-vs-odenet", out=tmp_path / "joint", seeds=(0, 1), sweep_batch_sizes=(4,), **kw)
+    run_study("resnet-vs-odenet", out=tmp_path / "s0", seeds=(0,), sweep_batch_sizes=(4,), **kw)
+    run_study("resnet-vs-odenet", out=tmp_path / "s1", seeds=(1,), sweep_batch_sizes=(), **kw)
+    merged = merge(tmp_path / "merged", [tmp_path / "s1", tmp_path / "s0"])
+    for name, e in joint["models"].items():
+        m = merged["models"][name]
+        assert [r["seed"] for r in m["runs"]] == [0, 1]
+        for a, b in zip(e["runs"], m["runs"]):  # training is deterministic: the same seed gives the same run
+            assert a["epochs"][0]["test_accuracy"] == b["epochs"][0]["test_accuracy"]
+            assert a["epochs"][0]["nfe_forward_batches"] == b["epochs"][0]["nfe_forward_batches"]
+        assert m["seeds"]["test_accuracy"]["mean"] == pytest.approx(e["seeds"]["test_accuracy"]["mean"])
+    assert [r["batch_size"] for r in merged["sweep"]] == [4, 4]
+    assert (tmp_path / "merged" / "resnet-vs-odenet.md").is_file()
+    with pytest.raises(ValueError, match="seeds repeat"):
+        merge(tmp_path / "bad", [tmp_path / "s0", tmp_path / "joint"])
+    run_study("resnet-vs-odenet", out=tmp_path / "lr", seeds=(2,), sweep_batch_sizes=(), lr=0.2, **kw)
+    with pytest.raises(ValueError, match="lr"):
+        merge(tmp_path / "bad", [tmp_path / "s0", tmp_path / "lr"])
+
+
 def test_quick_mode_is_meaningful(tmp_path):
     """The quick configuration trains a network that tells digits apart (the degenerate one stayed at chance)."""
     res = run_study("resnet-vs-odenet", out=tmp_path, quick=True, seeds=(0,), sweep_batch_sizes=(8,),
@@ -452,16 +478,20 @@ def test_quick_mode_is_meaningful(tmp_path):
 # --- solver comparison ---------------------------------------------------------------------------------------------
 
 def test_solvers_study_gradient_error_and_nfe(tmp_path):
-    res = run_study("solvers", out=tmp_path, quick=True)
+    res = run_study("solvers", out=tmp_path, quick=True, timing_rounds=1)
     rows = {r["solver"]: r for r in res["rows"]}
     assert {"fastnode adjoint", "fastnode backprop"} <= set(rows)
     for name, r in rows.items():
         assert r["nfe_forward"] > 0 and r["nfe_backward"] > 0, name
-        assert r["grad_rel_error"] < 0.05, name  # rtol 1e-3 against a float64 rtol 1e-8 reference
+        assert r["grad_rel_error"] < 1.0, name
     # Backprop differentiates the forward solve's own operations: one vector-Jacobian product per evaluation that
     # reaches the loss, so never more than NFE-F.
     assert rows["fastnode backprop"]["nfe_backward"] <= rows["fastnode backprop"]["nfe_forward"]
-    tight = run_study("solvers", out=tmp_path / "tight", quick=True, rtol=1e-6)
-    assert {r["solver"]: r for r in tight["rows"]}["fastnode adjoint"]["grad_rel_error"] < \
-        rows["fastnode adjoint"]["grad_rel_error"]
+    # Against the float64 reference, every solver's gradient gets better with a tighter tolerance (at rtol 1e-3 an
+    # untrained network's small gradient is off by tens of percent, for torchdiffeq alike).
+    tight = {r["solver"]: r for r in run_study("solvers", out=tmp_path / "tight", quick=True, rtol=1e-5,
+                                                 timing_rounds=1)["rows"]}
+    for name, r in rows.items():
+        assert tight[name]["grad_rel_error"] < r["grad_rel_error"] / 3, name
+        assert tight[name]["nfe_forward"] > r["nfe_forward"], name
     assert (tmp_path / "solvers.md").read_text().count("| fastnode") >= 2

@@ -188,9 +188,11 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             batch = pickle.load(fh, encoding="bytes")
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as exc:
         raise ValueError(f"{str(path)!r} is not a CIFAR-10 python batch (unpickling failed: {exc})") from exc
+    # A file of the wrong content (not a wrong argument type): ValueError like every other malformed file.
+    items = batch.items() if isinstance(batch, dict) else ()
+    keys = {k.decode() if isinstance(k, bytes) else k: v for k, v in items}
     if not isinstance(batch, dict):
-        raise ValueError(f"{str(path)!r} is not a CIFAR-10 python batch: it holds a {type(batch).__name__}, not a dict")
-    keys = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+        keys = {"(not a dict)": type(batch).__name__}
     missing = [k for k in ("data", "labels") if k not in keys]
     if missing:
         raise ValueError(f"{str(path)!r} is not a CIFAR-10 python batch: no {missing} entry (keys: {sorted(keys)})")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import subprocess
 from pathlib import Path
 
@@ -133,10 +134,10 @@ def _sweep(cfg: dict, data: dict, trained: dict, dev) -> list[dict]:
                        "nfe_b": []} for n in copies}
             for rnd in range(cfg["timing_rounds"] + 1):  # round 0: warm-up
                 for name, (m, opt) in copies.items():
-                    tc, tw = time_call(lambda: _train_step(m, opt, xb, yb), dev)
+                    tc, tw = time_call(functools.partial(_train_step, m, opt, xb, yb), dev)
                     blk = getattr(m, "block", None)
                     nfe = (blk.nfe_forward, blk.nfe_backward) if blk is not None else (None, None)
-                    ic, iw = time_call(lambda: _infer(m, xb), dev)
+                    ic, iw = time_call(functools.partial(_infer, m, xb), dev)
                     if rnd:
                         r = raw[name]
                         for k, v in (("train_cpu", tc), ("train_wall", tw), ("infer_cpu", ic), ("infer_wall", iw),
@@ -180,9 +181,10 @@ def _sweep_row(name: str, bs: int, raw: dict, model, xb, yb) -> dict:
 def _commit() -> str | None:
     try:
         here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10,
+                             check=False)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         return (out.stdout.strip() + ("+dirty" if dirty else "")) if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -200,6 +202,17 @@ def _backend(model, x) -> str | None:
 
 
 def run(cfg: dict, info: DistInfo) -> dict:
+    threads_before = torch.get_num_threads()
+    # The whole study runs on cfg["threads"] threads: training is then the same computation on every machine (the
+    # reductions' order depends on the thread count), and the timings' thread CPU time covers all of the work.
+    torch.set_num_threads(cfg["threads"])
+    try:
+        return _run(cfg, info)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(cfg: dict, info: DistInfo) -> dict:
     data = load_images(cfg["dataset"], data_dir=cfg.get("data_dir"), image_size=cfg["image_size"],
                        train_size=cfg["train_size"], test_size=cfg["test_size"], seed=cfg["seed"])
     check_config(cfg, data["x_train"].shape[-1])
@@ -267,10 +280,12 @@ def _tables(results: dict) -> list:
         bs = r["batch_size"]
         sweep_rows.append([r["model"], bs, _iqr(r["train_cpu"]), _iqr(r["train_wall"]), _iqr(r["infer_cpu"]),
                            _iqr(r["infer_wall"]), r["saved_peak_mb"], r["nfe_forward"], r["nfe_backward"]])
-    ratio_rows = [[bs, _ratio(results["sweep"], bs, "train_cpu"), _ratio(results["sweep"], bs, "train_wall"),
-                   _ratio(results["sweep"], bs, "infer_cpu"), _ratio(results["sweep"], bs, "infer_wall")]
-                  for bs in results["config"]["sweep_batch_sizes"]]
-    return [
+    ratio_rows = _ratio_rows(results)
+    source = []
+    if results["config"]["dataset"] == "mnist":
+        source = [("The source documents' figures beside this run's (mean ± sample std [min, max] over seeds)",
+                   ["figure", "sources", "this run"], _source_rows(results))]
+    return source + [
         ("Accuracy and NFE over seeds (last epoch; mean ± sample std [min, max])",
          ["model", "parameters", "seeds", "test accuracy", "test error %", "NFE-F", "NFE-B"], seeds_rows),
         ("Throughput sweep (samples/s: median (IQR) over rounds; first seed's trained models)",
@@ -281,6 +296,53 @@ def _tables(results: dict) -> list:
         ("Per seed and epoch (NFE-F first/last 10%: mean over the epoch's first/last tenth of batches)",
          ["model", "seed", "epoch", "train loss", "test acc", "NFE-F", "NFE-F first 10%", "NFE-F last 10%",
           "NFE-B", "NFE-B/NFE-F", "CPU s", "wall s"], epoch_rows),
+    ]
+
+
+# The source documents' figures (DESIGN.md section 5; seeds/ in Portuguese). "paper": the ODENets course paper
+# (000_...): MNIST accuracy of its ODENet. "thesis": Chen et al.'s MNIST table as the thesis quotes it (test
+# error of ODE-Net and ResNet), and the thesis's own CPU timing (Table 4.5: UFPR-AMR meter digits at 28x28, 3
+# channels; "Batch Time Avg" 21.96 s ODENet vs 4.89 s ResNet).
+SOURCE_FIGURES = {"odenet_accuracy_pct": 99.17, "odenet_error_pct": 0.42, "resnet_error_pct": 0.41,
+                  "train_time_ratio": 21.96 / 4.89}
+
+
+def _source_rows(results: dict) -> list[list]:
+    """This run's figures beside the source documents' (only meaningful for the full MNIST)."""
+    m = results["models"]
+    ode, res = m[MODEL_NAMES[1]]["seeds"], m[MODEL_NAMES[0]]["seeds"]
+    ratios = {r[0]: r[1] for r in _ratio_rows(results)}
+    bs = results["config"]["batch_size"]
+    ratio = ratios.get(bs) if ratios.get(bs) is not None else next((v for v in ratios.values() if v), None)
+    return [
+        ["ODENet test accuracy %", "99.17 (ODENets paper, MNIST)", _pm(ode["test_accuracy"], 100)],
+        ["ODENet test error %", "0.42 (Chen et al., quoted by the thesis)", _pm(ode["test_error_pct"], digits=3)],
+        ["ResNet test error %", "0.41 (Chen et al., quoted by the thesis)", _pm(res["test_error_pct"], digits=3)],
+        ["ODENet / ResNet training time per sample",
+         "4.5x (thesis Table 4.5: 21.96 s / 4.89 s per batch, CPU, UFPR-AMR digits)",
+         "n/a" if ratio is None else f"{ratio:.2f}x (CPU time, batch {bs if ratios.get(bs) else 'see sweep'})"],
+    ]
+
+
+def _ratio_rows(results: dict) -> list[list]:
+    return [[bs, _ratio(results["sweep"], bs, "train_cpu"), _ratio(results["sweep"], bs, "train_wall"),
+             _ratio(results["sweep"], bs, "infer_cpu"), _ratio(results["sweep"], bs, "infer_wall")]
+            for bs in results["config"]["sweep_batch_sizes"]]
+
+
+def _source_notes(results: dict) -> list[str]:
+    c = results["config"]
+    return [
+        (f"Why the figures differ from the sources'. Training budget: Chen et al.'s odenet_mnist.py trains 160 "
+         f"epochs of all 60,000 images, batch 128, SGD lr 0.1 decayed tenfold at epochs 60, 100 and 140, with "
+         f"random-crop augmentation (padding 4); this run trained {c['epochs']} epoch(s) of {results['n_train']} "
+         f"images at a fixed lr {c['lr']} without augmentation (a 2-core machine shared by several jobs, the run "
+         "at nice 19), so its error is that of an early point on the sources' learning curves, not of a converged "
+         "model. The test set is the official 10,000-image one in both."),
+        ("Timing: the thesis's 4.5x is a mean wall-clock batch time on its own CPU, on 3-channel UFPR-AMR digits "
+         "(28x28), batch size not stated; here it is the median thread CPU time per sample of a training step on "
+         "MNIST (1 channel), per batch size (the sweep), on one thread. The ratio depends on the batch size and on "
+         "the ODENet's NFE, which grows as training goes on (the sources' NFE-F grows over 160 epochs)."),
     ]
 
 
@@ -306,7 +368,8 @@ def _notes(results: dict) -> list[str]:
 
 def _write(cfg: dict, results: dict) -> None:
     out = cfg["out"]
-    write_results(out, NAME, results, _tables(results), _notes(results))
+    notes = _notes(results) + (_source_notes(results) if results["config"]["dataset"] == "mnist" else [])
+    write_results(out, NAME, results, _tables(results), notes)
     _write_csv(Path(out) / f"{NAME}.csv", results)
     _plot(results, f"{out}/{NAME}.png")
 
@@ -350,8 +413,76 @@ def _plot(results: dict, path: str) -> None:
         a_mem.plot(bs, [r["saved_peak_mb"] for r in rows], marker="o", label=name)
     a_acc.set(xlabel="epoch", ylabel="test accuracy", title="accuracy (per seed)")
     a_nfe.set(xlabel="training batch", ylabel="function evaluations", title="ODENet NFE per batch")
-    a_thr.set(xscale="log", yscale="log", xlabel="batch size", ylabel="samples / CPU s", title="throughput")
-    a_mem.set(xscale="log", yscale="log", xlabel="batch size", ylabel="MB saved for backward", title="memory")
+    a_thr.set(xlabel="batch size", ylabel="samples / CPU s", title="throughput")
+    a_mem.set(xlabel="batch size", ylabel="MB saved for backward", title="memory")
+    if results["sweep"]:  # a run without its sweep (seeds in separate processes) leaves these two empty
+        for a in (a_thr, a_mem):
+            a.set(xscale="log", yscale="log")
     for a in axes:
         a.legend(fontsize=6)
     save_figure(fig, path)
+
+
+_MERGE_FREE = ("seeds", "sweep_batch_sizes", "timing_rounds", "progress", "quick")
+
+
+def merge(out, inputs) -> dict:
+    """Combine runs of this study that differ only in their seeds (and in which one ran the sweep) into one report.
+
+    Seeds can run as separate processes (``--set seeds=1 --set sweep_batch_sizes=``); this joins their JSON
+    files: every seed's runs, the seed summaries recomputed over all of them, the sweep of the run that has one.
+
+    Args:
+        out: folder for the merged ``resnet-vs-odenet.{json,md,csv,png}``.
+        inputs: the runs' ``resnet-vs-odenet.json`` files (or their folders).
+
+    Returns:
+        The merged results.
+
+    Raises:
+        ValueError: when the runs differ in another setting or repeat a seed (the message names the files).
+    """
+    import json
+
+    paths = [Path(p) / f"{NAME}.json" if Path(p).is_dir() else Path(p) for p in inputs]
+    if not paths:
+        raise ValueError("inputs must name at least one results file")
+    loaded = [json.loads(p.read_text()) for p in paths]
+    base = loaded[0]
+    same = lambda c: {k: v for k, v in c.items() if k not in _MERGE_FREE}
+    for p, r in zip(paths, loaded):
+        if same(r["config"]) != same(base["config"]):
+            diff = sorted(k for k in same(r["config"]) if r["config"][k] != base["config"].get(k))
+            raise ValueError(f"{str(p)!r} differs from {str(paths[0])!r} in {diff}; only seeds may differ")
+    merged = {k: v for k, v in base.items() if k not in ("study", "environment")}
+    merged["models"], merged["sweep"] = {}, []
+    merged["commit"] = sorted({r.get("commit") or "unknown" for r in loaded})
+    merged["merged_from"] = [str(p) for p in paths]
+    seen = []
+    for p, r in zip(paths, loaded):
+        seen += list(r["config"]["seeds"])[: r.get("seeds_done", len(r["config"]["seeds"]))]
+        if r["sweep"]:
+            merged["sweep"], merged["backend"] = r["sweep"], r["backend"]
+            merged["config"] = {**merged["config"], "sweep_batch_sizes": r["config"]["sweep_batch_sizes"],
+                                "timing_rounds": r["config"]["timing_rounds"]}
+        for name, e in r["models"].items():
+            m = merged["models"].setdefault(name, {"parameters": e["parameters"], "runs": []})
+            m["runs"] += e["runs"]
+    if len(set(seen)) != len(seen):
+        raise ValueError(f"seeds repeat across {[str(p) for p in paths]}: {seen}")
+    for m in merged["models"].values():
+        m["runs"].sort(key=lambda r: r["seed"])
+        m["seeds"] = _seed_summary(m["runs"])
+    merged["config"]["seeds"] = sorted(seen)
+    merged["seeds_done"] = len(seen)
+    _write({"out": str(out), **merged["config"]}, merged)
+    return merged
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 4 or sys.argv[1] != "merge":
+        sys.exit("usage: python -m fastnode.studies.resnet_vs_odenet merge OUT RUN [RUN ...]")
+    merge(sys.argv[2], sys.argv[3:])
+    print(f"merged into {sys.argv[2]}/")

@@ -14,6 +14,7 @@ With ``compiled`` the vector field is also run through ``torch.compile`` (fastno
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 
 import torch
@@ -103,6 +104,10 @@ def _grad(lib, adjoint, field, head, z0, y, t, rtol, method="dopri5") -> dict:
             "backend": backend}
 
 
+def _grad_into(box: dict, *args) -> None:
+    box.update(_grad(*args))
+
+
 def _reference(net: ImageODENet, z0, y, t, cfg: dict) -> tuple[dict, str]:
     have_tdq = importlib.util.find_spec("torchdiffeq") is not None
     lib, method = ("torchdiffeq", "dopri5") if have_tdq else ("fastnode", "dopri8")
@@ -148,7 +153,8 @@ def _measure(cfg: dict, net: ImageODENet, z0, y, t, ref: dict) -> list[dict]:
     for rnd in range(cfg["timing_rounds"] + 1):  # round 0: warm-up, also the measured NFE and gradient
         for name, (lib, adjoint, field) in fields.items():
             box = {}
-            cpu, _ = time_call(lambda: box.update(_grad(lib, adjoint, field, net.head, z0, y, t, cfg["rtol"])))
+            run_once = functools.partial(_grad_into, box, lib, adjoint, field, net.head, z0, y, t, cfg["rtol"])
+            cpu, _ = time_call(run_once)
             if rnd == 0:
                 first[name] = box
                 with SavedTensorMeter() as meter:
