@@ -136,6 +136,7 @@ def run(cfg: dict, info: DistInfo) -> dict:
     finally:
         torch.set_num_threads(threads_before)
     results = {"config": {k: v for k, v in cfg.items() if k != "out"}, "data": data["source"],
+               "image_side": int(data["x_train"].shape[-1]),
                "reference": ref_desc, "reference_nfe_forward": ref["nfe_forward"],
                "reference_nfe_backward": ref["nfe_backward"], "rows": rows,
                "torchdiffeq": importlib.util.find_spec("torchdiffeq") is not None}
@@ -180,13 +181,15 @@ def _write(cfg: dict, results: dict) -> None:
              r["saved_peak_mb"]] for r in results["rows"]]
     c = cfg
     notes = [
-        (f"Data: {results['data']}, one batch of {c['batch_size']} images at {c['image_size']}x{c['image_size']}; "
+        (f"Data: {results['data']}, one batch of {c['batch_size']} images at {results['image_side']}x"
+         f"{results['image_side']}; "
          f"ODENet width {c['width']} at initialisation (seed {c['seed']}); every solver integrates the same field "
          f"from the same z0 with dopri5, rtol = atol = {c['rtol']} (the adjoint's backward solve too)."),
         (f"Gradient error: ||g - g_ref|| / ||g_ref|| over the vector field's parameters; reference: "
          f"{results['reference']} (NFE-F {results['reference_nfe_forward']}). Time: thread CPU seconds of forward "
          f"+ loss + backward, median (IQR) of {c['timing_rounds']} rounds after a warm-up round, solvers interleaved "
-         f"in each round, torch.set_num_threads({c['threads']}). Memory: peak bytes autograd holds for backward."),
+         f"in each round, torch.set_num_threads({c['threads']}). Memory: peak bytes of the tensors autograd holds, "
+         "over forward and backward (an adjoint's backward builds and frees a small graph per evaluation)."),
     ]
     if not results["torchdiffeq"]:
         notes.append("torchdiffeq is not installed here (`make deps-bench` installs it): its rows are missing.")
