@@ -2,7 +2,7 @@
 
 Two launches, no host sync:
 
-1. ``_step_finish_kernel`` (one pass over the stages): per tile of ``[G, N]`` it writes
+1. ``_step_error_kernel`` (one pass over the stages): per tile of ``[G, N]`` it writes
    ``y_new = y + h * sum_j b_j k_j``, forms the error ``h * sum_j e_j k_j`` scaled by
    ``atol + rtol * max(|y|, |y_new|)``, and stores per row and norm segment the tile's sum of squares (float64)
    and whether ``y_new`` and the last stage are finite there.
@@ -21,13 +21,13 @@ from torch.library import wrap_triton
 
 from ._launch import check_rows, check_stages, check_state, control_tiles, empty, launches, register_op, tiles
 
-# Offsets into the float64 constants tensor ``consts``: the scalar tolerances, then the controller settings in the
-# order of ``fastnode.backends.ext_ops.ctrl_values``.
+# Offsets into the float64 constants tensor ``consts``: the scalar tolerances, then the controller settings (order,
+# safety, ifactor, dfactor, min_step, max_step, pi flag, pi_alpha, pi_beta), as the fastnode:: C++ ops take them.
 N_CONSTS = 11
 
 
 @triton.jit
-def _step_finish_kernel(y_ptr, k_ptr, h_ptr, w_ptr, idx_ptr, rtol_ptr, atol_ptr, consts_ptr, seg_ptr,
+def _step_error_kernel(y_ptr, k_ptr, h_ptr, w_ptr, idx_ptr, rtol_ptr, atol_ptr, consts_ptr, seg_ptr,
                         ynew_ptr, x_ptr, part_ptr, fin_ptr, G, N, stride_s, rtol_rs, atol_rs, s_last,
                         U: tl.constexpr, BMASK: tl.constexpr, EMASK: tl.constexpr, LAST: tl.constexpr,
                         NSEG: tl.constexpr, RTOL_T: tl.constexpr, ATOL_T: tl.constexpr, WRITE_X: tl.constexpr,
@@ -236,7 +236,7 @@ def step_error(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torch.Te
         return y_new, x
     bg, bn, nw = tiles(G, N, y.device)
     grid = (triton.cdiv(G, bg) * triton.cdiv(N, bn),)
-    wrap_triton(_step_finish_kernel)[grid](
+    wrap_triton(_step_error_kernel)[grid](
         y, K, h, be_w, be_idx, rtol_t if rtol_t is not None else y, atol_t if atol_t is not None else y,
         consts, be_idx, y_new, x, consts, be_idx, G, N, G * N, rtol_rs, atol_rs, K.shape[0] - 1,
         U=U, BMASK=b_mask, EMASK=e_mask, LAST=last_pos, NSEG=0, RTOL_T=rtol_t is not None, ATOL_T=atol_t is not None,
@@ -297,7 +297,7 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torc
     if not launches(y):
         return y_new, ratio, ok.view(torch.bool), accept.view(torch.bool), h_next, prev_out
     grid = (triton.cdiv(G, bg) * n_cb,)
-    wrap_triton(_step_finish_kernel)[grid](
+    wrap_triton(_step_error_kernel)[grid](
         y, K, h, be_w, be_idx, rtol_t if rtol_t is not None else y, atol_t if atol_t is not None else y,
         consts, segments, y_new, y_new, part, fin, G, N, G * N, rtol_rs, atol_rs, S - 1,
         U=U, BMASK=b_mask, EMASK=e_mask, LAST=last_pos, NSEG=nseg, RTOL_T=rtol_t is not None, ATOL_T=atol_t is not None,
@@ -309,11 +309,3 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torc
         ratio_floor if ratio_floor is not None else h_ctl, ratio, ok, accept, h_next, prev_out, G, n_cb,
         NSEG=nseg, HAS_FLOOR=ratio_floor is not None, BLOCK=block, CBLOCK=cblock, num_warps=4)
     return y_new, ratio, ok.view(torch.bool), accept.view(torch.bool), h_next, prev_out
-
-
-def reference_finish_control(tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running, ratio_floor=None):
-    """The torch backend's composition (``StepOps.finish_control`` on ``TorchStepOps``)."""
-    from fastnode.backends.torch_ops import TorchStepOps
-
-    return TorchStepOps().finish_control(tableau, y, list(K), h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
-                                         ratio_floor=ratio_floor)

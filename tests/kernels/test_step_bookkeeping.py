@@ -58,10 +58,10 @@ def test_step_end(device, G, block, monkeypatch):
     """Accepted, rejected, clipped, not running; stuck by no move (non-finite and underflow), by an infinite step
     and by the step budget; output times crossed. With several programs the packet is reduced by atomics."""
     if block is not None:
-        from fastnode.kernels import step_bookkeeping
+        from fastnode.kernels import _launch
 
-        monkeypatch.setattr(step_bookkeeping, "_GPU_BLOCK", block)
-        monkeypatch.setattr(step_bookkeeping, "_INTERP_BLOCK", block)
+        monkeypatch.setattr(_launch, "_GPU_BLOCK", block)
+        monkeypatch.setattr(_launch, "_INTERP_BLOCK", block)
     g = torch.Generator().manual_seed(1)
     t, h, running, t_out, t_end = _groups(G, device, seed=1)
     accept = (torch.rand(G, generator=g) < 0.6).to(device) & running
