@@ -9,7 +9,7 @@ Two launches, no host sync:
 2. ``_control_kernel`` (one lane per group): adds the tiles' partial sums in a fixed order (deterministic, no
    atomics), takes the RMS of every segment and their max (``fastnode.backends.torch_ops.RMSNorm``), applies the
    ratio floor, sets the ratio to inf where a value is non-finite, and runs the I or PI controller
-   (``TorchStepOps.controller``; ``csrc/step_ops.h::control_one``) in float64.
+   (``TorchStepOps.controller``; ``csrc/common.h::control_one``) in float64.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def _control_kernel(part_ptr, fin_ptr, seg_ptr, consts_ptr, hctl_ptr, prev_ptr, 
     prev = tl.load(prev_ptr + rows, mask=m, other=1.0)
     running = tl.load(run_ptr + rows, mask=m, other=0) != 0
 
-    # The formulas and order of operations of TorchStepOps.controller (csrc/step_ops.h::control_one).
+    # The formulas and order of operations of TorchStepOps.controller (csrc/common.h::control_one).
     r = tl.where(rr != rr, inf, rr)  # noqa: PLR0124  (NaN test)
     accept = r <= 1.0
     # NOTE: scalar conditions go through tl.where (Triton's interpreter cannot `&` a scalar bool with a block).
@@ -203,7 +203,8 @@ def _check_step(op, y, K, h, be_w, be_idx, b_mask, e_mask, last_pos, rtol_t, ato
     U = be_idx.shape[0] if be_idx.dim() == 1 else -1
     if (U < 0 or U > S or be_idx.dtype != torch.int32 or be_w.shape != (2 * U,) or be_w.dtype != torch.float64
             or be_w.device != dev or be_idx.device != dev):
-        raise ValueError(f"fastnode_triton.{op}: be_w must be float64 [2 * U] and be_idx int32 [U] on {dev}, U <= S = {S}")
+        raise ValueError(f"fastnode_triton.{op}: be_w must be float64 [2 * U] and be_idx int32 [U] on {dev}, "
+                         f"U <= S = {S}")
     if not (0 <= b_mask < (1 << U) and 0 <= e_mask < (1 << U)):
         raise ValueError(f"fastnode_triton.{op}: b_mask and e_mask must be bit masks over the U = {U} stages")
     if not -1 <= last_pos < U:
