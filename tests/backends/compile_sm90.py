@@ -4,7 +4,7 @@ Triton's interpreter accepts code the compiler rejects (and runs float64 math th
 the CPU tests alone would not catch a kernel that fails to build on a GPU. Run as a module in a process where
 ``TRITON_INTERPRET`` is unset (the kernels must be defined as compiled kernels)::
 
-    python -m tests.kernels.compile_sm90
+    python -m tests.backends.compile_sm90
 
 Prints one line per kernel and exits non-zero on the first failure.
 """
@@ -29,7 +29,8 @@ def signatures() -> list:
                      "NW": "constexpr", "BLOCK_G": "constexpr", "BLOCK_N": "constexpr"},
                     {"NW": 5, "BLOCK_G": 2, "BLOCK_N": 1024}))
         finish_sig = {"y_ptr": p, "k_ptr": p, "h_ptr": p, "w_ptr": "*fp64", "idx_ptr": "*i32", "rtol_ptr": p,
-                      "atol_ptr": p, "consts_ptr": "*fp64", "seg_ptr": "*i64", "ynew_ptr": p, "x_ptr": p, "part_ptr": "*fp64",
+                      "atol_ptr": p, "consts_ptr": "*fp64", "seg_ptr": "*i64", "ynew_ptr": p, "x_ptr": p,
+                      "part_ptr": "*fp64",
                       "fin_ptr": "*u8", **dims, "rtol_rs": "i32", "atol_rs": "i32", "s_last": "i32",
                       **{k: "constexpr" for k in ("U", "BMASK", "EMASK", "LAST", "NSEG", "RTOL_T", "ATOL_T",
                                                   "WRITE_X", "BLOCK_G", "BLOCK_N")}}
