@@ -50,7 +50,7 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def register_op(name: str):
-    """Registers an op body with ``torch.library``: ``triton_op`` for compiled kernels, ``custom_op`` in the interpreter.
+    """Registers an op body with ``torch.library``: ``triton_op`` compiled, ``custom_op`` in the interpreter.
 
     ``triton_op`` makes the kernels visible to ``torch.compile`` (its body is traced through ``wrap_triton``) and
     registers the body as the fake implementation. In Triton's interpreter ``wrap_triton`` cannot record a kernel, so

@@ -12,7 +12,6 @@ import warnings
 
 import pytest
 
-import fastnode
 
 MUST_HAVE_EXAMPLES = ["fastnode", "fastnode._odeint", "fastnode._adjoint", "fastnode._stats"]
 # Entry points that run a program when imported.
