@@ -68,9 +68,7 @@ def _copy_ms(nbytes: int, device: torch.device, warmup: int, reps: int) -> float
 
 
 def _ctrl(cfg) -> list[float]:
-    from fastnode.backends.ext_ops import ctrl_values
-
-    return ctrl_values(cfg)
+    return list(cfg.as_floats())
 
 
 def _inputs(S: int, G: int, N: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -95,7 +93,7 @@ def _inputs(S: int, G: int, N: int, dtype: torch.dtype, device: torch.device) ->
 
 def _cases_ext(x: dict, tab, S: int) -> list[tuple[str, object, int]]:
     """``(case, fn, bytes moved or 0)`` for the ``fastnode::`` ops."""
-    from fastnode.backends.torch_ops import ControllerConfig, RMSNorm
+    from fastnode._options import ControllerConfig, RMSNorm
 
     ops = torch.ops.fastnode
     y, h, running = x["y"], x["h"], x["running"]
@@ -136,7 +134,7 @@ def _cases_triton(x: dict, tab, S: int) -> list[tuple[str, object, int]]:
     """``(case, fn, bytes moved or 0)`` for the ``fastnode_triton::`` ops."""
     from fastnode.kernels._launch import tableau_constants
 
-    from fastnode.backends.torch_ops import ControllerConfig
+    from fastnode._options import ControllerConfig
 
     ops = torch.ops.fastnode_triton
     y, K, h, running = x["y"], x["K"], x["h"], x["running"]

@@ -14,10 +14,10 @@ are opaque ``custom_op`` s, see ``_launch.register_op``):
   host-transfer packet), one launch;
 - ``interpolate`` (``interpolate.py``): dense output at per-row ``theta`` inside a step.
 
-The op modules are leaves: they import nothing from ``fastnode``. ``TritonStepOps`` (the ``triton`` backend) plugs
-the ops into the solver loop through the StepOps interface; the reference each op is tested against is the method of
-the same name on ``fastnode.backends.torch_ops.TorchStepOps``. The adjoint's augmented state ``[G, 2N]`` goes
-through the same ops.
+This package is a leaf: it imports nothing from ``fastnode``. ``fastnode.backends.triton_ops.TritonStepOps`` (the
+``triton`` backend) plugs the ops into the solver loop through the StepOps interface; the reference each op is
+tested against is the method of the same name on ``fastnode.backends.torch_ops.TorchStepOps``. The adjoint's
+augmented state ``[G, 2N]`` goes through the same ops.
 
 The kernels run on CUDA tensors, and on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` was set
 before this package was first imported (the tests do that).
@@ -33,7 +33,6 @@ from .interpolate import interpolate
 from .rk_combine import rk_combine
 from .step_begin import step_begin
 from .step_end import step_end
-from .step_ops import TritonStepOps
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -59,7 +58,6 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 __all__ = [
     "INTERPRETED",
-    "TritonStepOps",
     "finish_control",
     "interpolate",
     "rk_combine",

@@ -124,8 +124,6 @@ def test_auto_picks_triton_on_cuda():
 # --- the op libraries are leaves -------------------------------------------------------------------------------------
 
 KERNELS = Path(__file__).resolve().parents[2] / "kernels"
-# Transitional: the Triton StepOps backend still lives in kernels/ until it moves to fastnode/backends/triton_ops.py.
-NOT_OPS = {"step_ops.py"}
 
 
 def _imports(path: Path) -> list[str]:
@@ -138,8 +136,8 @@ def _imports(path: Path) -> list[str]:
     return out
 
 
-def test_kernel_op_modules_import_nothing_from_fastnode():
-    files = sorted(p for p in KERNELS.glob("*.py") if p.name not in NOT_OPS)
+def test_kernels_import_nothing_from_fastnode():
+    files = sorted(KERNELS.glob("*.py"))
     assert {"_launch.py", "rk_combine.py", "finish_control.py", "interpolate.py", "step_begin.py",
             "step_end.py"} <= {p.name for p in files}
     bad = {p.name: m for p in files for m in _imports(p) if m == "fastnode" or m.startswith("fastnode.")}

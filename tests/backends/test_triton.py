@@ -15,15 +15,16 @@ from torch import nn
 
 import fastnode
 from fastnode import kernels, odeint, odeint_adjoint, odeint_event
-from fastnode.backends.torch_ops import ControllerConfig, RMSNorm, TorchStepOps
+from fastnode._options import ControllerConfig, RMSNorm
+from fastnode.backends.torch_ops import TorchStepOps
 from fastnode.solvers import SOLVERS
 
 from tests.ops._calls import SHAPE_IDS, SHAPES, assert_rounding_close, combo_bound, stages, state, steps
 
 from .conftest import COMPILED, kernel_devices
 
-# The Triton StepOps backend (its module moves to fastnode/backends/triton_ops.py): the one import of it here.
-TRITON_STEP_OPS_MODULE = "fastnode.kernels.step_ops"
+# The Triton StepOps backend: the one import of it here.
+TRITON_STEP_OPS_MODULE = "fastnode.backends.triton_ops"
 TritonStepOps = importlib.import_module(TRITON_STEP_OPS_MODULE).TritonStepOps
 
 F64, F32 = torch.float64, torch.float32
@@ -244,7 +245,7 @@ def test_ops_make_no_host_sync_on_cuda():
         K = ops.new_stages(tab, y)
         K = ops.set_stage(K, 0, y)
         for i in range(1, tab.num_stages):
-            K = ops.set_stage(K, i, ops.stage_input(tab, i, y, K, h))
+            K = ops.set_stage(K, i, ops.rk_combine(y, K, h, tab.a[i][:i]))
         out = ops.finish_control(tab, y, K, h, 1e-5, 1e-7, RMSNorm(), ControllerConfig(order=5), h_ctl, prev, running)
         return out, ops.interpolate(tab, y, K, h, torch.full((G,), 0.5, dtype=F64, device="cuda"))
 
@@ -277,7 +278,7 @@ def test_small_tiles_many_programs(device, dtype, monkeypatch):
     for i in range(tab.num_stages):
         buf = ops.set_stage(buf, i, K[i])
     i = tab.num_stages - 2
-    assert_rounding_close(ops.stage_input(tab, i, y, buf, h), ref.stage_input(tab, i, y, list(K), h),
+    assert_rounding_close(ops.rk_combine(y, buf, h, tab.a[i][:i]), ref.rk_combine(y, list(K), h, tab.a[i][:i]),
                           combo_bound(y, K[:i], h, tab.a[i]))
     theta = torch.linspace(0.0, 1.0, G, dtype=F64, device=device)
     assert_rounding_close(ops.interpolate(tab, y, buf, h, theta), ref.interpolate(tab, y, list(K), h, theta),
@@ -320,9 +321,9 @@ def test_strided_state_is_packed_once(device, dtype, contiguous, shape):
     assert buf.is_contiguous() and ops._contiguous(y).is_contiguous()
     assert ops._contiguous(y) is ops._contiguous(y)
     i = S - 2  # the widest stage row (five nonzero weights)
-    assert_rounding_close(ops.stage_input(tab, i, y, buf, h), ref.stage_input(tab, i, y, K, h),
+    assert_rounding_close(ops.rk_combine(y, buf, h, tab.a[i][:i]), ref.rk_combine(y, K, h, tab.a[i][:i]),
                           combo_bound(y, K[:i], h, tab.a[i]))
-    assert_rounding_close(ops.solution(tab, y, buf, h), ref.solution(tab, y, K, h), combo_bound(y, K, h, tab.b))
+    assert_rounding_close(ops.rk_combine(y, buf, h, tab.b), ref.rk_combine(y, K, h, tab.b), combo_bound(y, K, h, tab.b))
 
 
 @pytest.mark.parametrize("device", kernel_devices())

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from fastnode.backends import ext_ops
-from fastnode.backends.torch_ops import ControllerConfig, RMSNorm, TorchStepOps  # noqa: F401  (re-exported)
+from fastnode._options import ControllerConfig, RMSNorm  # noqa: F401  (re-exported to the op tests)
+from fastnode.backends.torch_ops import TorchStepOps
 from fastnode.solvers import SOLVERS
 
 F32, F64 = torch.float32, torch.float64
@@ -30,7 +31,7 @@ def tableau(method: str):
 
 def ctrl_values(cfg) -> list[float]:
     """The controller settings in the order both op namespaces take them."""
-    return ext_ops.ctrl_values(cfg)
+    return list(cfg.as_floats())
 
 
 # --- backends ---------------------------------------------------------------------------------------------------------
@@ -274,9 +275,7 @@ REF = TorchStepOps()
 
 
 def ref_rk_combine(tab, i: int | None, y, K, h) -> torch.Tensor:
-    if i is None:
-        return REF.solution(tab, y, list(K), h)
-    return REF.stage_input(tab, i, y, list(K), h)
+    return REF.rk_combine(y, list(K), h, tab.b if i is None else tab.a[i][:i])
 
 
 def ref_finish_control(tab, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running, ratio_floor=None):
@@ -293,8 +292,13 @@ def ref_adjoint_weights(h, accept, b) -> torch.Tensor:
 
 
 def ref_step_begin(*args):
-    return REF.step_begin(*args)
+    """The reference's plan, in the ops' output order ``(h_ctl, clipped, t_new, h_state, t_stage, t_end_stage)``."""
+    p = REF.step_begin(*args)
+    return p.h_ctl, p.clipped, p.t_new, p.h_state, p.t_stage, p.t_end_stage
 
 
 def ref_step_end(*args):
-    return REF.step_end(*args)
+    """The reference's ``StepEnd`` without ``jumped`` (no ``jump_t`` here), in the ops' output order."""
+    end = REF.step_end(*args)
+    assert end.jumped is None
+    return tuple(end)[:10]
