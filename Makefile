@@ -10,7 +10,7 @@ TRITON_PIN ?= triton==3.7.1
 BENCH_OUT ?= bench/results/cpu
 
 # The compiled extension is rebuilt when its sources change (the editable install does not watch them).
-EXT_SRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp)
+EXT_SRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: test bench venv deps deps-bench cuda-check clean
 

@@ -21,10 +21,7 @@ import contextlib
 import torch
 
 from .._options import RMSNorm
-from ..kernels import finish_control as _fc  # noqa: F401  (importing the modules registers the fastnode_triton:: ops)
-from ..kernels import interpolate as _ip  # noqa: F401
-from ..kernels import rk_combine as _rk  # noqa: F401
-from ..kernels import step_bookkeeping as _sb  # noqa: F401
+from .. import kernels as _kernels  # noqa: F401  (importing the package registers every fastnode_triton:: op)
 from ..kernels._launch import FLOAT_DTYPES, device_constants, tableau_constants
 from .base import StepEnd, StepPlan, StepResult
 from .torch_ops import TorchStepOps
