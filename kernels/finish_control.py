@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import check_rows, check_stages, check_state, control_tiles, empty, launches, register_op, tiles
+from ._launch import (check_indices, check_rows, check_segments, check_stages, check_state, control_tiles, empty,
+                      launches, register_op, tiles)
 
 # Offsets into the float64 constants tensor ``consts``: the scalar tolerances, then the controller settings (order,
 # safety, ifactor, dfactor, min_step, max_step, pi flag, pi_alpha, pi_beta), as the fastnode:: C++ ops take them.
@@ -205,6 +206,7 @@ def _check_step(op, y, K, h, be_w, be_idx, b_mask, e_mask, last_pos, rtol_t, ato
             or be_w.device != dev or be_idx.device != dev):
         raise ValueError(f"fastnode_triton.{op}: be_w must be float64 [2 * U] and be_idx int32 [U] on {dev}, "
                          f"U <= S = {S}")
+    check_indices(be_idx, S, "be_idx", op)
     if not (0 <= b_mask < (1 << U) and 0 <= e_mask < (1 << U)):
         raise ValueError(f"fastnode_triton.{op}: b_mask and e_mask must be bit masks over the U = {U} stages")
     if not -1 <= last_pos < U:
@@ -276,8 +278,9 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torc
     G, N = y.shape
     dev = y.device
     S = K.shape[0]
-    if segments.dim() != 1 or segments.numel() == 0 or segments.numel() % 2 or segments.dtype != torch.int64:
-        raise ValueError(f"fastnode_triton.{op}: segments must be an int64 tensor of (start, end) pairs")
+    check_segments(segments, N, op)
+    if segments.device != dev:
+        raise ValueError(f"fastnode_triton.{op}: segments must be on {dev}")
     check_rows(h_ctl, G, torch.float64, "h_ctl", op, dev)
     check_rows(prev_ratio, G, torch.float64, "prev_ratio", op, dev)
     check_rows(running, G, torch.bool, "running", op, dev)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import _block, _count_le, _logt, check_rows, empty, launches, register_op
+from ._launch import FLOAT_DTYPES, _block, _count_le, _logt, check_rows, empty, launches, register_op
 
 
 @triton.jit
@@ -73,6 +73,10 @@ def step_begin(t: torch.Tensor, h: torch.Tensor, running: torch.Tensor, t_out: t
     if c.dim() != 1 or c.dtype != torch.float64 or c.device != dev:
         raise ValueError(f"fastnode_triton.{op}: c must be a float64 [S] tensor on {dev}")
     S, T = c.shape[0], t_out.shape[1]
+    if T < 1:
+        raise ValueError(f"fastnode_triton.{op}: t_out must hold at least one output time per group, got T = 0")
+    if state_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"fastnode_triton.{op}: state_dtype must be float32 or float64, got {state_dtype}")
     h_ctl = empty((G,), torch.float64, dev)
     clipped = empty((G,), torch.uint8, dev)
     t_new = empty((G,), torch.float64, dev)
