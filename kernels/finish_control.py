@@ -168,7 +168,9 @@ def _control_kernel(part_ptr, fin_ptr, seg_ptr, consts_ptr, hctl_ptr, prev_ptr, 
     factor = _pow(r, -1.0 / order) * safety
     pi = _pow(r, -alpha / order) * _pow(prev, beta / order) * safety
     factor = tl.where(is_pi, tl.where(accept, pi, tl.minimum(factor, 1.0)), factor)
-    prev_out = tl.where(is_pi, tl.where(accept, tl.maximum(r, 1e-10), prev), prev)
+    # NOTE: the PI memory's floor as a float64 constant: a bare 1e-10 literal is a float32 constant in Triton
+    # (1.0000000134e-10), not the reference's clamp_min(1e-10).
+    prev_out = tl.where(is_pi, tl.where(accept, tl.maximum(r, tl.full([BLOCK], 1e-10, tl.float64)), prev), prev)
     lower = tl.where(r < 1.0, 1.0, dfactor)
     factor = tl.minimum(tl.maximum(factor, lower), ifactor)
     h_next = tl.minimum(tl.maximum(h * factor, min_step), max_step)
