@@ -29,7 +29,7 @@ N_CONSTS = 11
 
 @triton.jit
 def _step_error_kernel(y_ptr, k_ptr, h_ptr, w_ptr, idx_ptr, rtol_ptr, atol_ptr, consts_ptr, seg_ptr,
-                        ynew_ptr, x_ptr, part_ptr, fin_ptr, G, N, stride_s, rtol_rs, atol_rs, s_last,
+                        ynew_ptr, x_ptr, part_ptr, fin_ptr, G, N, stride_s, rtol_rs, atol_rs, last_off,
                         U: tl.constexpr, BMASK: tl.constexpr, EMASK: tl.constexpr, LAST: tl.constexpr,
                         NSEG: tl.constexpr, RTOL_T: tl.constexpr, ATOL_T: tl.constexpr, WRITE_X: tl.constexpr,
                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -67,7 +67,9 @@ def _step_error_kernel(y_ptr, k_ptr, h_ptr, w_ptr, idx_ptr, rtol_ptr, atol_ptr, 
         if u == LAST:
             k_last = k
     if LAST < 0:
-        k_last = tl.load(k_ptr + s_last * stride_s + offs, mask=mask, other=0.0)
+        # NOTE: the last stage's offset (S - 1) * G * N comes from the launcher (a 64-bit argument when it needs one):
+        # a product of two 32-bit arguments here would wrap past 2**31 elements.
+        k_last = tl.load(k_ptr + last_off + offs, mask=mask, other=0.0)
     y_new = y
     if BMASK != 0:
         y_new = y + h * sb
@@ -243,7 +245,7 @@ def step_error(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torch.Te
     grid = (triton.cdiv(G, bg) * triton.cdiv(N, bn),)
     wrap_triton(_step_error_kernel)[grid](
         y, K, h, be_w, be_idx, rtol_t if rtol_t is not None else y, atol_t if atol_t is not None else y,
-        consts, be_idx, y_new, x, consts, be_idx, G, N, G * N, rtol_rs, atol_rs, K.shape[0] - 1,
+        consts, be_idx, y_new, x, consts, be_idx, G, N, G * N, rtol_rs, atol_rs, (K.shape[0] - 1) * G * N,
         U=U, BMASK=b_mask, EMASK=e_mask, LAST=last_pos, NSEG=0, RTOL_T=rtol_t is not None, ATOL_T=atol_t is not None,
         WRITE_X=True, BLOCK_G=bg, BLOCK_N=bn, num_warps=nw)
     return y_new, x
@@ -305,7 +307,7 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torc
     grid = (triton.cdiv(G, bg) * n_cb,)
     wrap_triton(_step_error_kernel)[grid](
         y, K, h, be_w, be_idx, rtol_t if rtol_t is not None else y, atol_t if atol_t is not None else y,
-        consts, segments, y_new, y_new, part, fin, G, N, G * N, rtol_rs, atol_rs, S - 1,
+        consts, segments, y_new, y_new, part, fin, G, N, G * N, rtol_rs, atol_rs, (S - 1) * G * N,
         U=U, BMASK=b_mask, EMASK=e_mask, LAST=last_pos, NSEG=nseg, RTOL_T=rtol_t is not None, ATOL_T=atol_t is not None,
         WRITE_X=False, BLOCK_G=bg, BLOCK_N=bn, num_warps=nw)
 

@@ -42,11 +42,14 @@ def _step_begin_kernel(t_ptr, h_ptr, run_ptr, tout_ptr, tend_ptr, c_ptr, hctl_pt
     if NEG:
         te = -te
     tl.store(te_ptr + rows, te, mask=m)
+    # NOTE: row s of ts starts at s * G, stepped in 64 bits (a 32-bit s * G would wrap past 2**31 elements).
+    off = rows64
     for s in range(S):
         ts = (t + tl.load(c_ptr + s) * h_ctl).to(ts_ptr.dtype.element_ty)
         if NEG:
             ts = -ts
-        tl.store(ts_ptr + s * G + rows64, ts, mask=m)
+        tl.store(ts_ptr + off, ts, mask=m)
+        off = off + G
 
 
 
