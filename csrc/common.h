@@ -106,6 +106,8 @@ inline CtrlCfg check_finish_control(const at::Tensor& y, at::TensorList K, const
                                     const at::Tensor& h_ctl, const at::Tensor& prev, const at::Tensor& running,
                                     const c10::optional<at::Tensor>& floor, at::ArrayRef<double> ctrl) {
   const char* op = "finish_control";
+  // The finiteness test reads the last stage: at least one is needed.
+  TORCH_CHECK(!K.empty(), "fastnode.finish_control: needs at least one stage, got an empty stage list");
   check_stages(y, K, std::max(b.size(), e.size()), op);
   TORCH_CHECK(b.size() == K.size() && e.size() == K.size(), "fastnode.finish_control: b and e need one weight per "
               "stage (", K.size(), "), got ", b.size(), " and ", e.size());

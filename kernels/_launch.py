@@ -163,6 +163,52 @@ def check_weights(w: torch.Tensor, idx: torch.Tensor, S: int, name: str, op: str
         raise ValueError(f"fastnode_triton.{op}: {w.shape[0]} {name} weights for {S} stages")
 
 
+# Index-valued arguments (stage indices, norm segments) whose values were checked: (data_ptr, numel, stride, version,
+# bounds) -> the tensor, kept alive so that its memory cannot be reused by another tensor while the entry stands.
+_CHECKED: dict = {}
+_CHECKED_MAX = 256
+
+
+def _checked_once(x: torch.Tensor, bounds: tuple, check) -> None:
+    """Runs ``check(values on the host)`` once per tensor contents: the backends pass cached constant tensors, so on
+    a GPU the one device-to-host read happens on their first use only. Fake tensors (tracing) are not checked."""
+    if x.numel() == 0 or is_fake(x):
+        return
+    key = (x.data_ptr(), x.numel(), x.stride(), x._version, x.device, bounds)
+    if key in _CHECKED:
+        return
+    check(x.detach().cpu())
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    _CHECKED[key] = x
+
+
+def check_indices(idx: torch.Tensor, S: int, name: str, op: str) -> None:
+    """Every stage index in ``idx`` lies in ``[0, S)`` (a kernel reads stage ``idx[m]`` of the buffer)."""
+
+    def check(v):
+        lo, hi = int(v.min()), int(v.max())
+        if lo < 0 or hi >= S:
+            raise ValueError(f"fastnode_triton.{op}: {name} holds stage indices in [{lo}, {hi}], outside [0, {S})")
+
+    _checked_once(idx, (S,), check)
+
+
+def check_segments(segments: torch.Tensor, N: int, op: str) -> None:
+    """``segments``: a non-empty int64 tensor of (start, end) column pairs with ``0 <= start < end <= N``."""
+    if (not isinstance(segments, torch.Tensor) or segments.dim() != 1 or segments.numel() == 0
+            or segments.numel() % 2 or segments.dtype != torch.int64):
+        raise ValueError(f"fastnode_triton.{op}: segments must be an int64 tensor of (start, end) pairs")
+
+    def check(v):
+        pairs = v.view(-1, 2)
+        if not bool(((pairs[:, 0] >= 0) & (pairs[:, 0] < pairs[:, 1]) & (pairs[:, 1] <= N)).all()):
+            raise ValueError(f"fastnode_triton.{op}: segments must be (start, end) pairs with 0 <= start < end <= "
+                             f"N = {N}, got {v.tolist()}")
+
+    _checked_once(segments, (N,), check)
+
+
 _CONSTS: dict = {}
 _CONSTS_MAX = 256
 

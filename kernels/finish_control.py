@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import check_rows, check_stages, check_state, control_tiles, empty, launches, register_op, tiles
+from ._launch import (check_indices, check_rows, check_segments, check_stages, check_state, control_tiles, empty,
+                      launches, register_op, tiles)
 
 # Offsets into the float64 constants tensor ``consts``: the scalar tolerances, then the controller settings (order,
 # safety, ifactor, dfactor, min_step, max_step, pi flag, pi_alpha, pi_beta), as the fastnode:: C++ ops take them.
@@ -28,7 +29,7 @@ N_CONSTS = 11
 
 @triton.jit
 def _step_error_kernel(y_ptr, k_ptr, h_ptr, w_ptr, idx_ptr, rtol_ptr, atol_ptr, consts_ptr, seg_ptr,
-                        ynew_ptr, x_ptr, part_ptr, fin_ptr, G, N, stride_s, rtol_rs, atol_rs, s_last,
+                        ynew_ptr, x_ptr, part_ptr, fin_ptr, G, N, stride_s, rtol_rs, atol_rs, last_off,
                         U: tl.constexpr, BMASK: tl.constexpr, EMASK: tl.constexpr, LAST: tl.constexpr,
                         NSEG: tl.constexpr, RTOL_T: tl.constexpr, ATOL_T: tl.constexpr, WRITE_X: tl.constexpr,
                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -66,7 +67,9 @@ def _step_error_kernel(y_ptr, k_ptr, h_ptr, w_ptr, idx_ptr, rtol_ptr, atol_ptr, 
         if u == LAST:
             k_last = k
     if LAST < 0:
-        k_last = tl.load(k_ptr + s_last * stride_s + offs, mask=mask, other=0.0)
+        # NOTE: the last stage's offset (S - 1) * G * N comes from the launcher (a 64-bit argument when it needs one):
+        # a product of two 32-bit arguments here would wrap past 2**31 elements.
+        k_last = tl.load(k_ptr + last_off + offs, mask=mask, other=0.0)
     y_new = y
     if BMASK != 0:
         y_new = y + h * sb
@@ -167,7 +170,9 @@ def _control_kernel(part_ptr, fin_ptr, seg_ptr, consts_ptr, hctl_ptr, prev_ptr, 
     factor = _pow(r, -1.0 / order) * safety
     pi = _pow(r, -alpha / order) * _pow(prev, beta / order) * safety
     factor = tl.where(is_pi, tl.where(accept, pi, tl.minimum(factor, 1.0)), factor)
-    prev_out = tl.where(is_pi, tl.where(accept, tl.maximum(r, 1e-10), prev), prev)
+    # NOTE: the PI memory's floor as a float64 constant: a bare 1e-10 literal is a float32 constant in Triton
+    # (1.0000000134e-10), not the reference's clamp_min(1e-10).
+    prev_out = tl.where(is_pi, tl.where(accept, tl.maximum(r, tl.full([BLOCK], 1e-10, tl.float64)), prev), prev)
     lower = tl.where(r < 1.0, 1.0, dfactor)
     factor = tl.minimum(tl.maximum(factor, lower), ifactor)
     h_next = tl.minimum(tl.maximum(h * factor, min_step), max_step)
@@ -205,6 +210,7 @@ def _check_step(op, y, K, h, be_w, be_idx, b_mask, e_mask, last_pos, rtol_t, ato
             or be_w.device != dev or be_idx.device != dev):
         raise ValueError(f"fastnode_triton.{op}: be_w must be float64 [2 * U] and be_idx int32 [U] on {dev}, "
                          f"U <= S = {S}")
+    check_indices(be_idx, S, "be_idx", op)
     if not (0 <= b_mask < (1 << U) and 0 <= e_mask < (1 << U)):
         raise ValueError(f"fastnode_triton.{op}: b_mask and e_mask must be bit masks over the U = {U} stages")
     if not -1 <= last_pos < U:
@@ -239,7 +245,7 @@ def step_error(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torch.Te
     grid = (triton.cdiv(G, bg) * triton.cdiv(N, bn),)
     wrap_triton(_step_error_kernel)[grid](
         y, K, h, be_w, be_idx, rtol_t if rtol_t is not None else y, atol_t if atol_t is not None else y,
-        consts, be_idx, y_new, x, consts, be_idx, G, N, G * N, rtol_rs, atol_rs, K.shape[0] - 1,
+        consts, be_idx, y_new, x, consts, be_idx, G, N, G * N, rtol_rs, atol_rs, (K.shape[0] - 1) * G * N,
         U=U, BMASK=b_mask, EMASK=e_mask, LAST=last_pos, NSEG=0, RTOL_T=rtol_t is not None, ATOL_T=atol_t is not None,
         WRITE_X=True, BLOCK_G=bg, BLOCK_N=bn, num_warps=nw)
     return y_new, x
@@ -276,8 +282,9 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torc
     G, N = y.shape
     dev = y.device
     S = K.shape[0]
-    if segments.dim() != 1 or segments.numel() == 0 or segments.numel() % 2 or segments.dtype != torch.int64:
-        raise ValueError(f"fastnode_triton.{op}: segments must be an int64 tensor of (start, end) pairs")
+    check_segments(segments, N, op)
+    if segments.device != dev:
+        raise ValueError(f"fastnode_triton.{op}: segments must be on {dev}")
     check_rows(h_ctl, G, torch.float64, "h_ctl", op, dev)
     check_rows(prev_ratio, G, torch.float64, "prev_ratio", op, dev)
     check_rows(running, G, torch.bool, "running", op, dev)
@@ -300,7 +307,7 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torc
     grid = (triton.cdiv(G, bg) * n_cb,)
     wrap_triton(_step_error_kernel)[grid](
         y, K, h, be_w, be_idx, rtol_t if rtol_t is not None else y, atol_t if atol_t is not None else y,
-        consts, segments, y_new, y_new, part, fin, G, N, G * N, rtol_rs, atol_rs, S - 1,
+        consts, segments, y_new, y_new, part, fin, G, N, G * N, rtol_rs, atol_rs, (S - 1) * G * N,
         U=U, BMASK=b_mask, EMASK=e_mask, LAST=last_pos, NSEG=nseg, RTOL_T=rtol_t is not None, ATOL_T=atol_t is not None,
         WRITE_X=False, BLOCK_G=bg, BLOCK_N=bn, num_warps=nw)
 

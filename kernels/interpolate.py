@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import check_rows, check_stages, check_state, empty, launches, register_op, tiles
+from ._launch import check_indices, check_rows, check_stages, check_state, empty, launches, register_op, tiles
 
 
 @triton.jit
@@ -85,6 +85,7 @@ def interpolate(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, theta: torch.
                          f"U <= S = {K.shape[0]}")
     if dense.device != y.device or idx.device != y.device:
         raise ValueError(f"fastnode_triton.{op}: dense and idx must be on {y.device}")
+    check_indices(idx, K.shape[0], "idx", op)
     P = dense.numel() // U if U else 0
     out = empty(y.shape, y.dtype, y.device)
     if G * N == 0 or not launches(y):

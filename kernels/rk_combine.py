@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import check_rows, check_stages, check_state, check_weights, empty, launches, register_op, tiles
+from ._launch import (check_indices, check_rows, check_stages, check_state, check_weights, empty, launches, register_op,
+                      tiles)
 
 
 @triton.jit
@@ -67,6 +68,7 @@ def rk_combine(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, w: torch.Tenso
     G, N = y.shape
     check_rows(h, G, y.dtype, "h", "rk_combine", y.device)
     check_weights(w, idx, K.shape[0], "w", "rk_combine", y.device)
+    check_indices(idx, K.shape[0], "idx", "rk_combine")
     out = empty(y.shape, y.dtype, y.device)
     if G * N == 0 or not launches(y):
         return out

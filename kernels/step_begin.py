@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import _block, _count_le, _logt, check_rows, empty, launches, register_op
+from ._launch import FLOAT_DTYPES, _block, _count_le, _logt, check_rows, empty, launches, register_op
 
 
 @triton.jit
@@ -42,11 +42,14 @@ def _step_begin_kernel(t_ptr, h_ptr, run_ptr, tout_ptr, tend_ptr, c_ptr, hctl_pt
     if NEG:
         te = -te
     tl.store(te_ptr + rows, te, mask=m)
+    # NOTE: row s of ts starts at s * G, stepped in 64 bits (a 32-bit s * G would wrap past 2**31 elements).
+    off = rows64
     for s in range(S):
         ts = (t + tl.load(c_ptr + s) * h_ctl).to(ts_ptr.dtype.element_ty)
         if NEG:
             ts = -ts
-        tl.store(ts_ptr + s * G + rows64, ts, mask=m)
+        tl.store(ts_ptr + off, ts, mask=m)
+        off = off + G
 
 
 
@@ -73,6 +76,10 @@ def step_begin(t: torch.Tensor, h: torch.Tensor, running: torch.Tensor, t_out: t
     if c.dim() != 1 or c.dtype != torch.float64 or c.device != dev:
         raise ValueError(f"fastnode_triton.{op}: c must be a float64 [S] tensor on {dev}")
     S, T = c.shape[0], t_out.shape[1]
+    if T < 1:
+        raise ValueError(f"fastnode_triton.{op}: t_out must hold at least one output time per group, got T = 0")
+    if state_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"fastnode_triton.{op}: state_dtype must be float32 or float64, got {state_dtype}")
     h_ctl = empty((G,), torch.float64, dev)
     clipped = empty((G,), torch.uint8, dev)
     t_new = empty((G,), torch.float64, dev)

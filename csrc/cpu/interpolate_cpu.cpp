@@ -18,8 +18,10 @@ at::Tensor interpolate_cpu(const at::Tensor& y_in, at::TensorList K, const at::T
                            at::ArrayRef<double> dense, int64_t P) {
   const char* op = "interpolate";
   check_stages(y_in, K, 0, op);
-  TORCH_CHECK(P >= 1 && static_cast<int64_t>(dense.size()) == static_cast<int64_t>(K.size()) * P,
-              "fastnode.interpolate: dense must hold S * P = ", K.size(), " * ", P, " values, got ", dense.size());
+  // Compared by division: S * P can wrap for a huge P and then match a short dense (reads far out of bounds).
+  const int64_t S_ = static_cast<int64_t>(K.size()), D = static_cast<int64_t>(dense.size());
+  TORCH_CHECK(P >= 1 && (S_ == 0 ? D == 0 : (D % S_ == 0 && D / S_ == P)), "fastnode.interpolate: dense must hold "
+              "S * P = ", K.size(), " * ", P, " values, got ", dense.size());
   check_rows(h_in, y_in, y_in.scalar_type(), "h", op);
   check_rows(theta_in, y_in, y_in.scalar_type(), "theta", op);
   auto y = y_in.contiguous();

@@ -15,10 +15,13 @@ namespace {
 template <typename T>
 __global__ void adjoint_weights_kernel(const T* __restrict__ h, const bool* __restrict__ acc, Stages<T> b,
                                        int64_t G, T* __restrict__ out) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= G * b.n) return;
-  const int64_t j = i / G, g = i % G;
-  out[i] = (acc[g] ? h[g] : T(0)) * b.w[j];
+  // Grid-stride: the grid is capped at 65535 blocks (blocks_for), elements past it are taken by the same threads.
+  const int64_t total = G * b.n;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = i / G, g = i % G;
+    out[i] = (acc[g] ? h[g] : T(0)) * b.w[j];
+  }
 }
 
 at::Tensor adjoint_weights_cuda(const at::Tensor& h_in, const at::Tensor& accept_in, at::ArrayRef<double> b) {

@@ -63,19 +63,21 @@ __global__ void finish_pass2_kernel(const double* __restrict__ sq, const int* __
                                     int64_t G, double* __restrict__ ratio, bool* __restrict__ ok,
                                     bool* __restrict__ accept, double* __restrict__ h_next,
                                     double* __restrict__ prev_out) {
-  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (r >= G) return;
-  double rr = 0.0;
-  for (int s = 0; s < seg.n; ++s) {
-    const double v = sqrt(sq[r * seg.n + s] / static_cast<double>(seg.hi[s] - seg.lo[s]));
-    rr = (isnan(v) || v > rr) ? v : rr;
+  // Grid-stride: the grid is capped at 65535 blocks (blocks_for), rows past it are taken by the same threads.
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < G;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    double rr = 0.0;
+    for (int s = 0; s < seg.n; ++s) {
+      const double v = sqrt(sq[r * seg.n + s] / static_cast<double>(seg.hi[s] - seg.lo[s]));
+      rr = (isnan(v) || v > rr) ? v : rr;
+    }
+    if (floor) rr = (isnan(floor[r]) || floor[r] > rr) ? floor[r] : rr;
+    const bool fin = bad[r] == 0;
+    if (!fin) rr = INFINITY;
+    ratio[r] = rr;
+    ok[r] = fin;
+    control_one(cfg, h_ctl[r], rr, prev[r], running[r], &accept[r], &h_next[r], &prev_out[r]);
   }
-  if (floor) rr = (isnan(floor[r]) || floor[r] > rr) ? floor[r] : rr;
-  const bool fin = bad[r] == 0;
-  if (!fin) rr = INFINITY;
-  ratio[r] = rr;
-  ok[r] = fin;
-  control_one(cfg, h_ctl[r], rr, prev[r], running[r], &accept[r], &h_next[r], &prev_out[r]);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_control_cuda(

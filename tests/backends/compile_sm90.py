@@ -31,7 +31,7 @@ def signatures() -> list:
         finish_sig = {"y_ptr": p, "k_ptr": p, "h_ptr": p, "w_ptr": "*fp64", "idx_ptr": "*i32", "rtol_ptr": p,
                       "atol_ptr": p, "consts_ptr": "*fp64", "seg_ptr": "*i64", "ynew_ptr": p, "x_ptr": p,
                       "part_ptr": "*fp64",
-                      "fin_ptr": "*u8", **dims, "rtol_rs": "i32", "atol_rs": "i32", "s_last": "i32",
+                      "fin_ptr": "*u8", **dims, "rtol_rs": "i32", "atol_rs": "i32", "last_off": "i64",
                       **{k: "constexpr" for k in ("U", "BMASK", "EMASK", "LAST", "NSEG", "RTOL_T", "ATOL_T",
                                                   "WRITE_X", "BLOCK_G", "BLOCK_N")}}
         # dopri5 (last stage among the weighted ones) and dopri8 (last stage read apart), tensor tolerances.

@@ -269,3 +269,20 @@ def test_opcheck(be):
                   torch.ones(G, dtype=torch.bool, device=device), torch.full((G,), 0.5, dtype=F64, device=device))]
     for args in cases:
         torch.library.opcheck(be.ops.finish_control.default, args)
+
+
+@pytest.mark.parametrize("be", C.backends(OP))
+def test_pi_memory_floor_is_exact(be):
+    """An accepted step with a zero error: the PI controller remembers max(ratio, 1e-10), exactly the float64 1e-10
+    of the reference (a float32 literal in a kernel would give 1.0000000134e-10)."""
+    tab = tableau("dopri5")
+    G, N = 3, 4
+    y = torch.ones(G, N, dtype=F64, device=be.device)
+    K = torch.zeros(tab.num_stages, G, N, dtype=F64, device=be.device)
+    h = torch.full((G,), 0.1, dtype=F64, device=be.device)
+    prev = torch.ones(G, dtype=F64, device=be.device)
+    running = torch.ones(G, dtype=torch.bool, device=be.device)
+    cfg = ControllerConfig(order=tab.order, kind="pi")
+    got, ref, _ = _run(be, tab, y, K, h, 1e-3, 1e-6, RMSNorm(), cfg, prev, running)
+    assert got[3].all() and (got[1] == 0).all()
+    assert got[5].tolist() == ref[5].tolist() == [1e-10] * G
