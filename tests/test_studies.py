@@ -467,6 +467,22 @@ def test_seeds_in_separate_processes_merge_to_the_joint_run(tmp_path):
         merge(tmp_path / "bad", [tmp_path / "s0", tmp_path / "lr"])
 
 
+def test_mnist_run_reports_the_sources_figures(tmp_path):
+    data = tmp_path / "mnist"
+    data.mkdir()
+    for name, arr in zip(MNIST_FILES, _mnist_arrays(n_train=32, n_test=16)):
+        (data / _dotted(name)).write_bytes(_idx_bytes(arr))
+    res = run_study("resnet-vs-odenet", out=tmp_path / "out", quick=True, dataset="mnist", data_dir=data,
+                    image_size=None, train_size=None, test_size=None, seeds=(0,), epochs=1, sweep_batch_sizes=(4,),
+                    timing_rounds=1)
+    assert res["n_train"] == 32 and res["n_test"] == 16
+    md = (tmp_path / "out" / "resnet-vs-odenet.md").read_text()
+    acc = res["models"]["ODENet (adjoint)"]["runs"][0]["epochs"][0]["test_accuracy"]
+    row = next(line for line in md.splitlines() if line.startswith("| ODENet test accuracy %"))
+    assert "99.17" in row and f"{100 * acc:.4g}" in row
+    assert "0.42" in md and "0.41" in md and "4.5x" in md and "160 epochs" in md
+
+
 def test_quick_mode_is_meaningful(tmp_path):
     """The quick configuration trains a network that tells digits apart (the degenerate one stayed at chance)."""
     res = run_study("resnet-vs-odenet", out=tmp_path, quick=True, seeds=(0,), sweep_batch_sizes=(8,),
