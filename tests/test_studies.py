@@ -309,15 +309,16 @@ def test_cifar_bad_batch_names_the_file(tmp_path, content):
 
 
 def test_california_scikit_learn_layout(tmp_path):
-    pd = pytest.importorskip("pandas")
     rng = np.random.default_rng(0)
     cols = ["MedInc", "HouseAge", "AveRooms", "AveBedrms", "Population", "AveOccup", "Latitude", "Longitude"]
-    frame = pd.DataFrame(rng.normal(size=(12, 8)), columns=cols)
-    frame["MedHouseVal"] = rng.uniform(0.5, 5.0, 12)
-    frame.to_csv(tmp_path / "housing.csv")  # with pandas' unnamed index column, as to_csv writes by default
+    x_true, y_true = rng.normal(size=(12, 8)), rng.uniform(0.5, 5.0, 12)
+    # As pandas' DataFrame.to_csv writes fetch_california_housing(as_frame=True).frame: an unnamed index column first.
+    lines = [",".join(["", *cols, "MedHouseVal"])]
+    lines += [",".join([str(i), *(repr(float(v)) for v in x_true[i]), repr(float(y_true[i]))]) for i in range(12)]
+    (tmp_path / "housing.csv").write_text("\n".join(lines) + "\n")
     x, y = load_california_csv(tmp_path)
-    np.testing.assert_allclose(x, frame[cols].to_numpy())
-    np.testing.assert_allclose(y, frame["MedHouseVal"].to_numpy())  # already in 100,000 USD
+    np.testing.assert_allclose(x, x_true)
+    np.testing.assert_allclose(y, y_true)  # already in 100,000 USD
     (tmp_path / "housing.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="housing.csv"):
         load_california_csv(tmp_path)
