@@ -309,15 +309,16 @@ def test_cifar_bad_batch_names_the_file(tmp_path, content):
 
 
 def test_california_scikit_learn_layout(tmp_path):
-    pd = pytest.importorskip("pandas")
     rng = np.random.default_rng(0)
     cols = ["MedInc", "HouseAge", "AveRooms", "AveBedrms", "Population", "AveOccup", "Latitude", "Longitude"]
-    frame = pd.DataFrame(rng.normal(size=(12, 8)), columns=cols)
-    frame["MedHouseVal"] = rng.uniform(0.5, 5.0, 12)
-    frame.to_csv(tmp_path / "housing.csv")  # with pandas' unnamed index column, as to_csv writes by default
+    x_true, y_true = rng.normal(size=(12, 8)), rng.uniform(0.5, 5.0, 12)
+    # As pandas' DataFrame.to_csv writes fetch_california_housing(as_frame=True).frame: an unnamed index column first.
+    lines = [",".join(["", *cols, "MedHouseVal"])]
+    lines += [",".join([str(i), *(repr(float(v)) for v in x_true[i]), repr(float(y_true[i]))]) for i in range(12)]
+    (tmp_path / "housing.csv").write_text("\n".join(lines) + "\n")
     x, y = load_california_csv(tmp_path)
-    np.testing.assert_allclose(x, frame[cols].to_numpy())
-    np.testing.assert_allclose(y, frame["MedHouseVal"].to_numpy())  # already in 100,000 USD
+    np.testing.assert_allclose(x, x_true)
+    np.testing.assert_allclose(y, y_true)  # already in 100,000 USD
     (tmp_path / "housing.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="housing.csv"):
         load_california_csv(tmp_path)
@@ -465,6 +466,22 @@ def test_seeds_in_separate_processes_merge_to_the_joint_run(tmp_path):
     run_study("resnet-vs-odenet", out=tmp_path / "lr", seeds=(2,), sweep_batch_sizes=(), lr=0.2, **kw)
     with pytest.raises(ValueError, match="lr"):
         merge(tmp_path / "bad", [tmp_path / "s0", tmp_path / "lr"])
+
+
+def test_mnist_run_reports_the_sources_figures(tmp_path):
+    data = tmp_path / "mnist"
+    data.mkdir()
+    for name, arr in zip(MNIST_FILES, _mnist_arrays(n_train=32, n_test=16)):
+        (data / _dotted(name)).write_bytes(_idx_bytes(arr))
+    res = run_study("resnet-vs-odenet", out=tmp_path / "out", quick=True, dataset="mnist", data_dir=data,
+                    image_size=None, train_size=None, test_size=None, seeds=(0,), epochs=1, sweep_batch_sizes=(4,),
+                    timing_rounds=1)
+    assert res["n_train"] == 32 and res["n_test"] == 16
+    md = (tmp_path / "out" / "resnet-vs-odenet.md").read_text()
+    acc = res["models"]["ODENet (adjoint)"]["runs"][0]["epochs"][0]["test_accuracy"]
+    row = next(line for line in md.splitlines() if line.startswith("| ODENet test accuracy %"))
+    assert "99.17" in row and f"{100 * acc:.4g}" in row
+    assert "0.42" in md and "0.41" in md and "4.5x" in md and "160 epochs" in md
 
 
 def test_quick_mode_is_meaningful(tmp_path):

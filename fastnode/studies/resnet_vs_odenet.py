@@ -311,16 +311,14 @@ def _source_rows(results: dict) -> list[list]:
     """This run's figures beside the source documents' (only meaningful for the full MNIST)."""
     m = results["models"]
     ode, res = m[MODEL_NAMES[1]]["seeds"], m[MODEL_NAMES[0]]["seeds"]
-    ratios = {r[0]: r[1] for r in _ratio_rows(results)}
-    bs = results["config"]["batch_size"]
-    ratio = ratios.get(bs) if ratios.get(bs) is not None else next((v for v in ratios.values() if v), None)
+    ratios = ", ".join(f"{r[1]:.2f}x at batch {r[0]}" for r in _ratio_rows(results) if r[1] is not None)
     return [
         ["ODENet test accuracy %", "99.17 (ODENets paper, MNIST)", _pm(ode["test_accuracy"], 100)],
         ["ODENet test error %", "0.42 (Chen et al., quoted by the thesis)", _pm(ode["test_error_pct"], digits=3)],
         ["ResNet test error %", "0.41 (Chen et al., quoted by the thesis)", _pm(res["test_error_pct"], digits=3)],
         ["ODENet / ResNet training time per sample",
          "4.5x (thesis Table 4.5: 21.96 s / 4.89 s per batch, CPU, UFPR-AMR digits)",
-         "n/a" if ratio is None else f"{ratio:.2f}x (CPU time, batch {bs if ratios.get(bs) else 'see sweep'})"],
+         (ratios + " (thread CPU time)") if ratios else "n/a (no sweep)"],
     ]
 
 
