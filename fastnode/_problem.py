@@ -69,7 +69,7 @@ class StateSpec:
             return y if y.shape == shape else y.reshape(shape)
         out = []
         for (s, e), shape in zip(self.segments, self.shapes):
-            out.append(y[..., s:e].reshape(*lead, *shape))
+            out.append(y[..., s:e].reshape((*lead, *shape)))
         return tuple(out) if self.is_tuple else out[0]
 
 

@@ -1,0 +1,98 @@
+"""torchdiffeq 0.2.5 behaviour that code switching its import relies on, checked against closed forms.
+
+Scalar (0-d) states, complex states, the Adams and scipy methods, and the adjoint's handling of parameters
+(graphs it does not own, tensors that need no gradient, a fixed-grid backward grid from a constructor).
+Where torchdiffeq is installed, the Adams methods are also compared with it step for step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastnode import ADAPTIVE_METHODS, FIXED_METHODS, odeint, odeint_adjoint
+
+DT = torch.float64
+ADAMS = ("explicit_adams", "implicit_adams", "fixed_adams")
+ALL = tuple(ADAPTIVE_METHODS) + tuple(FIXED_METHODS)
+
+
+def _opts(method: str, h: float = 0.01) -> dict:
+    """Grid methods: step ``h``, cubic Hermite outputs between grid points (error about h^4 / 384 times the fourth
+    derivative, below the methods' own)."""
+    return {"step_size": h, "interp": "cubic"} if method in FIXED_METHODS or method in ADAMS else {}
+
+
+def _bound(method: str, h: float = 0.01) -> float:
+    """Error bound for y' = -y over [0, 1] with y0 = 2 (|y| <= 2, rate 1): fixed grid ``T h^p rate^(p+1) ymax / p!``
+    (tests/test_methods.py's derivation), the tolerances' ``20 * (atol + rtol ymax)`` for the adaptive methods."""
+    p = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}.get(method)
+    if p is not None:
+        return 2 * h**p / math.factorial(p)
+    if method in ADAMS:
+        return 1e-8  # order >= 4 after an RK4 start, h = 0.01: C h^4 with C << 1
+    return 20 * (1e-9 + 1e-7 * 2) * (1000 if method == "fehlberg2" else 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Item 1: 0-d states
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ALL)
+def test_scalar_state_every_method(method):
+    t = torch.linspace(0, 1, 4, dtype=DT)
+    opts = _opts(method)
+    if method == "explicit_adams":
+        opts["max_order"] = 5  # high-order Adams-Bashforth is unstable at this step (as in torchdiffeq)
+    y = odeint(lambda tt, y: -y, torch.tensor(2.0, dtype=DT), t, method=method, options=opts)
+    assert y.shape == (4,)
+    err = float((y - 2 * torch.exp(-t)).abs().max())
+    assert err <= _bound(method), err
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+def test_tuple_with_scalar_state(method):
+    t = torch.linspace(0, 1, 3, dtype=DT)
+
+    def f(tt, s):
+        a, v = s
+        return (-a, v * 0 + a)  # a = e^{-t}, v' = a -> v = v0 + 1 - e^{-t}
+
+    a, v = odeint(f, (torch.tensor(1.0, dtype=DT), torch.zeros(2, dtype=DT)), t, method=method, options=_opts(method))
+    assert a.shape == (3,) and v.shape == (3, 2)
+    tol = 1e-6 if method != "rk4" else 1e-8
+    torch.testing.assert_close(a, torch.exp(-t), rtol=0, atol=tol)
+    torch.testing.assert_close(v, (1 - torch.exp(-t)).unsqueeze(1).expand(3, 2), rtol=0, atol=tol)
+
+
+def test_scalar_state_user_norm_sees_scalar():
+    seen = []
+
+    def norm(e):
+        seen.append(tuple(e.shape) if isinstance(e, torch.Tensor) else tuple(x.shape for x in e))
+        return e.abs() if isinstance(e, torch.Tensor) else max(x.abs().max() for x in e)
+
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+    y = odeint(lambda tt, y: -y, torch.tensor(1.0, dtype=DT), t, options={"norm": norm})
+    assert abs(float(y[-1]) - math.exp(-1)) < 1e-6
+    assert seen and all(s == () for s in seen)
+    odeint(lambda tt, s: (-s[0], -s[1]), (torch.tensor(1.0, dtype=DT), torch.ones(2, dtype=DT)), t,
+           options={"norm": norm})
+    assert seen[-1] == ((), (2,))
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+def test_scalar_state_adjoint(method):
+    k = torch.tensor(0.7, dtype=DT, requires_grad=True)
+    y0 = torch.tensor(2.0, dtype=DT, requires_grad=True)
+    T = 1.5
+    t = torch.tensor([0.0, 0.5, T], dtype=DT)
+    y = odeint_adjoint(lambda tt, y: -k * y, y0, t, adjoint_params=(k,), method=method,
+                       options=_opts(method, 0.001))
+    y[-1].backward()
+    e = math.exp(-0.7 * T)
+    tol = 1e-6 if method == "dopri5" else 1e-9
+    assert abs(float(k.grad) - (-T * 2 * e)) < tol  # d/dk y0 e^{-kT}
+    assert abs(float(y0.grad) - e) < tol
