@@ -140,12 +140,14 @@ class AugmentedFunc(FlatFunc):
             vy = None
             if fy.requires_grad:
                 if mode == "eager":
-                    grads = torch.autograd.grad(fy, (y_, *self.params), cot, allow_unused=True)
+                    # retain_graph: func may use tensors computed outside it from the parameters (torchcde's
+                    # spline coefficients); their graph is the caller's and serves every evaluation.
+                    grads = torch.autograd.grad(fy, (y_, *self.params), cot, allow_unused=True, retain_graph=True)
                     vy = grads[0]
                     v = self.layout.flat(grads[1:])
                     self.last = v if self.sign > 0 else -v
                 else:
-                    (vy,) = torch.autograd.grad(fy, (y_,), cot, allow_unused=True, retain_graph=mode == "deferred")
+                    (vy,) = torch.autograd.grad(fy, (y_,), cot, allow_unused=True, retain_graph=True)
                     if mode == "deferred":
                         self.last = _Eval(fy, cot if self.sign > 0 else -cot, t_user, y)
             elif mode == "eager":
@@ -338,7 +340,7 @@ class BackwardHooks:
         if clean:
             outs = [e.out for e in clean]
             cots = [e.cot * e.w.to(e.cot.dtype).unsqueeze(1) for e in clean]
-            grads = torch.autograd.grad(outs, self.params, cots, allow_unused=True)
+            grads = torch.autograd.grad(outs, self.params, cots, allow_unused=True, retain_graph=True)
             self._add(grads)
         for e in evs:
             if e.tainted:
@@ -356,7 +358,7 @@ class BackwardHooks:
             out = sub.flatten(self.aug.func(e.t[idx], sub.unflatten(e.y[idx])), "func")
             if out.requires_grad:
                 cot = e.cot[idx] * e.w[idx].to(e.cot.dtype).unsqueeze(1)
-                self._add(torch.autograd.grad(out, self.params, cot, allow_unused=True))
+                self._add(torch.autograd.grad(out, self.params, cot, allow_unused=True, retain_graph=True))
 
     def _add(self, grads) -> None:
         self.A.add_(self.layout.flat(grads))
