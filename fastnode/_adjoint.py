@@ -34,6 +34,7 @@ Time gradients need no time adjoint: moving an output time ``t_i`` (i > 0) only 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -588,7 +589,7 @@ class OdeintAdjointFunction(torch.autograd.Function):
         return (None, adj_y0, g_t, *g_params)
 
 
-def _check_params(func, adjoint_params) -> tuple:
+def _check_params(func, adjoint_params, adjoint_options) -> tuple:
     if adjoint_params is None:
         if not isinstance(func, nn.Module):
             raise ValueError("func must be an nn.Module so that its parameters can be found; otherwise pass them "
@@ -602,18 +603,21 @@ def _check_params(func, adjoint_params) -> tuple:
         params = tuple(adjoint_params)
     except TypeError:
         raise TypeError(f"adjoint_params must be a sequence of tensors, got {type(adjoint_params).__name__}") from None
-    seen, out = set(), []
+    seen, out, skipped = set(), [], 0
     for i, q in enumerate(params):
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"adjoint_params[{i}] must be a torch.Tensor, got {type(q).__name__}")
         if not q.requires_grad:
-            raise ValueError(f"adjoint_params[{i}] (shape {tuple(q.shape)}) does not require grad, so it can get no "
-                             "gradient; pass only tensors that require grad")
+            skipped += 1  # as torchdiffeq: a tensor that needs no gradient is left out of the adjoint
+            continue
         if not q.is_floating_point():
             raise TypeError(f"adjoint_params[{i}] must be a floating tensor, got {q.dtype}")
         if id(q) not in seen:  # the same tensor twice would get its gradient twice
             seen.add(id(q))
             out.append(q)
+    if skipped and isinstance(adjoint_options, dict) and callable(adjoint_options.get("norm")):
+        warnings.warn(f"{skipped} of adjoint_params do not require grad: they are left out of the adjoint and do "
+                      "not appear in the tuple adjoint_options['norm'] receives", stacklevel=3)
     return tuple(out)
 
 
@@ -656,7 +660,7 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
         >>> f.weight.grad.shape
         torch.Size([2, 2])
     """
-    params = _check_params(func, adjoint_params)
+    params = _check_params(func, adjoint_params, adjoint_options)
     get_solver(method)
     method_name = method or "dopri5"
     bwd_method = method_name if adjoint_method is None else adjoint_method

@@ -117,3 +117,16 @@ def test_adjoint_keeps_graph_outside_func(per_sample):
     # L = sum_b y0_b e^{-d T}; dL/dw = sum_b y0_b (-T) e^{-dT} d * 3
     expect = (y0 * (-T) * torch.exp(-dd * T) * dd * 3).sum(0)
     torch.testing.assert_close(w.grad, expect, rtol=1e-6, atol=1e-8)
+
+
+def test_adjoint_params_without_grad_are_skipped():
+    w = torch.tensor(0.4, dtype=DT, requires_grad=True)
+    plain = torch.linspace(0, 1, 3, dtype=DT)  # torchcde passes such a tensor
+    y0 = torch.tensor([1.0], dtype=DT)
+    y = odeint_adjoint(lambda tt, y: -w * y, y0, torch.tensor([0.0, 1.0], dtype=DT), adjoint_params=(w, plain))
+    y[-1].sum().backward()
+    assert abs(float(w.grad) + math.exp(-0.4)) < 1e-7
+    assert plain.grad is None
+    with pytest.warns(UserWarning, match="do not require grad"):
+        odeint_adjoint(lambda tt, y: -w * y, y0, torch.tensor([0.0, 1.0], dtype=DT), adjoint_params=(w, plain),
+                       adjoint_options={"norm": lambda x: max(float(v.abs().max()) for v in x)})
