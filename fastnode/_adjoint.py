@@ -44,7 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _stats as st
 from ._adaptive import solve_adaptive
-from ._fixed import solve_fixed, step_size_grid
+from ._fixed import check_grid, solve_fixed, step_size_grid
 from ._odeint import (
     Prepared,
     _make_norm,
@@ -521,7 +521,9 @@ def _solve_backward_fixed(aug: AugmentedFunc, hooks: BackwardHooks, z0: torch.Te
     """The backward solve with a fixed-grid method: the ``step_size`` grid from ``t[-1]`` (or the output times)
     with every output time added as a grid point; cotangents are added there. Returns the final state."""
     step_size = opts.get("step_size")
-    if step_size is not None:
+    if opts.get("grid_constructor") is not None:
+        grid = _backward_grid(aug, hooks, tau_b, opts["grid_constructor"])
+    elif step_size is not None:
         step_size = _num(opts, "step_size", None, lo=0.0, lo_open=True)
         grid = torch.cat([step_size_grid(tau_b, step_size), tau_b]).unique(sorted=True)
     else:
@@ -531,6 +533,22 @@ def _solve_backward_fixed(aug: AugmentedFunc, hooks: BackwardHooks, z0: torch.Te
         raise st.SolverError("non-finite values (NaN/inf) in the fixed-grid backward solve; use a smaller "
                              "step_size or an adaptive adjoint_method", samples=[0])
     return z
+
+
+def _backward_grid(aug: AugmentedFunc, hooks: BackwardHooks, tau_b: torch.Tensor, gc: Callable) -> torch.Tensor:
+    """The backward grid from ``adjoint_options['grid_constructor']``, called once per output interval as
+    torchdiffeq does: ``gc(func, y_i, t_pair)`` with ``y_i`` the forward state at ``t_i`` and ``t_pair`` the user
+    times ``[t_i, t_{i-1}]``; the grids are joined (each must start at ``t_i`` and end at ``t_{i-1}``)."""
+    spec = aug.state_spec
+    parts = []
+    for i in range(tau_b.numel() - 1):
+        pair = tau_b[i : i + 2]
+        t_pair = (pair * aug.sign).to(spec.dtype)
+        with torch.no_grad():
+            g = gc(aug.func, spec.unflatten(hooks.Y[i]), t_pair)
+        g = check_grid(g, pair, aug.sign)
+        parts.append(g if i == 0 else g[1:])
+    return torch.cat(parts)
 
 
 def _add_counts(acc, new):
@@ -687,9 +705,12 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
         raise ValueError("adjoint_options['norm'] as a callable is not supported with options['per_sample']=True: "
                          "per-sample error control uses each sample's own (y, adj_y) error (a seminorm)")
     if not bwd_solver.adaptive:
-        if "grid_constructor" in bwd_options:
-            raise ValueError("adjoint_options['grid_constructor'] is not supported for the backward solve; give "
-                             "adjoint_options['step_size'] (output times are always grid points)")
+        gc = bwd_options.get("grid_constructor")
+        if gc is not None and not callable(gc):
+            raise TypeError(f"adjoint_options['grid_constructor'] must be callable, got {type(gc).__name__}")
+        if gc is not None and bwd_options.get("step_size") is not None:
+            raise ValueError("adjoint_options['step_size'] and adjoint_options['grid_constructor'] are mutually "
+                             "exclusive")
         if callable(norm_mode):
             raise ValueError(f"adjoint_options['norm'] has no effect with the fixed-grid adjoint_method "
                              f"{bwd_method!r} (no error control); leave it out")

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from fastnode import ADAPTIVE_METHODS, FIXED_METHODS, odeint, odeint_adjoint
+from fastnode import ADAPTIVE_METHODS, FIXED_METHODS, last_stats, odeint, odeint_adjoint
 
 DT = torch.float64
 ADAMS = ("explicit_adams", "implicit_adams", "fixed_adams")
@@ -130,3 +130,34 @@ def test_adjoint_params_without_grad_are_skipped():
     with pytest.warns(UserWarning, match="do not require grad"):
         odeint_adjoint(lambda tt, y: -w * y, y0, torch.tensor([0.0, 1.0], dtype=DT), adjoint_params=(w, plain),
                        adjoint_options={"norm": lambda x: max(float(v.abs().max()) for v in x)})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Item 5: adjoint_options["grid_constructor"]
+# --------------------------------------------------------------------------------------------------------------
+
+def test_adjoint_grid_constructor():
+    calls = []
+
+    def gc(func, y, t_pair):
+        calls.append(t_pair.tolist())
+        return torch.linspace(float(t_pair[0]), float(t_pair[1]), 41, dtype=t_pair.dtype)
+
+    k = torch.tensor(0.9, dtype=DT, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=DT)
+    y = odeint_adjoint(lambda tt, y: -k * y, torch.ones(1, dtype=DT), t, adjoint_params=(k,), method="rk4",
+                       options={"step_size": 0.0125}, adjoint_options={"grid_constructor": gc})
+    y[1:].sum().backward()
+    assert calls == [[1.0, 0.5], [0.5, 0.0]]  # torchdiffeq's calls: one per output interval, backwards
+    assert last_stats().backward.n_accepted == 80
+    expect = -0.5 * math.exp(-0.45) - 1.0 * math.exp(-0.9)
+    assert abs(float(k.grad) - expect) < 1e-9  # rk4 at h = 0.0125: error ~ h^4 / 120
+
+
+def test_adjoint_grid_constructor_bad_grid():
+    k = torch.tensor(0.9, dtype=DT, requires_grad=True)
+    y = odeint_adjoint(lambda tt, y: -k * y, torch.ones(1, dtype=DT), torch.tensor([0.0, 1.0], dtype=DT),
+                       adjoint_params=(k,), method="rk4",
+                       adjoint_options={"grid_constructor": lambda f, y, t: torch.tensor([1.0, 0.2], dtype=DT)})
+    with pytest.raises(ValueError, match="grid_constructor"):
+        y.sum().backward()
