@@ -423,6 +423,10 @@ def _backward(plan: _Plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: t
             torch.zeros(G, 1, dtype=out.dtype, device=out.device) if plan.t_requires_grad else None)
 
     solver = get_solver(plan.bwd_method)
+    if getattr(solver, "run", None) is not None:  # Adams, scipy: the augmented system, interval by interval
+        from ._adjoint_plain import backward_plain
+
+        return backward_plain(plan, out, grad_out, tau_fwd)
     tableau = solver.tableau
     opts = dict(plan.bwd_options)
     sign_b = -p.sign
@@ -692,7 +696,7 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
         bwd_options = {k: v for k, v in (options or {}).items() if k != "norm"}
     else:
         bwd_options = check_options(adjoint_options, bwd_solver.adaptive, bwd_method, name="adjoint_options",
-                                    extra=frozenset({"norm"}))
+                                    extra=frozenset({"norm"}), valid=getattr(bwd_solver, "valid_options", None))
 
     p = prepare(func, y0, t, rtol, atol, method, options, event_fn)
     norm_mode = bwd_options.pop("norm", "default")

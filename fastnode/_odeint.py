@@ -83,7 +83,7 @@ def prepare(func, y0, t, rtol, atol, method, options, event_fn) -> Prepared:
     check_func(func)
     solver = get_solver(method)
     method = method or "dopri5"
-    options = check_options(options, solver.adaptive, method)
+    options = check_options(options, solver.adaptive, method, valid=getattr(solver, "valid_options", None))
     per_sample = _flag(options, "per_sample", False)
     if per_sample and not solver.adaptive:
         raise ValueError(f"options['per_sample']=True needs an adaptive method (per-sample step control); "
@@ -234,6 +234,15 @@ def _to_user(spec, out):
 
 def run_fixed(p: Prepared, y0_flat: torch.Tensor, y0, t) -> torch.Tensor:
     """Flat fixed-grid solve: ``[T, 1, N]``. ``y0``, ``t`` as the user gave them (for ``grid_constructor``)."""
+    run = getattr(p.solver, "run", None)
+    if run is not None:  # a method that is no Butcher tableau (Adams, scipy): its own module solves
+        return run(p, y0_flat, y0, t)
+    grid, interp, perturb = fixed_grid(p, y0, t)
+    return solve_fixed(p.f, y0_flat, p.tau, grid, p.solver.tableau, p.ops, interp, perturb, p.stats)
+
+
+def fixed_grid(p: Prepared, y0, t) -> tuple[torch.Tensor, str, bool]:
+    """The grid (integration time, ``[M]``), ``interp`` and ``perturb`` of a fixed-grid call."""
     options, tau, sign, func = p.options, p.tau, p.sign, p.func
     step_size = options.get("step_size")
     gc = options.get("grid_constructor")
@@ -250,4 +259,4 @@ def run_fixed(p: Prepared, y0_flat: torch.Tensor, y0, t) -> torch.Tensor:
         grid = check_grid(gc(func, y0, t), tau, sign)
     else:
         grid = tau
-    return solve_fixed(p.f, y0_flat, tau, grid, p.solver.tableau, p.ops, interp, perturb, p.stats)
+    return grid, interp, perturb

@@ -239,14 +239,18 @@ def _choice(options, key, default, choices):
     return v
 
 
-def check_options(options, adaptive: bool, method: str, name: str = "options", extra: frozenset = frozenset()) -> dict:
+def check_options(options, adaptive: bool, method: str, name: str = "options", extra: frozenset = frozenset(),
+                  valid: frozenset | None = None) -> dict:
     """A copy of ``options`` after checking every key; ``name`` is the argument named in errors, ``extra`` keys
-    that are also valid (``adjoint_options`` takes ``norm`` even for a fixed-grid method)."""
+    that are also valid (``adjoint_options`` takes ``norm`` even for a fixed-grid method), ``valid`` the method's
+    own option set where it is neither a Runge-Kutta grid nor an adaptive method (Adams, scipy)."""
     if options is None:
         return {}
     if not isinstance(options, dict):
         raise TypeError(f"{name} must be a dict, got {type(options).__name__}")
-    valid = (ADAPTIVE_OPTIONS if adaptive else FIXED_OPTIONS) | extra
+    if valid is None:
+        valid = ADAPTIVE_OPTIONS if adaptive else FIXED_OPTIONS
+    valid = valid | extra
     where = "" if name == "options" else f" in {name}"
     for k in options:
         if k not in valid:

@@ -11,12 +11,15 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
+import fastnode
 from fastnode import ADAPTIVE_METHODS, FIXED_METHODS, last_stats, odeint, odeint_adjoint
+from fastnode._adams import adams_coefficients
 
 DT = torch.float64
 ADAMS = ("explicit_adams", "implicit_adams", "fixed_adams")
-ALL = tuple(ADAPTIVE_METHODS) + tuple(FIXED_METHODS)
+ALL = tuple(ADAPTIVE_METHODS) + tuple(FIXED_METHODS) + ADAMS + ("scipy_solver",)
 
 
 def _opts(method: str, h: float = 0.01) -> dict:
@@ -52,7 +55,7 @@ def test_scalar_state_every_method(method):
     assert err <= _bound(method), err
 
 
-@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+@pytest.mark.parametrize("method", ["dopri5", "rk4", "implicit_adams", "scipy_solver"])
 def test_tuple_with_scalar_state(method):
     t = torch.linspace(0, 1, 3, dtype=DT)
 
@@ -161,3 +164,201 @@ def test_adjoint_grid_constructor_bad_grid():
                        adjoint_options={"grid_constructor": lambda f, y, t: torch.tensor([1.0, 0.2], dtype=DT)})
     with pytest.raises(ValueError, match="grid_constructor"):
         y.sum().backward()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Item 6: Adams methods
+# --------------------------------------------------------------------------------------------------------------
+
+def test_adams_coefficients_published_values():
+    # Adams-Bashforth 4 and Adams-Moulton 5 (Hairer, Norsett & Wanner I, III.1), newest derivative first.
+    torch.testing.assert_close(torch.tensor(adams_coefficients(4, False), dtype=DT),
+                               torch.tensor([55.0, -59.0, 37.0, -9.0], dtype=DT) / 24)
+    torch.testing.assert_close(torch.tensor(adams_coefficients(5, True), dtype=DT),
+                               torch.tensor([251.0, 646.0, -264.0, 106.0, -19.0], dtype=DT) / 720)
+    for k in range(1, 13):  # consistency: the weights of every formula sum to 1
+        assert abs(sum(adams_coefficients(k, False)) - 1) < 1e-12
+        assert abs(sum(adams_coefficients(k, True)) - 1) < 1e-12
+
+
+def _osc(tt, y):
+    return torch.stack([y[1], -y[0]])
+
+
+@pytest.mark.parametrize("method, max_order, order", [
+    ("explicit_adams", 5, 4),  # AB up to order 4 after the RK4 start
+    ("implicit_adams", 5, 5),  # AM up to order 5, corrector converged
+    ("implicit_adams", 12, 5),  # the AM4 step after the start limits the global order to 5
+])
+def test_adams_convergence_order(method, max_order, order):
+    """Global error on y'' = -y over [0, 2] shrinks like h^order (closed form cos/sin)."""
+    y0 = torch.tensor([1.0, 0.0], dtype=DT)
+    t = torch.tensor([0.0, 2.0], dtype=DT)
+    exact = torch.tensor([math.cos(2.0), -math.sin(2.0)], dtype=DT)
+    errs = []
+    for h in (0.04, 0.02):
+        y = odeint(_osc, y0, t, method=method, rtol=1e-13, atol=1e-15,
+                   options={"step_size": h, "max_order": max_order, "max_iters": 20})
+        errs.append(float((y[-1] - exact).abs().max()))
+    observed = math.log2(errs[0] / errs[1])
+    assert observed > order - 0.5, (errs, observed)
+
+
+@pytest.mark.parametrize("method", ADAMS)
+@pytest.mark.parametrize("interp", ["linear", "cubic"])
+def test_adams_matches_torchdiffeq(method, interp):
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    y0 = torch.tensor([1.0, 0.0], dtype=DT)
+    t = torch.linspace(0, 2, 7, dtype=DT)
+    opts = {"step_size": 0.05, "interp": interp, "max_order": 6}
+    counts = []
+
+    def counted(tt, y):
+        counts[-1] += 1
+        return _osc(tt, y)
+
+    counts.append(0)
+    ours = odeint(counted, y0, t, method=method, options=opts)
+    counts.append(0)
+    ref = torchdiffeq.odeint(counted, y0, t, method=method, options=opts)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-13)
+    if interp == "linear":
+        assert counts[0] == counts[1]  # the same evaluations (steps, corrector iterations)
+    else:  # torchdiffeq evaluates f at the step's end once per output inside the step, fastnode once per step
+        assert counts[0] < counts[1]
+
+
+def test_adams_max_order_below_four_is_rk4():
+    y0 = torch.tensor([1.0, 0.0], dtype=DT)
+    t = torch.linspace(0, 1, 3, dtype=DT)
+    with pytest.warns(UserWarning, match="reduces to rk4"):
+        ya = odeint(_osc, y0, t, method="implicit_adams", options={"step_size": 0.1, "max_order": 3})
+    yr = odeint(_osc, y0, t, method="rk4", options={"step_size": 0.1})
+    torch.testing.assert_close(ya, yr, rtol=0, atol=1e-15)
+
+
+def test_implicit_adams_nonconvergence_warns():
+    # Stiff decay with h * lambda = -5: the functional iteration diverges (contraction factor > 1).
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        odeint(lambda tt, y: -50 * y, torch.ones(1, dtype=DT), torch.tensor([0.0, 1.0], dtype=DT),
+               method="implicit_adams", options={"step_size": 0.1})
+    assert any("did not converge" in m for m in last_stats().messages)
+
+
+def test_adams_options_checked():
+    y0, t = torch.ones(1, dtype=DT), torch.tensor([0.0, 1.0], dtype=DT)
+    with pytest.raises(ValueError, match="max_order"):
+        odeint(lambda tt, y: -y, y0, t, method="implicit_adams", options={"max_order": 13})
+    with pytest.raises(ValueError, match="max_iters"):
+        odeint(lambda tt, y: -y, y0, t, method="implicit_adams", options={"max_iters": 0})
+    with pytest.raises(ValueError, match="implicit"):
+        odeint(lambda tt, y: -y, y0, t, method="explicit_adams", options={"implicit": True})
+    with pytest.raises(ValueError, match="unknown option 'first_step'"):
+        odeint(lambda tt, y: -y, y0, t, method="implicit_adams", options={"first_step": 0.1})
+    with pytest.raises(ValueError, match="per_sample"):
+        odeint(lambda tt, y: -y, y0, t, method="implicit_adams", options={"per_sample": True})
+
+
+def test_implicit_false_is_explicit():
+    y0, t = torch.tensor([1.0, 0.0], dtype=DT), torch.linspace(0, 1, 3, dtype=DT)
+    a = odeint(_osc, y0, t, method="implicit_adams", options={"implicit": False, "step_size": 0.05})
+    b = odeint(_osc, y0, t, method="explicit_adams", options={"step_size": 0.05})
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["implicit_adams", "explicit_adams"])
+@pytest.mark.parametrize("adjoint", [False, True], ids=["backprop", "adjoint"])
+def test_adams_gradients(method, adjoint):
+    """Backpropagation through the solve and odeint_adjoint (Adams forward and backward) vs the closed form."""
+    T = 1.0
+    expect = -T * 2 * math.exp(-0.8 * T)
+    opts = {"step_size": 0.01, "max_order": 5}
+    k = torch.tensor(0.8, dtype=DT, requires_grad=True)
+    y0 = torch.tensor([2.0], dtype=DT)
+    t = torch.tensor([0.0, T], dtype=DT)
+    if adjoint:
+        y = odeint_adjoint(lambda tt, y: -k * y, y0, t, method=method, options=opts, adjoint_params=(k,))
+        assert last_stats().method == method
+    else:
+        y = odeint(lambda tt, y: -k * y, y0, t, method=method, options=opts)
+    y[-1].sum().backward()
+    assert abs(float(k.grad) - expect) < 1e-8, (float(k.grad), expect)
+    if adjoint:
+        assert last_stats().method == method and last_stats().nfe_backward > 0
+
+
+def test_adams_adjoint_time_gradients():
+    k = torch.tensor(0.8, dtype=DT, requires_grad=True)
+    t = torch.tensor([0.2, 0.7, 1.1], dtype=DT, requires_grad=True)
+    y = odeint_adjoint(lambda tt, y: -k * y, torch.tensor([2.0], dtype=DT), t, method="implicit_adams",
+                       options={"step_size": 0.01}, adjoint_params=(k,))
+    y[1:].sum().backward()
+    # y(t_i) = 2 exp(-k (t_i - t_0)): dL/dt_0 = k (y_1 + y_2), dL/dt_i = -k y_i
+    y1, y2 = 2 * math.exp(-0.8 * 0.5), 2 * math.exp(-0.8 * 0.9)
+    torch.testing.assert_close(t.grad, torch.tensor([0.8 * (y1 + y2), -0.8 * y1, -0.8 * y2], dtype=DT),
+                               rtol=1e-7, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Item 6: scipy_solver
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("solver", ["LSODA", "RK45", "DOP853", "Radau", "BDF"])
+def test_scipy_solver_closed_form(solver):
+    t = torch.linspace(1, 0, 5, dtype=DT)  # decreasing times too
+    y = odeint(_osc, torch.tensor([1.0, 0.0], dtype=DT), t, method="scipy_solver", rtol=1e-9, atol=1e-11,
+               options={"solver": solver})
+    exact = torch.stack([torch.cos(t - 1), -torch.sin(t - 1)], dim=1)
+    assert float((y - exact).abs().max()) < 1e-6
+    assert last_stats().nfe > 0
+
+
+def test_scipy_solver_tuple_float32_and_single_time():
+    y = odeint(lambda tt, s: (-s[0], s[0].sum()), (torch.ones(2), torch.zeros(())), torch.tensor([0.0, 1.0]),
+               method="scipy_solver")
+    assert y[0].dtype == torch.float32 and y[1].shape == (2,)
+    assert abs(float(y[1][-1]) - 2 * (1 - math.exp(-1))) < 1e-5
+    one = odeint(lambda tt, y: -y, torch.ones(3), torch.tensor([0.5]), method="scipy_solver")
+    assert one.shape == (1, 3) and bool((one == 1).all())
+
+
+def test_scipy_solver_no_gradient_error():
+    y0 = torch.ones(2, dtype=DT, requires_grad=True)
+    y = odeint(lambda tt, y: -y, y0, torch.tensor([0.0, 1.0], dtype=DT), method="scipy_solver")
+    with pytest.raises(RuntimeError, match="scipy_solver' gives no gradients"):
+        y.sum().backward()
+    class Field(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2).double()
+
+        def forward(self, tt, y):
+            return self.lin(y)
+
+    y = odeint(Field(), torch.ones(2, dtype=DT), torch.tensor([0.0, 1.0], dtype=DT), method="scipy_solver")
+    with pytest.raises(RuntimeError, match="no gradients"):
+        y.sum().backward()
+    with torch.no_grad():
+        y = odeint(lambda tt, y: -y, y0, torch.tensor([0.0, 1.0], dtype=DT), method="scipy_solver")
+    assert not y.requires_grad
+
+
+def test_scipy_solver_options_and_failure():
+    y0, t = torch.ones(1, dtype=DT), torch.tensor([0.0, 1.0], dtype=DT)
+    with pytest.raises(ValueError, match="options\\['solver'\\]"):
+        odeint(lambda tt, y: -y, y0, t, method="scipy_solver", options={"solver": "euler"})
+    with pytest.raises(ValueError, match="unknown option 'step_size'"):
+        odeint(lambda tt, y: -y, y0, t, method="scipy_solver", options={"step_size": 0.1})
+    with pytest.raises(fastnode.SolverError, match="solve_ivp"):
+        odeint(lambda tt, y: y * y, y0, torch.tensor([0.0, 2.0], dtype=DT), method="scipy_solver",
+               options={"solver": "RK45"})  # blows up at t = 1
+
+
+def test_scipy_solver_adjoint():
+    k = torch.tensor(0.8, dtype=DT, requires_grad=True)
+    y0 = torch.tensor([2.0], dtype=DT, requires_grad=True)
+    y = odeint_adjoint(lambda tt, y: -k * y, y0, torch.tensor([0.0, 1.0], dtype=DT), method="scipy_solver",
+                       rtol=1e-10, atol=1e-12, adjoint_params=(k,), options={"solver": "DOP853"})
+    y[-1].sum().backward()
+    assert abs(float(k.grad) + 2 * math.exp(-0.8)) < 1e-8
+    assert abs(float(y0.grad) - math.exp(-0.8)) < 1e-8

@@ -150,7 +150,6 @@ CASES = [
     ("atol-bool", {"atol": True}, TypeError, r"\batol\b"),
     # --- method ---
     ("method-unknown", {"method": "rk45x"}, ValueError, r"\bmethod\b"),
-    ("method-torchdiffeq-only", {"method": "scipy_solver"}, ValueError, r"\bmethod\b"),
     ("method-not-string", {"method": 5}, TypeError, r"\bmethod\b"),
     ("method-callable", {"method": _decay}, TypeError, r"\bmethod\b"),
     # --- options: kind and names ---
