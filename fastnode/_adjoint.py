@@ -353,7 +353,7 @@ class BackwardHooks:
             return
         spec = self.aug.state_spec
         sub = StateSpec(spec.is_tuple, [(idx.numel(), *s[1:]) for s in spec.shapes], True, idx.numel(), spec.sizes,
-                        spec.dtype, spec.device)
+                        spec.dtype, spec.device, spec.cplx)
         self.aug.nfe += 1
         with torch.enable_grad():
             out = sub.flatten(self.aug.func(e.t[idx], sub.unflatten(e.y[idx])), "func")

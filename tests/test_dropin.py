@@ -8,6 +8,7 @@ Where torchdiffeq is installed, the Adams methods are also compared with it step
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -362,3 +363,85 @@ def test_scipy_solver_adjoint():
     y[-1].sum().backward()
     assert abs(float(k.grad) + 2 * math.exp(-0.8)) < 1e-8
     assert abs(float(y0.grad) - math.exp(-0.8)) < 1e-8
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Complex states
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "rk4", "implicit_adams", "scipy_solver"])
+def test_complex_state_closed_form(method):
+    w = 2.0 + 0.5j
+    t = torch.linspace(0, 1, 5, dtype=DT)
+    y0 = torch.tensor([1.0 + 1.0j, -0.5j], dtype=torch.complex128)
+    y = odeint(lambda tt, y: -1j * w * y, y0, t, method=method, options=_opts(method, 0.005))
+    assert y.dtype == torch.complex128 and y.shape == (5, 2)
+    exact = y0 * torch.exp(-1j * w * t.to(torch.complex128)).unsqueeze(1)
+    assert float((y - exact).abs().max()) < 1e-6
+
+
+def test_complex_tuple_and_per_sample():
+    t = torch.linspace(0, 1, 3, dtype=DT)
+    z0 = torch.ones(4, 2, dtype=torch.complex128)
+    r0 = torch.ones(4, dtype=DT)
+    z, r = odeint(lambda tt, s: (1j * s[0], -s[1]), (z0, r0), t, options={"per_sample": True})
+    assert z.shape == (3, 4, 2) and z.dtype == torch.complex128 and r.dtype == DT
+    torch.testing.assert_close(z[-1], torch.full((4, 2), complex(math.cos(1), math.sin(1)), dtype=torch.complex128),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(r[-1], torch.full((4,), math.exp(-1), dtype=DT), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("adjoint", [False, True], ids=["backprop", "adjoint"])
+def test_complex_gradients(adjoint):
+    """L = |y(T)|^2 for y' = -(a + i b) y: L = |y0|^2 e^{-2aT}, so dL/da = -2T L and dL/db = 0."""
+    a = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    b = torch.tensor(1.7, dtype=DT, requires_grad=True)
+    y0 = torch.tensor([1.0 - 2.0j], dtype=torch.complex128, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+
+    def f(tt, y):
+        return -torch.complex(a, b) * y
+
+    solve = (lambda: odeint_adjoint(f, y0, t, adjoint_params=(a, b))) if adjoint else (lambda: odeint(f, y0, t))
+    y = solve()
+    loss = (y[-1].abs() ** 2).sum()
+    loss.backward()
+    L = 5 * math.exp(-0.6)
+    assert abs(float(a.grad) - (-2 * L)) < 1e-6
+    assert abs(float(b.grad)) < 1e-6
+    # dL/dy0 in torch's convention for a real loss: 2 * dL/dconj(y0) = 2 * y0 e^{-2aT}
+    torch.testing.assert_close(y0.grad, 2 * y0.detach() * math.exp(-0.6), rtol=1e-6, atol=1e-8)
+
+
+def test_complex_user_norm_receives_complex():
+    seen = []
+
+    def norm(e):
+        seen.append(e.dtype)
+        return e.abs().max()
+
+    odeint(lambda tt, y: 1j * y, torch.ones(2, dtype=torch.complex64), torch.tensor([0.0, 1.0]),
+           options={"norm": norm})
+    assert seen and set(seen) == {torch.complex64}
+
+
+def test_complex_tolerance_tensor():
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+    y = odeint(lambda tt, y: 1j * y, torch.ones(2, dtype=torch.complex128), t,
+               atol=torch.tensor([1e-9, 1e-6], dtype=DT), rtol=1e-8)
+    assert float((y[-1] - complex(math.cos(1), math.sin(1))).abs().max()) < 1e-5
+
+
+def test_no_warning_for_plain_solves():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        odeint(lambda tt, y: -y, torch.tensor(1.0, dtype=DT), torch.tensor([0.0, 1.0], dtype=DT),
+               method="implicit_adams", options={"step_size": 0.1})
+
+
+def test_complex_half_rejected():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that complex32 is experimental
+        y0 = torch.ones(3, dtype=torch.complex32)
+    with pytest.raises(TypeError, match="y0 must have a floating dtype"):
+        odeint(lambda tt, y: y, y0, torch.tensor([0.0, 1.0]))

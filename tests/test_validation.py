@@ -94,7 +94,6 @@ CASES = [
     ("y0-float", {"y0": 1.0}, TypeError, Y0_NAME),
     ("y0-int64", {"y0": torch.ones(3, dtype=torch.int64)}, TypeError, Y0_NAME),
     ("y0-int32", {"y0": torch.ones(3, dtype=torch.int32)}, TypeError, Y0_NAME),
-    ("y0-complex", {"y0": torch.ones(3, dtype=torch.complex128)}, TypeError, Y0_NAME),
     ("y0-bool", {"y0": torch.ones(3, dtype=torch.bool)}, TypeError, Y0_NAME),
     ("y0-tuple-non-tensor", {"y0": (torch.ones(3, dtype=F64), 1.0), "func": _tuple_decay}, TypeError, r"y0\[1\]"),
     ("y0-tuple-mixed-dtype",
