@@ -44,6 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _stats as st
 from ._adaptive import solve_adaptive
+from ._event_fn import combine_event_fn
 from ._fixed import check_grid, solve_fixed, step_size_grid
 from ._odeint import (
     Prepared,
@@ -797,6 +798,9 @@ def odeint_event(func: Callable, y0, t0: torch.Tensor, *, event_fn: Callable, re
     if not isinstance(reverse_time, bool):
         raise TypeError(f"reverse_time must be True or False, got {reverse_time!r}")
     per_sample = bool((kwargs.get("options") or {}).get("per_sample", False))
+    first = y0[0] if isinstance(y0, (tuple, list)) and y0 else y0
+    if isinstance(first, torch.Tensor):  # else odeint_interface names the bad y0
+        event_fn = combine_event_fn(event_fn, first.shape[0] if per_sample and first.dim() else 1, per_sample)
     if per_sample and t0.numel() > 1:
         if t0.dim() != 1:
             raise ValueError(f"per-sample t0 must be [B], got shape {tuple(t0.shape)}")

@@ -9,6 +9,7 @@ import torch
 
 from . import _stats as st
 from ._adaptive import solve_adaptive
+from ._event_fn import combine_event_fn
 from ._fixed import check_grid, solve_fixed, step_size_grid
 from ._problem import (
     FlatFunc,
@@ -93,6 +94,7 @@ def prepare(func, y0, t, rtol, atol, method, options, event_fn) -> Prepared:
     if event_fn is not None and not solver.adaptive:
         raise ValueError(f"event_fn needs an adaptive method; {method!r} is a fixed-grid method")
     spec = check_y0(y0, per_sample)
+    event_fn = combine_event_fn(event_fn, spec.batch, per_sample)  # vector event_fn: first crossing of any
     tdt = time_dtype_of(options)
     tau, sign = check_t(t, spec, tdt, event=event_fn is not None)
     rtol_v = check_tol("rtol", rtol, spec)

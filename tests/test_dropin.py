@@ -445,3 +445,32 @@ def test_complex_half_rejected():
         y0 = torch.ones(3, dtype=torch.complex32)
     with pytest.raises(TypeError, match="y0 must have a floating dtype"):
         odeint(lambda tt, y: y, y0, torch.tensor([0.0, 1.0]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Vector event functions (torchdiffeq combines them: the first component to cross ends the solve)
+# --------------------------------------------------------------------------------------------------------------
+
+def test_vector_event_fn_first_crossing():
+    thr = torch.tensor(0.7, dtype=DT, requires_grad=True)
+
+    def ev(tt, y):
+        return torch.stack([y[0] - 2.0, thr - y[0], y[1] + 5.0])  # crossings at t = 2, 0.7 / 1.5, never
+
+    y0 = torch.tensor([0.0, 0.0], dtype=DT)
+    t_ev, sol = odeint(lambda tt, y: torch.stack([1.5 * torch.ones_like(y[0]), -y[1]]), y0,
+                       torch.tensor([0.0, 5.0], dtype=DT), event_fn=ev)
+    assert abs(float(t_ev) - 0.7 / 1.5) < 1e-12
+    assert abs(float(sol[-1, 0]) - 0.7) < 1e-12
+    t_ev, _ = fastnode.odeint_event(lambda tt, y: torch.stack([1.5 * torch.ones_like(y[0]), -y[1]]), y0,
+                                      torch.tensor(0.0, dtype=DT), event_fn=ev)
+    t_ev.backward()
+    assert abs(float(thr.grad) - 1 / 1.5) < 1e-9  # t* = thr / 1.5
+
+
+def test_vector_event_fn_per_sample():
+    rates = torch.tensor([1.0, 2.0, 4.0], dtype=DT)
+    y0 = torch.zeros(3, 1, dtype=DT)
+    t_ev, _ = odeint(lambda tt, y: rates.unsqueeze(1).expand_as(y), y0, torch.tensor([0.0, 5.0], dtype=DT),
+                     event_fn=lambda tt, y: torch.cat([y - 1.0, y - 3.0], dim=1), options={"per_sample": True})
+    torch.testing.assert_close(t_ev, 1.0 / rates, rtol=0, atol=1e-12)
