@@ -659,13 +659,16 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
         adjoint_rtol, adjoint_atol: tolerances of the backward solve (default: ``rtol``, ``atol``).
         adjoint_method: method of the backward solve (default: ``method``). With a fixed-grid method the backward
             grid is ``adjoint_options["step_size"]`` from ``t[-1]`` (default: the output times), with every output
-            time added as a grid point.
+            time added as a grid point, or ``adjoint_options["grid_constructor"]``'s, called per output interval
+            as ``gc(func, y_i, [t_i, t_{i-1}])``. Adams methods and ``scipy_solver`` solve the augmented system
+            ``[y, a, theta]`` from each output time to the previous one.
         adjoint_options: options of the backward solve. Default: ``options`` without ``norm``; required when
             ``adjoint_method`` differs from ``method`` and ``options`` were given. ``norm`` may be
             ``"seminorm"`` (the parameters' adjoint is left out of the error control) or a callable taking the
             tuple ``(t_err, y_err, adj_y_err, *adj_param_errs)`` (``t_err`` is always zero: no time adjoint is
             integrated). In per-sample mode the error control is per sample on ``(y, adj_y)``: a seminorm.
-        adjoint_params: tensors to differentiate (default: ``func.parameters()`` that require grad).
+        adjoint_params: tensors to differentiate (default: ``func.parameters()``); those that do not require grad
+            are left out, as in torchdiffeq.
 
     Returns:
         As ``odeint``. ``fastnode.last_stats()`` (taken after the forward) gets ``nfe_backward``,

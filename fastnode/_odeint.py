@@ -115,18 +115,23 @@ def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method:
     Args:
         func: ``func(t, y)`` returning ``dy/dt`` shaped like ``y`` (a tuple for tuple states). ``t`` is a 0-d
             tensor in the state's dtype, or ``[B]`` in per-sample mode.
-        y0: initial state, a floating tensor of any shape or a tuple of them. Per-sample mode: ``[B, ...]``.
+        y0: initial state, a real or complex floating tensor of any shape (0-d included) or a tuple of them.
+            Per-sample mode: ``[B, ...]``.
         t: [T] output times, strictly increasing or decreasing; per-sample mode also accepts ``[B, T]``.
         rtol, atol: relative/absolute tolerance: numbers, tensors broadcastable to the state, or tuples
             (one per tensor of a tuple state).
         method: ``dopri5`` (default), ``tsit5``, ``bosh3``, ``dopri8``, ``fehlberg2``, ``adaptive_heun``;
-            fixed grid: ``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4``.
+            fixed grid: ``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4``, ``explicit_adams``,
+            ``implicit_adams`` (alias ``fixed_adams``); ``scipy_solver`` (``scipy.integrate.solve_ivp``, no
+            gradients).
         options: torchdiffeq's options (``first_step``, ``safety``, ``ifactor``, ``dfactor``,
             ``max_num_steps``, ``step_t``, ``jump_t``, ``min_step``, ``max_step``, ``norm``, ``dtype``; fixed grid:
-            ``step_size``, ``grid_constructor``, ``interp``, ``perturb``) plus ``per_sample`` (bool),
+            ``step_size``, ``grid_constructor``, ``interp``, ``perturb``; Adams: also ``max_order``, ``max_iters``;
+            ``scipy_solver``: ``solver``, ``min_step``, ``max_step``) plus ``per_sample`` (bool),
             ``on_failure`` (``"raise"``/``"return"``), ``controller`` (``"i"``/``"pi"``), ``pi_alpha``,
             ``pi_beta`` and ``backend`` (``"auto"``/``"torch"``). Unknown options raise ``ValueError``.
-        event_fn: ``event_fn(t, y)``; the solve stops where it crosses zero (only ``t[0]`` is used).
+        event_fn: ``event_fn(t, y)``; the solve stops where it crosses zero (only ``t[0]`` is used). Several
+            values (per sample: ``[B, K]``): at the first crossing of any, as torchdiffeq combines them.
 
     Returns:
         ``[T, *y0.shape]`` (a tuple of such for tuple states); with ``event_fn``: ``(event_t, solution)`` where
