@@ -46,6 +46,7 @@ from . import _stats as st
 from ._adaptive import solve_adaptive
 from ._event_fn import combine_event_fn
 from ._fixed import check_grid, solve_fixed, step_size_grid
+from ._graph_retention import GraphRetention
 from ._odeint import (
     Prepared,
     _make_norm,
@@ -123,6 +124,7 @@ class AugmentedFunc(FlatFunc):
         self.layout = ParamLayout(params)
         self.mode = mode
         self.last = None
+        self.keep = GraphRetention()  # retain_graph for the parameter products (fastnode/_graph_retention.py)
 
     def _f(self, t_user, y):
         return self.state_spec.flatten(self.func(t_user, self.state_spec.unflatten(y)), "func")
@@ -137,6 +139,7 @@ class AugmentedFunc(FlatFunc):
         cot = -a
         with torch.enable_grad():
             y_ = y.clone().requires_grad_(True)
+            mark = self.keep.mark() if self.mode is not None else None
             fy = self._f(t_user, y_)
             mode = self.mode if record else None
             vy = None
@@ -144,12 +147,18 @@ class AugmentedFunc(FlatFunc):
                 if mode == "eager":
                     # retain_graph: func may use tensors computed outside it from the parameters (torchcde's
                     # spline coefficients); their graph is the caller's and serves every evaluation.
-                    grads = torch.autograd.grad(fy, (y_, *self.params), cot, allow_unused=True, retain_graph=True)
+                    self.keep.observe(fy, mark)
+                    grads = torch.autograd.grad(fy, (y_, *self.params), cot, allow_unused=True,
+                                                retain_graph=self.keep.retain)
                     vy = grads[0]
                     v = self.layout.flat(grads[1:])
                     self.last = v if self.sign > 0 else -v
                 else:
-                    (vy,) = torch.autograd.grad(fy, (y_,), cot, allow_unused=True, retain_graph=True)
+                    # The deferred quadrature differentiates the graph again later; y_ is fresh, so a product with
+                    # y_ alone never runs (or frees) nodes outside func.
+                    (vy,) = torch.autograd.grad(fy, (y_,), cot, allow_unused=True, retain_graph=mode == "deferred")
+                    if mode == "deferred":
+                        self.keep.observe(fy, mark)
                     if mode == "deferred":
                         self.last = _Eval(fy, cot if self.sign > 0 else -cot, t_user, y)
             elif mode == "eager":
@@ -342,7 +351,7 @@ class BackwardHooks:
         if clean:
             outs = [e.out for e in clean]
             cots = [e.cot * e.w.to(e.cot.dtype).unsqueeze(1) for e in clean]
-            grads = torch.autograd.grad(outs, self.params, cots, allow_unused=True, retain_graph=True)
+            grads = torch.autograd.grad(outs, self.params, cots, allow_unused=True, retain_graph=self.aug.keep.retain)
             self._add(grads)
         for e in evs:
             if e.tainted:
@@ -360,7 +369,8 @@ class BackwardHooks:
             out = sub.flatten(self.aug.func(e.t[idx], sub.unflatten(e.y[idx])), "func")
             if out.requires_grad:
                 cot = e.cot[idx] * e.w[idx].to(e.cot.dtype).unsqueeze(1)
-                self._add(torch.autograd.grad(out, self.params, cot, allow_unused=True, retain_graph=True))
+                self._add(torch.autograd.grad(out, self.params, cot, allow_unused=True,
+                                              retain_graph=self.aug.keep.retain))
 
     def _add(self, grads) -> None:
         self.A.add_(self.layout.flat(grads))

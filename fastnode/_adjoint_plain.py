@@ -13,6 +13,7 @@ import torch
 
 from . import _stats as st
 from ._adjoint import ParamLayout
+from ._graph_retention import GraphRetention
 
 
 def _scalar_tol(v) -> float:
@@ -38,6 +39,7 @@ def backward_plain(plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: tor
     dt = spec.dtype
     t_user = (tau_fwd * p.sign).to(dt)
     counts = {"nfe": 0}
+    keep = GraphRetention()  # retain func's graph where it reaches the caller's (fastnode/_graph_retention.py)
 
     def f_state(t, y_flat):
         counts["nfe"] += 1
@@ -47,10 +49,12 @@ def backward_plain(plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: tor
         y, a = z[:N].reshape(1, N), z[N : 2 * N].reshape(1, N)
         with torch.enable_grad():
             y_ = y.detach().requires_grad_(True)
+            mark = keep.mark() if params else None
             fy = f_state(t, y_)
             vy, vp = None, None
             if fy.requires_grad:
-                grads = torch.autograd.grad(fy, (y_, *params), -a, allow_unused=True, retain_graph=True)
+                keep.observe(fy, mark)
+                grads = torch.autograd.grad(fy, (y_, *params), -a, allow_unused=True, retain_graph=keep.retain)
                 vy, vp = grads[0], layout.flat(grads[1:]).to(dt)
         vy = torch.zeros_like(y) if vy is None else vy
         vp = torch.zeros(layout.P, dtype=dt, device=z.device) if vp is None else vp

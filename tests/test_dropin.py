@@ -474,3 +474,26 @@ def test_vector_event_fn_per_sample():
     t_ev, _ = odeint(lambda tt, y: rates.unsqueeze(1).expand_as(y), y0, torch.tensor([0.0, 5.0], dtype=DT),
                      event_fn=lambda tt, y: torch.cat([y - 1.0, y - 3.0], dim=1), options={"per_sample": True})
     torch.testing.assert_close(t_ev, 1.0 / rates, rtol=0, atol=1e-12)
+
+
+def test_graph_retention_decides_at_the_first_evaluation():
+    from fastnode._graph_retention import GraphRetention
+
+    w = torch.ones(2, requires_grad=True)
+    ext = w.exp()  # made before the evaluation: the caller's graph
+    keep = GraphRetention()
+    mark = keep.mark()
+    keep.observe(ext * torch.ones(2, requires_grad=True), mark)
+    assert keep.decided is True
+    keep = GraphRetention()
+    mark = keep.mark()
+    keep.observe((w * torch.ones(2, requires_grad=True)).sin(), mark)  # only nodes made now, and leaves
+    assert keep.decided is False
+    # Off CPU (the engine's own thread) the first two evaluations' graphs are compared as well.
+    wm = torch.ones(2, device="meta", requires_grad=True)
+    keep = GraphRetention()
+    for _ in range(2):
+        assert keep.retain
+        mark = keep.mark()
+        keep.observe((wm * torch.ones(2, device="meta", requires_grad=True)).sin(), mark)
+    assert keep.decided is False
