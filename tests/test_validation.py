@@ -244,7 +244,8 @@ CASES = [
     # --- event_fn ---
     ("event_fn-not-callable", {"event_fn": 0.5}, TypeError, r"\bevent_fn\b"),
     ("event_fn-fixed-grid", {"event_fn": lambda t, y: y[0] - 0.5, "method": "rk4"}, ValueError, r"\bevent_fn\b"),
-    ("event_fn-returns-wrong-size", {"event_fn": lambda t, y: y}, ValueError, r"\bevent_fn\b"),
+    # Several values are valid (combined as torchdiffeq does: tests/test_dropin.py); none is not.
+    ("event_fn-returns-no-value", {"event_fn": lambda t, y: y[:0]}, ValueError, r"\bevent_fn\b"),
     ("event_fn-returns-float", {"event_fn": lambda t, y: 0.5}, TypeError, r"\bevent_fn\b"),
 ]
 
