@@ -497,3 +497,27 @@ def test_graph_retention_decides_at_the_first_evaluation():
         mark = keep.mark()
         keep.observe((wm * torch.ones(2, device="meta", requires_grad=True)).sin(), mark)
     assert keep.decided is False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Event location cost
+# --------------------------------------------------------------------------------------------------------------
+
+def test_event_location_evaluations_and_accuracy():
+    """A falling ball (x' = v, v' = -g): dopri5 is exact on the quadratic, so the event time's error is the
+    locator's alone. It must reach the time dtype's resolution with a handful of event_fn calls (bisection
+    needed 60 per event)."""
+    calls = []
+
+    def ground(t, s):
+        calls.append(float(t))
+        return s[0]
+
+    g, x0, v0 = 9.8, 10.0, 2.0
+    t_ev, _ = odeint(lambda t, s: (s[1], torch.full_like(s[1], -g)),
+                     (torch.tensor(x0, dtype=DT), torch.tensor(v0, dtype=DT)), torch.tensor([0.0], dtype=DT),
+                     event_fn=ground)
+    exact = (v0 + math.sqrt(v0 * v0 + 2 * g * x0)) / g
+    assert abs(float(t_ev) - exact) <= 4 * math.ulp(exact)
+    n_steps = last_stats().n_steps
+    assert len(calls) - 1 - n_steps <= 12, (len(calls), n_steps)  # start + one per step + the location
