@@ -11,6 +11,7 @@ from . import _stats as st
 from ._adaptive import solve_adaptive
 from ._event_fn import combine_event_fn
 from ._fixed import check_grid, solve_fixed, step_size_grid
+from ._fixed_events import solve_fixed_event
 from ._problem import (
     FlatFunc,
     StateSpec,
@@ -91,8 +92,8 @@ def prepare(func, y0, t, rtol, atol, method, options, event_fn) -> Prepared:
                          f"{method!r} is a fixed-grid method")
     if event_fn is not None and not callable(event_fn):
         raise TypeError(f"event_fn must be callable as event_fn(t, y), got {type(event_fn).__name__}")
-    if event_fn is not None and not solver.adaptive:
-        raise ValueError(f"event_fn needs an adaptive method; {method!r} is a fixed-grid method")
+    if event_fn is not None and method == "scipy_solver":
+        raise ValueError("event_fn is not supported with method='scipy_solver' (as in torchdiffeq)")
     spec = check_y0(y0, per_sample)
     event_fn = combine_event_fn(event_fn, spec.batch, per_sample)  # vector event_fn: first crossing of any
     tdt = time_dtype_of(options)
@@ -132,6 +133,7 @@ def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method:
             ``pi_beta`` and ``backend`` (``"auto"``/``"torch"``). Unknown options raise ``ValueError``.
         event_fn: ``event_fn(t, y)``; the solve stops where it crosses zero (only ``t[0]`` is used). Several
             values (per sample: ``[B, K]``): at the first crossing of any, as torchdiffeq combines them.
+            Fixed-grid methods step by ``options["step_size"]`` (required) until the crossing.
 
     Returns:
         ``[T, *y0.shape]`` (a tuple of such for tuple states); with ``event_fn``: ``(event_t, solution)`` where
@@ -152,7 +154,7 @@ def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method:
         if p.solver.adaptive:
             res = run_adaptive(p, p.spec.flatten(y0, "y0"))
             return result_to_user(p, res)
-        return _to_user(p.spec, run_fixed(p, p.spec.flatten(y0, "y0"), y0, t))
+        return result_to_user(p, run_fixed(p, p.spec.flatten(y0, "y0"), y0, t))
     finally:
         p.stats.nfe = p.f.nfe
 
@@ -207,20 +209,26 @@ def run_adaptive(p: Prepared, y0_flat: torch.Tensor):
     cfg = parse_adaptive_options(p.options, tableau, p.sign, p.tau.dtype, spec.device)
     norm = _make_norm(p.options, spec)
 
-    flat_event = None
-    if event_fn is not None:
-        def flat_event(tau_g, y_flat):
-            v = event_fn(f.user_time(tau_g), spec.unflatten(y_flat))
-            if not isinstance(v, torch.Tensor):
-                raise TypeError(f"event_fn must return a tensor, got {type(v).__name__}")
-            if v.numel() != spec.batch:
-                raise ValueError(f"event_fn returned {v.numel()} values; expected "
-                                 f"{'one per sample' if spec.per_sample else 'one (combine several events with min/max)'}")
-            return v.reshape(spec.batch).to(tau_g.dtype)
-
+    flat_event = None if event_fn is None else _flat_event(p)
     return solve_adaptive(f, spec, y0_flat, p.tau, tableau, p.ops, cfg.ctrl, p.rtol, p.atol, norm,
                           first_step=cfg.first_step, max_num_steps=cfg.max_num_steps, step_t=cfg.step_t,
                           jump_t=cfg.jump_t, on_failure=cfg.on_failure, event_fn=flat_event, stats=p.stats)
+
+
+def _flat_event(p: Prepared):
+    """The event function on the flat state: ``(tau [G], y [G, N]) -> [G]`` in the time dtype."""
+    spec, f, event_fn = p.spec, p.f, p.event_fn
+
+    def flat_event(tau_g, y_flat):
+        v = event_fn(f.user_time(tau_g), spec.unflatten(y_flat))
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"event_fn must return a tensor, got {type(v).__name__}")
+        if v.numel() != spec.batch:
+            raise ValueError(f"event_fn returned {v.numel()} values; expected "
+                             f"{'one per sample' if spec.per_sample else 'one'}")
+        return v.reshape(spec.batch).to(tau_g.dtype)
+
+    return flat_event
 
 
 def result_to_user(p: Prepared, res):
@@ -241,6 +249,8 @@ def _to_user(spec, out):
 
 def run_fixed(p: Prepared, y0_flat: torch.Tensor, y0, t) -> torch.Tensor:
     """Flat fixed-grid solve: ``[T, 1, N]``. ``y0``, ``t`` as the user gave them (for ``grid_constructor``)."""
+    if p.event_fn is not None:  # (event_tau [1], out [2, 1, N]), steps of options['step_size'] until the event
+        return solve_fixed_event(p, y0_flat, _flat_event(p))
     run = getattr(p.solver, "run", None)
     if run is not None:  # a method that is no Butcher tableau (Adams, scipy): its own module solves
         return run(p, y0_flat, y0, t)

@@ -500,6 +500,47 @@ def test_graph_retention_decides_at_the_first_evaluation():
 
 
 # --------------------------------------------------------------------------------------------------------------
+# event_fn with fixed-grid methods
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, interp, order", [
+    ("euler", "linear", 1), ("midpoint", "linear", 2), ("heun3", "cubic", 3), ("rk4", "cubic", 4),
+    ("implicit_adams", "cubic", 3),
+])
+def test_fixed_grid_event_time_order(method, interp, order):
+    """y' = -y from 1 until y = 0.3: t* = ln(1/0.3); the event time's error shrinks like h^order."""
+    exact = math.log(1 / 0.3)
+    errs = []
+    for h in (0.02, 0.01):
+        t_ev, sol = odeint(lambda tt, y: -y, torch.ones(1, dtype=DT), torch.tensor([0.0], dtype=DT), method=method,
+                           event_fn=lambda tt, y: y[0] - 0.3, options={"step_size": h, "interp": interp})
+        errs.append(abs(float(t_ev) - exact))
+        assert abs(float(sol[-1, 0]) - 0.3) < 1e-14  # the state on the interpolant at the located time
+    assert math.log2(errs[0] / errs[1]) > order - 0.3, errs
+
+
+def test_fixed_grid_event_checks_and_gradient():
+    def f(tt, y):
+        return -y
+
+    with pytest.raises(ValueError, match="step_size"):
+        odeint(f, torch.ones(1, dtype=DT), torch.tensor([0.0], dtype=DT), method="rk4", event_fn=lambda t, y: y[0])
+    with pytest.raises(ValueError, match="scipy_solver"):
+        odeint(f, torch.ones(1, dtype=DT), torch.tensor([0.0], dtype=DT), method="scipy_solver",
+               event_fn=lambda t, y: y[0])
+    with pytest.raises(fastnode.SolverError, match="did not cross zero"):
+        odeint(f, torch.ones(1, dtype=DT), torch.tensor([0.0], dtype=DT), method="euler",
+               event_fn=lambda t, y: y[0] + 1.0, options={"step_size": 1.0})
+    # The event time's gradient through odeint_event on a fixed grid: t* = ln(y0 / 0.3), dt*/dy0 = 1 / y0.
+    y0 = torch.tensor([2.0], dtype=DT, requires_grad=True)
+    t_ev, _ = fastnode.odeint_event(f, y0, torch.tensor(0.0, dtype=DT), event_fn=lambda t, y: y[0] - 0.3,
+                                    method="rk4", options={"step_size": 0.001, "interp": "cubic"})
+    t_ev.backward()
+    assert abs(float(t_ev.detach()) - math.log(2 / 0.3)) < 1e-12
+    assert abs(float(y0.grad) - 0.5) < 1e-9
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Event location cost
 # --------------------------------------------------------------------------------------------------------------
 
