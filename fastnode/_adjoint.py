@@ -762,7 +762,17 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
         res = OdeintAdjointFunction.apply(plan, y0_flat, t, *params)
     finally:
         p.stats.nfe = p.f.nfe
-    return result_to_user(p, res)
+    res = result_to_user(p, res)
+    return _differentiable_event_time(func, p, res) if p.event_fn is not None and torch.is_grad_enabled() else res
+
+
+def _differentiable_event_time(func, p: Prepared, res):
+    """``(event_t, solution)`` with the event time's gradient by the implicit function theorem, through the
+    solution's fixed-time gradient (torchdiffeq's event time has a ``grad_fn`` whose gradient is dropped: zero)."""
+    ev_t, sol = res
+    state = tuple(s[-1] for s in sol) if isinstance(sol, tuple) else sol[-1]
+    ev_t, _ = _reroute_event_gradient(func, p.event_fn, ev_t, state, p.per_sample, move_state=False)
+    return ev_t, sol
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -837,8 +847,10 @@ def odeint_event(func: Callable, y0, t0: torch.Tensor, *, event_fn: Callable, re
     return event_t, solution
 
 
-def _reroute_event_gradient(func, event_fn, event_t, state, per_sample: bool):
-    """Event time and state whose gradients follow the implicit function theorem (values unchanged)."""
+def _reroute_event_gradient(func, event_fn, event_t, state, per_sample: bool, move_state: bool = True):
+    """Event time and state whose gradients follow the implicit function theorem (values unchanged).
+
+    ``move_state=False`` leaves the state's gradient at the fixed event time (``odeint_adjoint``'s outputs)."""
     te = event_t.detach()
     is_tuple = isinstance(state, tuple)
     parts = state if is_tuple else (state,)
@@ -869,6 +881,8 @@ def _reroute_event_gradient(func, event_fn, event_t, state, per_sample: bool):
     c = c.reshape(dcdt.shape)
     # NOTE: value exactly te (c - c.detach() is 0); gradient -dc / (dc/dt)_total, the implicit function theorem.
     t_out = te - (c - c.detach()) / dcdt
+    if not move_state:
+        return t_out.to(event_t.dtype), state
     dt = t_out - te
     new = []
     for x, fx in zip(parts, f_parts):

@@ -541,6 +541,44 @@ def test_fixed_grid_event_checks_and_gradient():
 
 
 # --------------------------------------------------------------------------------------------------------------
+# odeint_adjoint: the event time's gradient
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+def test_adjoint_event_time_gradient(method):
+    class Decay(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = nn.Parameter(torch.tensor(0.8, dtype=DT))
+
+        def forward(self, t, y):
+            return -self.k * y
+
+    def solve(k, thr, y0):
+        f = Decay()
+        with torch.no_grad():
+            f.k.copy_(k)
+        opts = {"step_size": 0.001, "interp": "cubic"} if method == "rk4" else {}
+        t_ev, _ = odeint_adjoint(f, y0, torch.tensor([0.0], dtype=DT), event_fn=lambda t, y: y[0] - thr,
+                                 method=method, options=opts, rtol=1e-10, atol=1e-12,
+                                 adjoint_params=(*f.parameters(), thr))
+        return t_ev, f
+
+    thr = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    y0 = torch.tensor([1.0], dtype=DT, requires_grad=True)
+    t_ev, f = solve(0.8, thr, y0)
+    assert t_ev.grad_fn is not None
+    t_ev.backward()
+    eps = 1e-5
+    fd_k = (float(solve(0.8 + eps, thr.detach(), y0.detach())[0]) -
+            float(solve(0.8 - eps, thr.detach(), y0.detach())[0])) / (2 * eps)
+    assert abs(float(f.k.grad) - fd_k) < 1e-6  # also = -t*/k in closed form
+    assert abs(float(f.k.grad) + math.log(1 / 0.3) / 0.64) < 1e-6
+    assert abs(float(thr.grad) + 1 / (0.8 * 0.3)) < 1e-7
+    assert abs(float(y0.grad) - 1 / 0.8) < 1e-7
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Event location cost
 # --------------------------------------------------------------------------------------------------------------
 
