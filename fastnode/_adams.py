@@ -167,6 +167,8 @@ def solve_adams(f: FlatFunc, y0: torch.Tensor, tau: torch.Tensor, grid: torch.Te
         if j >= T:
             break
         t0, t1 = grid[s : s + 1], grid[s + 1 : s + 2]
+        if f.callbacks is not None:
+            f.callbacks.step(t0, y, t1 - t0)
         y1, f0 = stepper.step(t0, t1, y)
         stats.n_accepted += 1
         f1 = None

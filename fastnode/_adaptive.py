@@ -205,8 +205,11 @@ def solve_adaptive(
     fused = not time_grad and stop_grid is None and event_fn is None
     codes = (st.NON_FINITE, st.STEP_UNDERFLOW, st.TIME_OVERFLOW, st.MAX_STEPS)
     iterations = 0
+    cb = f.callbacks  # torchdiffeq's step callbacks of func (fastnode/_callbacks.py), or None
     while any_running and not (any_failed and on_failure == "raise"):
         iterations += 1
+        if cb is not None:
+            cb.step(t, y, torch.where(running, h, 0.0))
         if fused:
             h_ctl, clipped, t_new, hy, t_stage, t_end_stage = ops.step_begin(
                 t, h, running, t_out, t_end, step_to_outputs, tableau.c, f.sign, ydt, not spec.per_sample)
@@ -239,6 +242,8 @@ def solve_adaptive(
         y_new, _ratio, new_ok, accept, h_next, prev_ratio = ops.finish_control(
             tableau, y, K, hy, rtol, atol, norm, ctrl, h_ctl, prev_ratio, running, ratio_floor=floor, adjust=adjust)
         k_last = ops.stage(K, S - 1)
+        if cb is not None:
+            stats.n_host_syncs += cb.decided(t, y, h_eff, accept, running)
 
         jumped = None
         base = None

@@ -44,6 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _stats as st
 from ._adaptive import solve_adaptive
+from ._callbacks import StepCallbacks, callbacks_of
 from ._event_fn import combine_event_fn
 from ._fixed import check_grid, solve_fixed, step_size_grid
 from ._graph_retention import GraphRetention
@@ -472,6 +473,8 @@ def _backward(plan: _Plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: t
     aug = AugmentedFunc(p.func, spec, aug_spec, sign_b, params, mode)
     hooks = BackwardHooks(aug, tableau, Y, Gc, plan.t_requires_grad, theta_norm, rtol_th, atol_th, custom)
     hooks.ops = ops
+    aug.callbacks = StepCallbacks.find(p.func, spec, sign_b, callbacks_of(solver), plan.bwd_method, adjoint=True,
+                                       aug_params=lambda: hooks.layout.split(hooks.A))
 
     if custom is not None:
         norm = hooks.stash_norm
@@ -681,7 +684,10 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
             are left out, as in torchdiffeq.
 
     Returns:
-        As ``odeint``. ``fastnode.last_stats()`` (taken after the forward) gets ``nfe_backward``,
+        As ``odeint``; with ``event_fn`` the event time is differentiable (implicit function theorem, as
+        ``odeint_event``) while the solution keeps its fixed-time gradient. ``func``'s ``callback_*_adjoint``
+        methods are called during the backward solve. ``fastnode.last_stats()`` (taken after the forward) gets
+        ``nfe_backward``,
         ``n_accepted_backward``, ``n_rejected_backward`` and ``backward`` (the backward solve's statistics)
         once the backward has run.
 

@@ -25,6 +25,47 @@ def _scalar_tol(v) -> float:
     return float(v)
 
 
+class _Augmented:
+    """``[y, a, A]`` -> ``[f, -a^T df/dy, -a^T df/dtheta]`` (flat, user time), counting ``func``'s evaluations."""
+
+    def __init__(self, func, spec, params: tuple, layout: ParamLayout, n: int):
+        self.func, self.spec, self.params, self.layout, self.n = func, spec, params, layout, n
+        self.nfe = 0
+        self.keep = GraphRetention()  # retain func's graph where it reaches the caller's (_graph_retention.py)
+        user_cb = getattr(func, "callback_step_adjoint", None)
+        if callable(user_cb):
+            self.user_cb = user_cb
+            self.callback_step = self._on_step  # found by the inner odeint's callback lookup
+
+    def f_state(self, t, y_flat):
+        self.nfe += 1
+        return self.spec.flatten(self.func(t, self.spec.unflatten(y_flat)), "func")
+
+    def __call__(self, t, z):
+        N, dt, layout = self.n, z.dtype, self.layout
+        y, a = z[:N].reshape(1, N), z[N : 2 * N].reshape(1, N)
+        with torch.enable_grad():
+            y_ = y.detach().requires_grad_(True)
+            mark = self.keep.mark() if self.params else None
+            fy = self.f_state(t, y_)
+            vy, vp = None, None
+            if fy.requires_grad:
+                self.keep.observe(fy, mark)
+                grads = torch.autograd.grad(fy, (y_, *self.params), -a, allow_unused=True,
+                                            retain_graph=self.keep.retain)
+                vy, vp = grads[0], layout.flat(grads[1:]).to(dt)
+        vy = torch.zeros_like(y) if vy is None else vy
+        vp = torch.zeros(layout.P, dtype=dt, device=z.device) if vp is None else vp
+        return torch.cat([fy.detach().reshape(-1), vy.reshape(-1), vp])
+
+    def _on_step(self, t, z, dt):
+        """``func.callback_step_adjoint`` with torchdiffeq's augmented layout ``(t_adj, y, adj_y, *adj_params)``."""
+        N, spec = self.n, self.spec
+        zero = torch.zeros((), dtype=z.dtype, device=z.device)
+        self.user_cb(t, (zero, spec.unflatten(z[:N].reshape(1, N)), spec.unflatten(z[N : 2 * N].reshape(1, N)),
+                         *self.layout.split(z[2 * N :])), dt)
+
+
 def backward_plain(plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: torch.Tensor):
     """The backward solve interval by interval. ``out``, ``grad_out``: [T, 1, N]; ``tau_fwd``: [T].
 
@@ -33,33 +74,12 @@ def backward_plain(plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: tor
     from ._odeint import odeint
 
     p = plan.p
-    spec, func, params = p.spec, p.func, plan.params
     T, _, N = out.shape
-    layout = ParamLayout(params)
-    dt = spec.dtype
+    layout = ParamLayout(plan.params)
+    dt = p.spec.dtype
     t_user = (tau_fwd * p.sign).to(dt)
-    counts = {"nfe": 0}
-    keep = GraphRetention()  # retain func's graph where it reaches the caller's (fastnode/_graph_retention.py)
-
-    def f_state(t, y_flat):
-        counts["nfe"] += 1
-        return spec.flatten(func(t, spec.unflatten(y_flat)), "func")
-
-    def augmented(t, z):
-        y, a = z[:N].reshape(1, N), z[N : 2 * N].reshape(1, N)
-        with torch.enable_grad():
-            y_ = y.detach().requires_grad_(True)
-            mark = keep.mark() if params else None
-            fy = f_state(t, y_)
-            vy, vp = None, None
-            if fy.requires_grad:
-                keep.observe(fy, mark)
-                grads = torch.autograd.grad(fy, (y_, *params), -a, allow_unused=True, retain_graph=keep.retain)
-                vy, vp = grads[0], layout.flat(grads[1:]).to(dt)
-        vy = torch.zeros_like(y) if vy is None else vy
-        vp = torch.zeros(layout.P, dtype=dt, device=z.device) if vp is None else vp
-        return torch.cat([fy.detach().reshape(-1), vy.reshape(-1), vp])
-
+    augmented = _Augmented(p.func, p.spec, plan.params, layout, N)
+    f_state = augmented.f_state
     prev_last = st.last_stats()
     bstats = st.SolveStats(method=plan.bwd_method)
     rtol, atol = _scalar_tol(plan.bwd_rtol), _scalar_tol(plan.bwd_atol)
@@ -89,7 +109,7 @@ def backward_plain(plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: tor
                              times=err.times) from None
     finally:
         st._set_last(prev_last)
-        bstats.nfe = counts["nfe"]
+        bstats.nfe = augmented.nfe
         stats_f = p.stats
         stats_f.backward = bstats
         stats_f.nfe_backward += bstats.nfe

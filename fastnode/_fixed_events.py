@@ -74,6 +74,8 @@ def solve_fixed_event(p, y0: torch.Tensor, flat_event) -> tuple[torch.Tensor, to
     y, t0 = y0, tau0
     for k in range(1, MAX_STEPS + 1):
         t1 = tau0 + k * h
+        if p.f.callbacks is not None:
+            p.f.callbacks.step(t0, y, t1 - t0)
         y1, f0 = step(t0, t1, y)
         stats.n_accepted = stats.n_steps = k
         with torch.no_grad():

@@ -9,6 +9,7 @@ import torch
 
 from . import _stats as st
 from ._adaptive import solve_adaptive
+from ._callbacks import StepCallbacks, callbacks_of
 from ._event_fn import combine_event_fn
 from ._fixed import check_grid, solve_fixed, step_size_grid
 from ._fixed_events import solve_fixed_event
@@ -102,6 +103,7 @@ def prepare(func, y0, t, rtol, atol, method, options, event_fn) -> Prepared:
     atol_v = check_tol("atol", atol, spec)
     ops = get_backend(options.get("backend", "auto"), spec.device)
     f = FlatFunc(func, spec, sign)
+    f.callbacks = StepCallbacks.find(func, spec, sign, callbacks_of(solver), method)
     stats = st.SolveStats(method=method, per_sample=per_sample)
     return Prepared(func, spec, tau, sign, method, solver, options, rtol_v, atol_v, ops, f, stats, event_fn)
 

@@ -309,6 +309,8 @@ class FlatFunc:
     clear message at its first call.
     """
 
+    callbacks = None  # fastnode._callbacks.StepCallbacks when func defines torchdiffeq's step callbacks
+
     def __init__(self, func: Callable, spec: StateSpec, sign: float):
         self.func = func
         self.spec = spec

@@ -61,7 +61,7 @@ SOLVERS: dict[str, type] = {
     "explicit_adams": _other("explicit_adams", run_adams, ADAMS_VALID, implicit=False),
     "implicit_adams": _other("implicit_adams", run_adams, ADAMS_VALID, implicit=True),
     "fixed_adams": _other("fixed_adams", run_adams, ADAMS_VALID, implicit=True),  # torchdiffeq's older name
-    "scipy_solver": _other("scipy_solver", solve_scipy, SCIPY_OPTIONS),
+    "scipy_solver": _other("scipy_solver", solve_scipy, SCIPY_OPTIONS, step_callbacks=frozenset()),
 }
 ADAPTIVE_METHODS = tuple(k for k, v in SOLVERS.items() if v.adaptive)
 FIXED_METHODS = tuple(k for k, v in SOLVERS.items() if issubclass(v, FixedGridRK))

@@ -500,6 +500,108 @@ def test_graph_retention_decides_at_the_first_evaluation():
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Step callbacks (torchdiffeq's func.callback_step / callback_accept_step / callback_reject_step, and *_adjoint)
+# --------------------------------------------------------------------------------------------------------------
+
+class CountingField(nn.Module):
+    """y' = -k y with every callback counting its calls and recording its arguments."""
+
+    def __init__(self, adjoint_too: bool = True, decisions: bool = True):
+        super().__init__()
+        self.k = nn.Parameter(torch.tensor(1.3, dtype=DT))
+        self.calls = {}
+        names = ["callback_step"] + (["callback_accept_step", "callback_reject_step"] if decisions else [])
+        for name in names + ([n + "_adjoint" for n in names] if adjoint_too else []):
+            setattr(self, name, self._recorder(name))
+
+    def _recorder(self, name):
+        def record(t0, y0, dt):
+            self.calls.setdefault(name, []).append((t0.clone(), y0, dt.clone()))
+        return record
+
+    def forward(self, t, y):
+        return -self.k * y
+
+    def n(self, name):
+        return len(self.calls.get(name, []))
+
+
+def test_callbacks_adaptive_counts_forward_and_backward():
+    f = CountingField()
+    t = torch.linspace(0, 2, 4, dtype=DT)
+    y = odeint_adjoint(f, torch.ones(2, dtype=DT), t, options={"first_step": 1.0})  # too large: rejections
+    st = last_stats()
+    assert st.n_rejected > 0
+    assert f.n("callback_step") == st.n_steps
+    assert f.n("callback_accept_step") == st.n_accepted
+    assert f.n("callback_reject_step") == st.n_rejected
+    assert f.n("callback_step_adjoint") == 0
+    t_acc = [float(c[0]) for c in f.calls["callback_accept_step"]]
+    assert t_acc == sorted(t_acc) and t_acc[0] == 0.0  # accepted steps start where the last one ended
+    assert all(float(c[2]) > 0 for c in f.calls["callback_step"]) and f.calls["callback_step"][0][1].shape == (2,)
+    y.sum().backward()
+    b = st.backward
+    assert f.n("callback_step_adjoint") == b.n_steps > 0
+    assert f.n("callback_accept_step_adjoint") == b.n_accepted
+    assert f.n("callback_reject_step_adjoint") == b.n_rejected
+    t_b, aug, dt_b = f.calls["callback_step_adjoint"][0]
+    assert float(t_b) == 2.0 and float(dt_b) > 0  # the backward starts at t[-1], dt positive as in torchdiffeq
+    assert len(aug) == 4 and aug[1].shape == (2,) and aug[2].shape == (2,) and aug[3].shape == ()  # (t, y, a, k)
+
+
+def test_callbacks_decreasing_time_and_tuple_state():
+    f = CountingField(adjoint_too=False)
+    odeint(lambda tt, s: (f(tt, s[0]), -s[1]), (torch.ones(2, dtype=DT), torch.tensor(1.0, dtype=DT)),
+           torch.tensor([1.0, 0.0], dtype=DT))
+    assert f.n("callback_step") == 0  # callbacks are looked up on func itself
+    g = CountingField(adjoint_too=False)
+    odeint(g, torch.ones(2, dtype=DT), torch.tensor([1.0, 0.0], dtype=DT))
+    ts = [float(c[0]) for c in g.calls["callback_accept_step"]]
+    assert ts[0] == 1.0 and ts == sorted(ts, reverse=True)  # user time, decreasing
+    assert g.n("callback_step") == last_stats().n_steps
+
+
+def test_callbacks_per_sample():
+    f = CountingField(adjoint_too=True)
+    y0 = torch.tensor([[1.0], [5.0], [0.1]], dtype=DT)
+    k = torch.tensor([[0.5], [3.0], [8.0]], dtype=DT)
+
+    class PerSample(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = f
+            for name in f.calls.keys() | {n for n in dir(f) if n.startswith("callback_")}:
+                setattr(self, name, getattr(f, name))
+
+        def forward(self, t, y):
+            return -k * f.k * y
+
+    y = odeint_adjoint(PerSample(), y0, torch.tensor([0.0, 1.0], dtype=DT), options={"per_sample": True})
+    st = last_stats()
+    for name, count in (("callback_step", st.n_steps), ("callback_accept_step", st.n_accepted),
+                        ("callback_reject_step", st.n_rejected)):
+        per = sum((c[2] != 0).to(torch.int64) for c in f.calls[name])
+        torch.testing.assert_close(per, count)  # dt [B] is zero where the call does not concern the sample
+        assert f.calls[name][0][0].shape == (3,)
+    y.sum().backward()
+    b = st.backward
+    per = sum((c[2] != 0).to(torch.int64) for c in f.calls["callback_accept_step_adjoint"])
+    torch.testing.assert_close(per, b.n_accepted)
+
+
+@pytest.mark.parametrize("method, options", [("rk4", {}), ("implicit_adams", {"max_iters": 20})])
+def test_callbacks_fixed_grid(method, options):
+    f = CountingField(adjoint_too=True)
+    with pytest.warns(UserWarning, match="does not call the callbacks"):
+        y = odeint_adjoint(f, torch.ones(1, dtype=DT), torch.tensor([0.0, 1.0], dtype=DT), method=method,
+                           options={"step_size": 0.1, **options})
+    assert f.n("callback_step") == last_stats().n_steps == 10
+    assert f.n("callback_accept_step") == 0
+    y.sum().backward()
+    assert f.n("callback_step_adjoint") == 10
+
+
+# --------------------------------------------------------------------------------------------------------------
 # event_fn with fixed-grid methods
 # --------------------------------------------------------------------------------------------------------------
 
