@@ -16,7 +16,7 @@ import torchdiffeq
 from torch.profiler import profile
 
 import fastnode
-from fastnode._debug import count_host_transfers
+from fastnode.testing import count_host_transfers
 
 B = 64
 MU = torch.logspace(math.log10(0.5), 1.0, B)

@@ -8,25 +8,25 @@ Example:
     (5, 4)
 """
 
-from ._adjoint import odeint_adjoint, odeint_event
-from ._odeint import odeint
+from ._adjoint import odeint_adjoint
+from ._odeint import odeint, odeint_event
 from ._stats import MAX_STEPS, NON_FINITE, STATUS_NAMES, STEP_UNDERFLOW, SUCCESS, SolverError, SolveStats, last_stats
 from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, SOLVERS
 
 __all__ = [
-                     "ADAPTIVE_METHODS",
-                     "FIXED_METHODS",
-                     "MAX_STEPS",
-                     "NON_FINITE",
-                     "SOLVERS",
-                     "STATUS_NAMES",
-                     "STEP_UNDERFLOW",
-                     "SUCCESS",
-                     "SolveStats",
-                     "SolverError",
-                     "last_stats",
-                     "odeint",
-                     "odeint_adjoint",
-                     "odeint_event",
+    "ADAPTIVE_METHODS",
+    "FIXED_METHODS",
+    "MAX_STEPS",
+    "NON_FINITE",
+    "SOLVERS",
+    "STATUS_NAMES",
+    "STEP_UNDERFLOW",
+    "SUCCESS",
+    "SolveStats",
+    "SolverError",
+    "last_stats",
+    "odeint",
+    "odeint_adjoint",
+    "odeint_event",
 ]
 __version__ = "0.1.0"

@@ -27,14 +27,15 @@ from functools import cache
 import torch
 
 from . import _stats as st
-from ._fixed import _hermite
-from ._problem import FIXED_OPTIONS, FlatFunc, _num
+from ._problem import FlatFunc
 
 MIN_ORDER = 4  # below it the history is too short for a multistep formula: the step is RK4
 MAX_ORDER = 12
 MAX_ITERS = 4
 ADAMS_OPTIONS = frozenset({"max_order", "max_iters", "implicit"})
-ADAMS_VALID = frozenset(FIXED_OPTIONS) | ADAMS_OPTIONS
+# The fixed-grid options (fastnode._options.FIXED_OPTIONS, not imported: _options imports the registry) and Adams'.
+ADAMS_VALID = frozenset({"step_size", "grid_constructor", "interp", "perturb", "dtype", "backend", "per_sample"}) | \
+    ADAMS_OPTIONS
 
 
 def _poly_mul(p: list, q: list) -> list:
@@ -71,6 +72,7 @@ def adams_coefficients(k: int, implicit: bool) -> tuple[float, ...]:
 
 def parse_adams_options(options: dict, implicit: bool) -> tuple[bool, int, int]:
     """``(implicit, max_order, max_iters)`` from the options (torchdiffeq's names and defaults)."""
+    from ._options import num as _num
     if "implicit" in options:
         if not implicit:
             raise ValueError("options['implicit'] is not an option of 'explicit_adams' (it is always explicit); "
@@ -154,6 +156,8 @@ def solve_adams(f: FlatFunc, y0: torch.Tensor, tau: torch.Tensor, grid: torch.Te
     Outputs between grid points are interpolated as in ``solve_fixed`` (linear, or cubic Hermite with one extra
     evaluation at the step's end).
     """
+    from ._fixed import _hermite  # here: the registry imports this module, and _fixed imports the backends
+
     implicit, max_order, max_iters = parse_adams_options(options, implicit)
     stepper = AdamsStepper(f, implicit, max_order, max_iters, rtol, atol, perturb)
     grid_v = grid.detach().tolist()
@@ -195,9 +199,9 @@ def solve_adams(f: FlatFunc, y0: torch.Tensor, tau: torch.Tensor, grid: torch.Te
 
 
 def run_adams(p, y0_flat: torch.Tensor, y0, t) -> torch.Tensor:
-    """A prepared ``odeint`` call (``fastnode._odeint.Prepared``) with an Adams method: ``[T, 1, N]``."""
+    """A prepared ``odeint`` call (``fastnode._odeint.Problem``) with an Adams method: ``[T, 1, N]``."""
     from ._odeint import fixed_grid
 
-    grid, interp, perturb = fixed_grid(p, y0, t)
-    return solve_adams(p.f, y0_flat, p.tau, grid, p.options, p.solver.implicit, p.rtol, p.atol, interp, perturb,
-                       p.stats)
+    cfg = p.config
+    return solve_adams(p.f, y0_flat, p.tau, fixed_grid(p, y0, t), p.options, p.solver.implicit, p.rtol, p.atol,
+                       cfg.interp, cfg.perturb, p.stats)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import _stats as st
-from ._adjoint import ParamLayout
+from ._adjoint_dynamics import ParamLayout
 from ._graph_retention import GraphRetention
 
 
@@ -80,9 +80,10 @@ def backward_plain(plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: tor
     t_user = (tau_fwd * p.sign).to(dt)
     augmented = _Augmented(p.func, p.spec, plan.params, layout, N)
     f_state = augmented.f_state
+    cfg = plan.cfg
     prev_last = st.last_stats()
-    bstats = st.SolveStats(method=plan.bwd_method)
-    rtol, atol = _scalar_tol(plan.bwd_rtol), _scalar_tol(plan.bwd_atol)
+    bstats = st.SolveStats(method=cfg.method)
+    rtol, atol = _scalar_tol(cfg.rtol), _scalar_tol(cfg.atol)
     tdots = torch.zeros(T, dtype=dt, device=out.device) if plan.t_requires_grad else None
     a = grad_out[-1, 0]
     A = torch.zeros(layout.P, dtype=dt, device=out.device)
@@ -93,7 +94,7 @@ def backward_plain(plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: tor
                     tdots[i] = (f_state(t_user[i], out[i]) * grad_out[i]).sum()
             z = torch.cat([out[i, 0], a, A])
             zs = odeint(augmented, z, torch.stack([t_user[i], t_user[i - 1]]), rtol=rtol, atol=atol,
-                        method=plan.bwd_method, options=dict(plan.bwd_options))
+                        method=cfg.method, options=dict(cfg.options or {}))
             inner = st.last_stats()
             bstats.n_accepted += inner.n_accepted
             bstats.n_rejected += inner.n_rejected

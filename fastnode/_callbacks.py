@@ -53,6 +53,7 @@ class StepCallbacks:
         self.sign = sign
         self.aug_params = aug_params
         self.decisions = "callback_accept_step" in fns or "callback_reject_step" in fns
+        self.n_host_syncs = 0  # shared mode reads each step's decision to call one callback, as torchdiffeq does
 
     @classmethod
     def find(cls, func, spec, sign: float, valid: frozenset, method: str, adjoint: bool = False,
@@ -85,23 +86,27 @@ class StepCallbacks:
         if fn is not None:
             fn(*self._args(tau, y, dt))
 
+    def take_syncs(self) -> int:
+        """The host syncs made since the last call (for the solve's statistics)."""
+        n, self.n_host_syncs = self.n_host_syncs, 0
+        return n
+
     def decided(self, tau: torch.Tensor, y: torch.Tensor, dt: torch.Tensor, accept: torch.Tensor,
-                running: torch.Tensor) -> int:
-        """After the step's decision (``accept [G]``, ``running [G]`` before the step). Returns the host syncs made
-        (shared mode reads the decision to call one callback, as torchdiffeq does)."""
+                running: torch.Tensor) -> None:
+        """After the step's decision (``accept [G]``, ``running [G]`` before the step)."""
         if not self.decisions:
-            return 0
+            return
         acc = accept & running
         rej = ~accept & running
         if not self.spec.per_sample:
             name = "callback_accept_step" if bool(acc.reshape(())) else (
                 "callback_reject_step" if bool(rej.reshape(())) else None)
+            self.n_host_syncs += 1
             fn = self.fns.get(name) if name else None
             if fn is not None:
                 fn(*self._args(tau, y, dt))
-            return 1
+            return
         for name, mask in (("callback_accept_step", acc), ("callback_reject_step", rej)):
             fn = self.fns.get(name)
             if fn is not None:
                 fn(*self._args(tau, y, torch.where(mask, dt, torch.zeros_like(dt))))
-        return 0

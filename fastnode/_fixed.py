@@ -14,7 +14,7 @@ from . import _stats as st
 from ._problem import FlatFunc
 from ._tableau import ButcherTableau
 from .backends import for_recording
-from .backends.torch_ops import StepOps
+from .backends.base import StepOps
 
 
 def step_size_grid(tau: torch.Tensor, step_size: float) -> torch.Tensor:
@@ -40,16 +40,13 @@ def solve_fixed(f: FlatFunc, y0: torch.Tensor, tau: torch.Tensor, grid: torch.Te
     outs = [y0]
     j = 1
     y = y0
-    S = len(tableau.c)
-    if hooks is not None:
-        one = torch.ones(1, dtype=torch.bool, device=y0.device)
-        at_output = one  # the first step starts at an output time
+    one = torch.ones(1, dtype=torch.bool, device=y0.device)
+    at_output = one  # the first step starts at an output time (the adjoint's hooks need to know)
     for s in range(len(grid_v) - 1):
         if j >= T:
             break
         t0, t1 = grid[s : s + 1], grid[s + 1 : s + 2]
         h = t1 - t0
-        hy = h.to(y.dtype)
         if f.callbacks is not None:
             f.callbacks.step(t0, y, h)
         k0 = f(t0, y, perturb=1 if perturb else 0)
@@ -58,46 +55,62 @@ def solve_fixed(f: FlatFunc, y0: torch.Tensor, tau: torch.Tensor, grid: torch.Te
             ops = for_recording(ops, torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad or
                                                                   grid.requires_grad or tau.requires_grad))
             stats.backend = ops.name
-        K = ops.new_stages(tableau, y)
-        K = ops.set_stage(K, 0, k0)
-        if hooks is not None:
-            hooks.k1_evaluated(one, ops.stage(K, 0), at_output=at_output)
-            hooks.begin_step(hy)
-        for i in range(1, S):
-            yi = ops.stage_input(tableau, i, y, K, hy)
-            at_end = tableau.c[i] == 1.0
-            ti = t1 if at_end else t0 + tableau.c[i] * h
-            K = ops.set_stage(K, i, f(ti, yi, perturb=-1 if (perturb and at_end) else 0))
-            if hooks is not None:
-                hooks.stage_evaluated(i)
-        y1 = ops.solution(tableau, y, K, hy)
+        K, y1 = _step(f, ops, tableau, y, k0, t0, t1, h, perturb, hooks, one, at_output)
         stats.n_accepted += 1
         if hooks is not None:
-            hooks.end_step(one, one, one)
             at_output = torch.full_like(one, tau_v[j] == grid_v[s + 1])
             if tau_v[j] == grid_v[s + 1]:
                 y1 = hooks.land(torch.full((1,), j, dtype=torch.int64, device=y.device), one, y1)
                 j += 1
-            y = y1
-            continue
-        f1 = None
-        while j < T and tau_v[j] <= grid_v[s + 1]:
-            if tau_v[j] == grid_v[s + 1]:
-                outs.append(y1)
-            else:
-                theta = ((tau[j] - t0) / h).to(y.dtype)
-                if interp == "linear":
-                    outs.append(y + theta * (y1 - y))
-                else:
-                    if f1 is None:
-                        f1 = f(t1, y1)
-                    outs.append(_hermite(y, ops.stage(K, 0), y1, f1, hy, theta))
-            j += 1
+        else:
+            j = _outputs(f, ops, interp, outs, tau, tau_v, j, grid_v[s + 1], t0, t1, h, y, K, y1)
         y = y1
     stats.n_steps = stats.n_accepted
     if hooks is not None:
         return y
     return torch.stack(outs, dim=0)
+
+
+def _step(f: FlatFunc, ops: StepOps, tableau: ButcherTableau, y, k0, t0, t1, h, perturb: bool, hooks, one,
+          at_output):
+    """One grid step from ``(t0, y)`` with first stage ``k0``: ``(K, y1)``. With ``perturb``, the first stage sees
+    the right limit at ``t0`` (evaluated by the caller) and the stages at ``t1`` the left limit there."""
+    hy = h.to(y.dtype)
+    K = ops.set_stage(ops.new_stages(tableau, y), 0, k0)
+    if hooks is not None:
+        hooks.k1_evaluated(one, ops.stage(K, 0), at_output=at_output)
+        hooks.begin_step(hy)
+    for i in range(1, len(tableau.c)):
+        yi = ops.rk_combine(y, K, hy, tableau.a[i])
+        at_end = tableau.c[i] == 1.0
+        ti = t1 if at_end else t0 + tableau.c[i] * h
+        K = ops.set_stage(K, i, f(ti, yi, perturb=-1 if (perturb and at_end) else 0))
+        if hooks is not None:
+            hooks.stage_evaluated(i)
+    y1 = ops.rk_combine(y, K, hy, tableau.b)
+    if hooks is not None:
+        hooks.end_step(one, one, one)
+    return K, y1
+
+
+def _outputs(f: FlatFunc, ops: StepOps, interp: str, outs: list, tau, tau_v: list, j: int, t1_v: float, t0, t1, h,
+             y, K, y1) -> int:
+    """Append the outputs at ``tau[j:]`` up to ``t1`` (linear or cubic Hermite between grid points); the next ``j``."""
+    T = len(tau_v)
+    f1 = None
+    while j < T and tau_v[j] <= t1_v:
+        if tau_v[j] == t1_v:
+            outs.append(y1)
+        else:
+            theta = ((tau[j] - t0) / h).to(y.dtype)
+            if interp == "linear":
+                outs.append(y + theta * (y1 - y))
+            else:
+                if f1 is None:
+                    f1 = f(t1, y1)
+                outs.append(_hermite(y, ops.stage(K, 0), y1, f1, h.to(y.dtype), theta))
+        j += 1
+    return j
 
 
 def _hermite(y0, f0, y1, f1, h, th):

@@ -15,7 +15,6 @@ import torch
 from . import _stats as st
 from ._event_locate import locate_sign_change
 from ._fixed import _hermite
-from ._problem import _choice, _flag, _num
 from .backends.torch_ops import TorchStepOps
 
 MAX_STEPS = 20000  # torchdiffeq's limit on the number of steps looking for the event
@@ -33,8 +32,8 @@ def _rk_stepper(p, perturb: bool):
         for i in range(1, len(tab.c)):
             at_end = tab.c[i] == 1.0
             ti = t1 if at_end else t0 + tab.c[i] * h
-            K = ops.set_stage(K, i, f(ti, ops.stage_input(tab, i, y, K, hy), perturb=-1 if (perturb and at_end) else 0))
-        return ops.solution(tab, y, K, hy), k0
+            K = ops.set_stage(K, i, f(ti, ops.rk_combine(y, K, hy, tab.a[i]), perturb=-1 if (perturb and at_end) else 0))
+        return ops.rk_combine(y, K, hy, tab.b), k0
 
     return step
 
@@ -43,19 +42,18 @@ def solve_fixed_event(p, y0: torch.Tensor, flat_event) -> tuple[torch.Tensor, to
     """``(event_tau [1], out [2, 1, N])``: the state at ``t[0]`` and at the event.
 
     Args:
-        p: the prepared call (``fastnode._odeint.Prepared``) with a fixed-grid or Adams method.
+        p: the prepared call (``fastnode._odeint.Problem``) with a fixed-grid or Adams method.
         y0: [1, N] flat initial state.
         flat_event: ``(tau [1], y [1, N]) -> [1]`` the event function on the flat state.
     """
-    opts = p.options
-    if opts.get("step_size") is None:
+    opts, cfg = p.options, p.config
+    if cfg.grid_constructor is not None:
+        raise ValueError("options['grid_constructor'] cannot be used with event_fn; give options['step_size']")
+    if cfg.step_size is None:
         raise ValueError(f"event_fn with the fixed-grid method {p.method!r} needs options['step_size'] (the solve "
                          "has no end time to build a grid from), as in torchdiffeq")
-    if opts.get("grid_constructor") is not None:
-        raise ValueError("options['grid_constructor'] cannot be used with event_fn; give options['step_size']")
-    h = torch.as_tensor(_num(opts, "step_size", None, lo=0.0, lo_open=True), dtype=p.tau.dtype, device=y0.device)
-    interp = _choice(opts, "interp", "linear", ("linear", "cubic"))
-    perturb = _flag(opts, "perturb", False)
+    h = torch.as_tensor(cfg.step_size, dtype=p.tau.dtype, device=y0.device)
+    interp, perturb = cfg.interp, cfg.perturb
     if getattr(p.solver, "run", None) is not None:  # Adams
         from ._adams import AdamsStepper, parse_adams_options
 

@@ -1,4 +1,4 @@
-"""``odeint``: the torchdiffeq-compatible entry point."""
+"""``odeint``: the torchdiffeq-compatible entry point; ``odeint_event``: gradients through the event time."""
 
 from __future__ import annotations
 
@@ -8,59 +8,29 @@ from dataclasses import dataclass
 import torch
 
 from . import _stats as st
-from ._adaptive import solve_adaptive
+from ._adaptive import AdaptiveProblem, solve_adaptive
 from ._callbacks import StepCallbacks, callbacks_of
 from ._event_fn import combine_event_fn
 from ._fixed import check_grid, solve_fixed, step_size_grid
 from ._fixed_events import solve_fixed_event
-from ._problem import (
-    FlatFunc,
-    StateSpec,
-    _choice,
-    _flag,
-    _num,
-    check_func,
+from ._options import (
+    AdaptiveConfig,
+    FixedConfig,
     check_options,
-    check_t,
-    check_times_option,
-    check_tol,
-    check_y0,
+    flag,
+    make_norm,
+    parse_adaptive_options,
+    parse_fixed_options,
     time_dtype_of,
 )
+from ._problem import FlatFunc, StateSpec, check_func, check_t, check_tol, check_y0
 from .backends import get_backend
-from .backends.torch_ops import ControllerConfig, RMSNorm
 from .solvers import get_solver
 
 
-def _make_norm(options: dict, spec):
-    """The error norm on the flat scaled error ``[G, N] -> [G]``.
-
-    Default: RMS over the state; for tuple states the max over tensors of each tensor's RMS (torchdiffeq's
-    mixed norm). A user ``norm`` receives the error shaped like the state (a tuple for tuple states; with
-    the batch dimension in per-sample mode, where it must return ``[B]``).
-    """
-    user = options.get("norm")
-    segments = spec.segments if spec.is_tuple else None
-    if user is None:
-        return RMSNorm(segments)
-    if not callable(user):
-        raise TypeError(f"options['norm'] must be callable (norm(error) -> scalar), got {type(user).__name__}")
-
-    def norm(x):
-        v = user(spec.unflatten(x))
-        if not isinstance(v, torch.Tensor):
-            v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
-        if v.numel() != spec.batch:
-            raise ValueError(f"options['norm'] returned {v.numel()} values, expected "
-                             f"{'one per sample (' + str(spec.batch) + ')' if spec.per_sample else 'a scalar'}")
-        return v.reshape(spec.batch).abs()
-
-    return norm
-
-
 @dataclass
-class Prepared:
-    """A checked and normalised ``odeint`` call: everything the solver loops need."""
+class Problem:
+    """A checked and normalised ``odeint`` call: everything the solver loops need, options parsed once."""
 
     func: Callable
     spec: StateSpec
@@ -75,19 +45,21 @@ class Prepared:
     f: FlatFunc
     stats: st.SolveStats
     event_fn: Callable | None
+    config: AdaptiveConfig | FixedConfig
+    norm: Callable | None  # the error norm (adaptive methods)
 
     @property
     def per_sample(self) -> bool:
         return self.spec.per_sample
 
 
-def prepare(func, y0, t, rtol, atol, method, options, event_fn) -> Prepared:
+def prepare(func, y0, t, rtol, atol, method, options, event_fn) -> Problem:
     """Check every argument of an ``odeint`` call (clear errors naming the argument) and normalise it."""
     check_func(func)
     solver = get_solver(method)
     method = method or "dopri5"
     options = check_options(options, solver.adaptive, method, valid=getattr(solver, "valid_options", None))
-    per_sample = _flag(options, "per_sample", False)
+    per_sample = flag(options, "per_sample", False)
     if per_sample and not solver.adaptive:
         raise ValueError(f"options['per_sample']=True needs an adaptive method (per-sample step control); "
                          f"{method!r} is a fixed-grid method")
@@ -105,7 +77,13 @@ def prepare(func, y0, t, rtol, atol, method, options, event_fn) -> Prepared:
     f = FlatFunc(func, spec, sign)
     f.callbacks = StepCallbacks.find(func, spec, sign, callbacks_of(solver), method)
     stats = st.SolveStats(method=method, per_sample=per_sample)
-    return Prepared(func, spec, tau, sign, method, solver, options, rtol_v, atol_v, ops, f, stats, event_fn)
+    if solver.adaptive:
+        config = parse_adaptive_options(options, solver.tableau, sign, tau.dtype, spec.device)
+        norm = make_norm(options, spec)
+    else:
+        config, norm = parse_fixed_options(options), None
+    return Problem(func, spec, tau, sign, method, solver, options, rtol_v, atol_v, ops, f, stats, event_fn, config,
+                   norm)
 
 
 def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method: str | None = None,
@@ -161,63 +139,14 @@ def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method:
         p.stats.nfe = p.f.nfe
 
 
-@dataclass
-class AdaptiveConfig:
-    """Parsed adaptive-solver options (everything ``solve_adaptive`` takes besides the problem)."""
-
-    ctrl: ControllerConfig
-    first_step: float | None
-    max_num_steps: int
-    on_failure: str
-    step_t: torch.Tensor | None
-    jump_t: torch.Tensor | None
-
-
-def parse_adaptive_options(options: dict, tableau, sign: float, tdt, device) -> AdaptiveConfig:
-    min_step = _num(options, "min_step", 0.0, lo=0.0)
-    max_step = _num(options, "max_step", float("inf"), lo=0.0, lo_open=True)
-    if max_step < min_step:
-        raise ValueError(f"options['max_step'] ({max_step}) is smaller than options['min_step'] ({min_step})")
-    ctrl = ControllerConfig(
-        order=tableau.order,
-        safety=_num(options, "safety", 0.9, lo=0.0, hi=1.0, lo_open=True),
-        ifactor=_num(options, "ifactor", 10.0, lo=1.0),
-        dfactor=_num(options, "dfactor", 0.2, lo=0.0, hi=1.0, lo_open=True),
-        min_step=min_step,
-        max_step=max_step,
-        kind=_choice(options, "controller", "i", ("i", "pi")),
-        pi_alpha=_num(options, "pi_alpha", 0.7, lo=0.0),
-        pi_beta=_num(options, "pi_beta", 0.4, lo=0.0),
-    )
-    first_step = options.get("first_step")
-    if first_step is not None:
-        first_step = _num(options, "first_step", None, lo=0.0, lo_open=True)
-    max_num_steps = _num(options, "max_num_steps", 2**31 - 1, lo=1, integer=True)
-    on_failure = _choice(options, "on_failure", "raise", ("raise", "return"))
-    step_t = check_times_option(options, "step_t", sign, tdt, device)
-    jump_t = check_times_option(options, "jump_t", sign, tdt, device)
-    if step_t is not None and jump_t is not None and step_t.numel() and jump_t.numel():
-        common = set(step_t.tolist()) & set(jump_t.tolist())
-        if common:
-            raise ValueError(f"options['step_t'] and options['jump_t'] both contain the time(s) "
-                             f"{sorted(x * sign for x in common)}; a time may be in only one of them")
-    return AdaptiveConfig(ctrl, first_step, max_num_steps, on_failure, step_t, jump_t)
-
-
-def run_adaptive(p: Prepared, y0_flat: torch.Tensor):
+def run_adaptive(p: Problem, y0_flat: torch.Tensor):
     """Flat result: ``out [T, G, N]``, or with ``event_fn`` ``(event_tau [G] (no grad), out [2, G, N])``."""
-    spec, f, event_fn = p.spec, p.f, p.event_fn
-    tableau = p.solver.tableau
-    cfg = parse_adaptive_options(p.options, tableau, p.sign, p.tau.dtype, spec.device)
-    norm = _make_norm(p.options, spec)
-
-    flat_event = None if event_fn is None else _flat_event(p)
-    return solve_adaptive(f, spec, y0_flat, p.tau, tableau, p.ops, cfg.ctrl, p.rtol, p.atol, norm,
-                          first_step=cfg.first_step, max_num_steps=cfg.max_num_steps, step_t=cfg.step_t,
-                          jump_t=cfg.jump_t, on_failure=cfg.on_failure, event_fn=flat_event, stats=p.stats)
+    flat_event = None if p.event_fn is None else _flat_event(p)
+    problem = AdaptiveProblem(p.spec, y0_flat, p.tau, p.solver.tableau, p.config, p.rtol, p.atol, p.norm)
+    return solve_adaptive(p.f, problem, p.ops, event_fn=flat_event, stats=p.stats)
 
 
-def _flat_event(p: Prepared):
+def _flat_event(p: Problem):
     """The event function on the flat state: ``(tau [G], y [G, N]) -> [G]`` in the time dtype."""
     spec, f, event_fn = p.spec, p.f, p.event_fn
 
@@ -233,7 +162,7 @@ def _flat_event(p: Prepared):
     return flat_event
 
 
-def result_to_user(p: Prepared, res):
+def result_to_user(p: Problem, res):
     if p.event_fn is None:
         return _to_user(p.spec, res)
     ev_tau, sol = res
@@ -249,33 +178,143 @@ def _to_user(spec, out):
     return spec.unflatten(out, lead=(T,)) if spec.per_sample else spec.unflatten(out[:, 0], lead=(T,))
 
 
-def run_fixed(p: Prepared, y0_flat: torch.Tensor, y0, t) -> torch.Tensor:
-    """Flat fixed-grid solve: ``[T, 1, N]``. ``y0``, ``t`` as the user gave them (for ``grid_constructor``)."""
-    if p.event_fn is not None:  # (event_tau [1], out [2, 1, N]), steps of options['step_size'] until the event
+def run_fixed(p: Problem, y0_flat: torch.Tensor, y0, t) -> torch.Tensor:
+    """Flat fixed-grid solve: ``[T, 1, N]``. ``y0``, ``t`` as the user gave them (for ``grid_constructor``).
+
+    With ``event_fn``: ``(event_tau [1], out [2, 1, N])`` (steps of ``options['step_size']`` until the event)."""
+    if p.event_fn is not None:
         return solve_fixed_event(p, y0_flat, _flat_event(p))
     run = getattr(p.solver, "run", None)
     if run is not None:  # a method that is no Butcher tableau (Adams, scipy): its own module solves
         return run(p, y0_flat, y0, t)
-    grid, interp, perturb = fixed_grid(p, y0, t)
-    return solve_fixed(p.f, y0_flat, p.tau, grid, p.solver.tableau, p.ops, interp, perturb, p.stats)
+    cfg = p.config
+    return solve_fixed(p.f, y0_flat, p.tau, fixed_grid(p, y0, t), p.solver.tableau, p.ops, cfg.interp, cfg.perturb,
+                       p.stats)
 
 
-def fixed_grid(p: Prepared, y0, t) -> tuple[torch.Tensor, str, bool]:
-    """The grid (integration time, ``[M]``), ``interp`` and ``perturb`` of a fixed-grid call."""
-    options, tau, sign, func = p.options, p.tau, p.sign, p.func
-    step_size = options.get("step_size")
-    gc = options.get("grid_constructor")
-    interp = _choice(options, "interp", "linear", ("linear", "cubic"))
-    perturb = _flag(options, "perturb", False)
-    if step_size is not None and gc is not None:
-        raise ValueError("options['step_size'] and options['grid_constructor'] are mutually exclusive")
-    if step_size is not None:
-        step_size = _num(options, "step_size", None, lo=0.0, lo_open=True)
-        grid = step_size_grid(tau, step_size) if tau.numel() > 1 else tau
-    elif gc is not None:
-        if not callable(gc):
-            raise TypeError(f"options['grid_constructor'] must be callable, got {type(gc).__name__}")
-        grid = check_grid(gc(func, y0, t), tau, sign)
+def fixed_grid(p: Problem, y0, t) -> torch.Tensor:
+    """The grid (integration time, ``[M]``) of a fixed-grid call: ``step_size``, ``grid_constructor`` or ``t``."""
+    cfg, tau = p.config, p.tau
+    if cfg.step_size is not None:
+        return step_size_grid(tau, cfg.step_size) if tau.numel() > 1 else tau
+    if cfg.grid_constructor is not None:
+        return check_grid(cfg.grid_constructor(p.func, y0, t), tau, p.sign)
+    return tau
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Events with gradients through the event time
+# ---------------------------------------------------------------------------------------------------------------
+
+def odeint_event(func: Callable, y0, t0: torch.Tensor, *, event_fn: Callable, reverse_time: bool = False,
+                 odeint_interface: Callable | None = None, **kwargs):
+    """Solve from ``t0`` until ``event_fn(t, y)`` crosses zero; differentiable through the event time.
+
+    As torchdiffeq's ``odeint_event``: returns ``(event_t, solution)`` with ``solution`` the states at ``t0`` and
+    at the event. Gradients of both w.r.t. ``y0``, ``t0``, the parameters of ``func`` and any tensors
+    ``event_fn`` uses come from the implicit function theorem: with ``c(t*, y(t*)) = 0``,
+    ``dt* = -(dc/dy . dy|_t + dc/dphi . dphi) / (dc/dt + dc/dy . f)``, and ``y(t*)`` moves by ``f(t*, y*) dt*``
+    on top of its fixed-time change.
+
+    Args:
+        func: ``func(t, y)``.
+        y0: initial state (tuple allowed).
+        t0: start time, a 0-d (or one-element) tensor; per-sample mode (``options={"per_sample": True}``):
+            ``[B]``, one start time per sample.
+        event_fn: ``event_fn(t, y)`` returning a scalar (``[B]`` per sample); the event is its zero crossing.
+        reverse_time: integrate towards decreasing time.
+        odeint_interface: ``fastnode.odeint`` (default, backpropagation) or ``fastnode.odeint_adjoint``.
+        **kwargs: passed to ``odeint_interface`` (``rtol``, ``atol``, ``method``, ``options``, adjoint arguments).
+
+    Example:
+        >>> import torch
+        >>> from fastnode import odeint_event
+        >>> y0 = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+        >>> t_ev, sol = odeint_event(lambda t, y: -y, y0, torch.tensor(0.0, dtype=torch.float64),
+        ...                          event_fn=lambda t, y: y[0] - 0.5)
+        >>> round(float(t_ev.detach()), 6) == round(float(torch.log(torch.tensor(2.0))), 6)
+        True
+        >>> t_ev.backward(); round(float(y0.grad), 6)  # d/dy0 log(y0 / 0.5) = 1 / y0
+        1.0
+    """
+    if odeint_interface is None:
+        odeint_interface = odeint
+    if not callable(event_fn):
+        raise TypeError(f"event_fn must be callable as event_fn(t, y), got {type(event_fn).__name__}")
+    if not isinstance(t0, torch.Tensor):
+        raise TypeError(f"t0 must be a tensor (0-d, or [B] per sample), got {type(t0).__name__}")
+    if not isinstance(reverse_time, bool):
+        raise TypeError(f"reverse_time must be True or False, got {reverse_time!r}")
+    per_sample = bool((kwargs.get("options") or {}).get("per_sample", False))
+    first = y0[0] if isinstance(y0, (tuple, list)) and y0 else y0
+    if isinstance(first, torch.Tensor):  # else odeint_interface names the bad y0
+        event_fn = combine_event_fn(event_fn, first.shape[0] if per_sample and first.dim() else 1, per_sample)
+    t = _event_times(t0, reverse_time, per_sample)
+    event_t, solution = odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+
+    is_tuple = isinstance(solution, (tuple, list))
+    state = tuple(s[-1] for s in solution) if is_tuple else solution[-1]
+    event_t, state = _reroute_event_gradient(func, event_fn, event_t, state, per_sample)
+    if is_tuple:
+        solution = tuple(torch.cat([s[:-1], x.unsqueeze(0)], dim=0) for s, x in zip(solution, state))
     else:
-        grid = tau
-    return grid, interp, perturb
+        solution = torch.cat([solution[:-1], state.unsqueeze(0)], dim=0)
+    return event_t, solution
+
+
+def _event_times(t0: torch.Tensor, reverse_time: bool, per_sample: bool) -> torch.Tensor:
+    """``t`` for the event solve: ``t0`` and a second time in the direction of integration (only ``t[0]`` is used)."""
+    if per_sample and t0.numel() > 1:
+        if t0.dim() != 1:
+            raise ValueError(f"per-sample t0 must be [B], got shape {tuple(t0.shape)}")
+        step = -1.0 if reverse_time else 1.0
+        return torch.stack([t0, t0.detach() + step], dim=1)
+    if t0.numel() != 1:
+        raise ValueError(f"t0 must hold one time (or [B] with options['per_sample']=True), got shape "
+                         f"{tuple(t0.shape)}")
+    t0f = t0.reshape(-1)
+    return torch.cat([t0f, t0f.detach() + (-1.0 if reverse_time else 1.0)])
+
+
+def _reroute_event_gradient(func, event_fn, event_t, state, per_sample: bool, move_state: bool = True):
+    """Event time and state whose gradients follow the implicit function theorem (values unchanged).
+
+    ``move_state=False`` leaves the state's gradient at the fixed event time (``odeint_adjoint``'s outputs)."""
+    te = event_t.detach()
+    is_tuple = isinstance(state, tuple)
+    parts = state if is_tuple else (state,)
+
+    def per(x):  # reduce everything but the batch dim (per-sample) or everything (shared)
+        return x.reshape(x.shape[0], -1).sum(dim=1) if per_sample else x.sum()
+
+    with torch.no_grad():
+        f_val = func(te, tuple(x.detach() for x in parts) if is_tuple else parts[0].detach())
+    f_parts = tuple(f_val) if isinstance(f_val, (tuple, list)) else (f_val,)
+    # Partial derivatives of the event function at the event: dc/dt and dc/dy (detached).
+    with torch.enable_grad():
+        te_ = te.clone().requires_grad_(True)
+        ys_ = tuple(x.detach().clone().requires_grad_(True) for x in parts)
+        c0 = event_fn(te_, ys_ if is_tuple else ys_[0])
+        if not isinstance(c0, torch.Tensor):
+            raise TypeError(f"event_fn must return a tensor, got {type(c0).__name__}")
+        grads = (torch.autograd.grad(c0.sum(), (te_, *ys_), allow_unused=True) if c0.requires_grad
+                 else (None,) * (1 + len(ys_)))
+    dcdt = torch.zeros_like(te) if grads[0] is None else grads[0]
+    for g, fx in zip(grads[1:], f_parts):
+        if g is not None:
+            dcdt = dcdt + per(g * fx)
+    # The live event function: its graph reaches y (fixed-time gradients from the solver) and event_fn's tensors.
+    c = event_fn(te, state)
+    if not c.requires_grad:
+        return event_t, state
+    c = c.reshape(dcdt.shape)
+    # NOTE: value exactly te (c - c.detach() is 0); gradient -dc / (dc/dt)_total, the implicit function theorem.
+    t_out = te - (c - c.detach()) / dcdt
+    if not move_state:
+        return t_out.to(event_t.dtype), state
+    dt = t_out - te
+    new = []
+    for x, fx in zip(parts, f_parts):
+        d = dt.reshape(-1, *([1] * (x.dim() - 1))) if per_sample else dt
+        new.append(x + fx.detach() * d)
+    return t_out.to(event_t.dtype), (tuple(new) if is_tuple else new[0])

@@ -15,12 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-ADAPTIVE_OPTIONS = {
-    "first_step", "safety", "ifactor", "dfactor", "max_num_steps", "step_t", "jump_t", "min_step", "max_step",
-    "norm", "dtype", "per_sample", "backend", "on_failure", "controller", "pi_alpha", "pi_beta",
-}
-FIXED_OPTIONS = {"step_size", "grid_constructor", "interp", "perturb", "dtype", "backend", "per_sample"}
-
 
 @dataclass
 class StateSpec:
@@ -220,86 +214,6 @@ def check_tol(name: str, tol, spec: StateSpec) -> torch.Tensor | float:
                 v = v.unsqueeze(-1).expand(*v.shape, 2)
             cols.append(v.reshape(spec.batch, n))
     return torch.cat(cols, dim=1)
-
-
-def _num(options, key, default, *, lo=None, hi=None, lo_open=False, integer=False):
-    v = options.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise ValueError(f"options['{key}'] must be a scalar, got a tensor of shape {tuple(v.shape)}")
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"options['{key}'] must be a number, got {type(v).__name__}")
-    if math.isnan(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
-        rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
-        raise ValueError(f"options['{key}'] must be in {rng}, got {v}")
-    if integer:
-        if math.isinf(v):
-            return 2**63 - 1  # no limit
-        if int(v) != v:
-            raise TypeError(f"options['{key}'] must be an integer, got {v}")
-        return int(v)
-    return float(v)
-
-
-def _flag(options, key, default):
-    v = options.get(key, default)
-    if not isinstance(v, bool):
-        raise TypeError(f"options['{key}'] must be True or False, got {v!r}")
-    return v
-
-
-def _choice(options, key, default, choices):
-    v = options.get(key, default)
-    if v not in choices:
-        raise ValueError(f"options['{key}'] must be one of {choices}, got {v!r}")
-    return v
-
-
-def check_options(options, adaptive: bool, method: str, name: str = "options", extra: frozenset = frozenset(),
-                  valid: frozenset | None = None) -> dict:
-    """A copy of ``options`` after checking every key; ``name`` is the argument named in errors, ``extra`` keys
-    that are also valid (``adjoint_options`` takes ``norm`` even for a fixed-grid method), ``valid`` the method's
-    own option set where it is neither a Runge-Kutta grid nor an adaptive method (Adams, scipy)."""
-    if options is None:
-        return {}
-    if not isinstance(options, dict):
-        raise TypeError(f"{name} must be a dict, got {type(options).__name__}")
-    if valid is None:
-        valid = ADAPTIVE_OPTIONS if adaptive else FIXED_OPTIONS
-    valid = valid | extra
-    where = "" if name == "options" else f" in {name}"
-    for k in options:
-        if k not in valid:
-            kind = "adaptive" if adaptive else "fixed-grid"
-            raise ValueError(f"unknown option {k!r}{where} for the {kind} method {method!r}; valid options: "
-                             f"{', '.join(sorted(valid))}")
-    return dict(options)
-
-
-def time_dtype_of(options: dict) -> torch.dtype:
-    dt = options.get("dtype", torch.float64)
-    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-        raise TypeError(f"options['dtype'] (the dtype time is kept in) must be a floating torch.dtype, got {dt!r}")
-    return dt
-
-
-def check_times_option(options: dict, key: str, sign: float, time_dtype, device) -> torch.Tensor | None:
-    v = options.get(key)
-    if v is None:
-        return None
-    if isinstance(v, (list, tuple)):
-        v = torch.tensor(v, dtype=time_dtype)
-    if not isinstance(v, torch.Tensor):
-        raise TypeError(f"options['{key}'] must be a 1-D tensor or sequence of times, got {type(v).__name__}")
-    if v.dim() != 1:
-        raise ValueError(f"options['{key}'] must be 1-D, got shape {tuple(v.shape)}")
-    if not bool(torch.isfinite(v).all()):
-        raise ValueError(f"options['{key}'] contains NaN or inf")
-    v = (v.detach().to(device=device, dtype=time_dtype) * sign)
-    return torch.sort(v).values
 
 
 class FlatFunc:

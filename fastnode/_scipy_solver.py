@@ -48,7 +48,7 @@ def _tol(v, name: str, n: int):
 
 
 def check_scipy_options(options: dict) -> tuple[str, float, float]:
-    from ._problem import _num
+    from ._options import num as _num
 
     solver = options.get("solver", "LSODA")
     if not isinstance(solver, str) or solver not in _SCIPY_METHODS:

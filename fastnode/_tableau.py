@@ -58,7 +58,6 @@ class ButcherTableau:
     step_to_outputs: bool = False
     reuse_last_stage: bool = False
     # Derived in __post_init__ (FSAL form).
-    fsal_appended: bool = field(default=False, init=False)
     dense_order: int = field(default=0, init=False)
 
     def __post_init__(self):
@@ -79,7 +78,6 @@ class ButcherTableau:
             object.__setattr__(self, "b", tuple(b))
             return
         is_fsal = c[-1] == 1.0 and np.allclose(a[-1] + [0.0], b, rtol=0, atol=1e-15) and b[-1] == 0.0
-        appended = False
         dense = None if self.dense is None else [[_as_float(x) for x in row] for row in self.dense]
         if not is_fsal and self.reuse_last_stage and c[-1] != 1.0:
             raise ValueError(f"tableau {self.name!r}: reuse_last_stage needs a last stage at c=1")
@@ -90,12 +88,10 @@ class ButcherTableau:
             e.append(0.0)
             if dense is not None:
                 dense.append([0.0] * len(dense[0]))
-            appended = True
         object.__setattr__(self, "c", tuple(c))
         object.__setattr__(self, "a", tuple(tuple(r) for r in a))
         object.__setattr__(self, "b", tuple(b))
         object.__setattr__(self, "e", tuple(e))
-        object.__setattr__(self, "fsal_appended", appended)
         if dense is None:
             dense, dorder = _quartic_dense(np.array(c), _full_a(a), np.array(b))
         else:

@@ -29,7 +29,6 @@ from ._launch import INTERPRETED
 from .finish_control import finish_control, reference_finish_control, step_error
 from .interpolate import interpolate, reference_interpolate
 from .rk_combine import reference_rk_combine, rk_combine
-from .step_ops import TritonStepOps
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -55,7 +54,6 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 __all__ = [
     "INTERPRETED",
-    "TritonStepOps",
     "finish_control",
     "interpolate",
     "reference_finish_control",

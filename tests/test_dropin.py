@@ -672,8 +672,8 @@ def test_adjoint_event_time_gradient(method):
     assert t_ev.grad_fn is not None
     t_ev.backward()
     eps = 1e-5
-    fd_k = (float(solve(0.8 + eps, thr.detach(), y0.detach())[0]) -
-            float(solve(0.8 - eps, thr.detach(), y0.detach())[0])) / (2 * eps)
+    fd_k = (float(solve(0.8 + eps, thr.detach(), y0.detach())[0].detach()) -
+            float(solve(0.8 - eps, thr.detach(), y0.detach())[0].detach())) / (2 * eps)
     assert abs(float(f.k.grad) - fd_k) < 1e-6  # also = -t*/k in closed form
     assert abs(float(f.k.grad) + math.log(1 / 0.3) / 0.64) < 1e-6
     assert abs(float(thr.grad) + 1 / (0.8 * 0.3)) < 1e-7

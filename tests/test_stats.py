@@ -5,7 +5,7 @@ import torch
 
 import fastnode
 from fastnode import last_stats, odeint
-from fastnode._debug import count_host_transfers
+from fastnode.testing import count_host_transfers
 
 F64 = torch.float64
 

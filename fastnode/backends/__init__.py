@@ -1,8 +1,39 @@
 """StepOps backends: every piece of the solver's own arithmetic goes through one of these.
 
-- ``torch`` (``torch_ops``): the pure-PyTorch reference, any device, records autograd graphs.
+- ``torch`` (``torch_ops``): the pure-PyTorch reference of every op, any device, records autograd graphs.
 - ``ext`` (``ext_ops``): the compiled extension ``fastnode._C`` (CPU; its CUDA build adds the adjoint step ops).
-- ``triton`` (``fastnode.kernels``): Triton kernels for CUDA tensors (on CPU only under ``TRITON_INTERPRET=1``).
+- ``triton`` (``triton_ops`` on the op library ``fastnode.kernels``): Triton kernels for CUDA tensors (on CPU only
+  under ``TRITON_INTERPRET=1``).
+
+The interface is ``base.StepOps`` (one docstring per op). One name per op in every layer; where a compiled op does
+not cover a case, the fast backend runs the reference for that call (the "falls back" column):
+
+===================  =========================  ==========================  ===========================================
+StepOps method       ``fastnode::`` (C++)       ``fastnode_triton::``       ABI differences; falls back when
+===================  =========================  ==========================  ===========================================
+``rk_combine``       ``rk_combine``             ``rk_combine``              C++: ``K`` a list, ``w`` Python floats;
+                                                                            Triton: ``K`` an ``[S, G, N]`` buffer, the
+                                                                            nonzero ``w`` and their stage ``idx`` as
+                                                                            device tensors
+``step_error``       (none: reference)          ``step_error``              Triton: tableau as ``(be_w, be_idx, b_mask,
+                                                                            e_mask, last_pos)``, tolerances in a
+                                                                            ``consts`` tensor
+``finish_control``   ``finish_control``         ``finish_control``          C++: ``b``, ``e``, ``segments``, ``ctrl``
+                                                                            as lists; Triton: as device tensors
+                                                                            (``ctrl`` = ``ControllerConfig.as_floats()``
+                                                                            in both). Falls back: a user or custom
+                                                                            adjoint norm, float32 time
+``interpolate``      ``interpolate``            ``interpolate``             C++: ``dense`` flat floats and ``P``;
+                                                                            Triton: nonzero rows and their ``idx``
+``step_begin``       ``step_begin``             ``step_begin``              Triton takes ``c`` as a tensor and
+                                                                            ``negate`` for ``sign``, no ``squeeze``.
+                                                                            Falls back: ``stops``, ``end_perturb``,
+                                                                            ``time_grad``
+``step_end``         ``step_end``               ``step_end``                Triton takes ``codes`` as a tensor.
+                                                                            Falls back: ``jump_t``, ``stop`` (events)
+``adjoint_weights``  ``adjoint_weights``        (none: reference)           C++: ``b`` as a list
+``controller``       (inside finish_control)    (inside finish_control)     reference only (the unfused finish)
+===================  =========================  ==========================  ===========================================
 
 ``backend="auto"`` picks triton for CUDA tensors when triton is importable and the extension for CPU tensors
 when it is built; otherwise torch. Fast backends compute no gradients by backpropagation through the solver
@@ -17,7 +48,8 @@ import os
 
 import torch
 
-from .torch_ops import StepOps, TorchStepOps
+from .base import StepOps
+from .torch_ops import TorchStepOps
 
 BACKEND_NAMES = ("auto", "torch", "ext", "triton")
 
@@ -45,7 +77,9 @@ def _triton_ops(device: torch.device, forced: bool) -> StepOps | None:
         from .. import kernels
     except ImportError as exc:  # triton itself missing or broken
         return _chosen("triton", device, f"triton could not be imported ({exc})", None, forced)
-    return _chosen("triton", device, kernels.unavailable_reason(device), kernels.TritonStepOps, forced)
+    from .triton_ops import TritonStepOps
+
+    return _chosen("triton", device, kernels.unavailable_reason(device), TritonStepOps, forced)
 
 
 def get_backend(name: str, device: torch.device) -> StepOps:

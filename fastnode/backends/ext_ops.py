@@ -23,7 +23,9 @@ import warnings
 
 import torch
 
-from .torch_ops import ControllerConfig, RMSNorm, TorchStepOps
+from .._options import RMSNorm
+from .base import StepEnd, StepPlan, StepResult
+from .torch_ops import TorchStepOps
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -101,12 +103,6 @@ if _LOAD_ERROR is None:
         return h.new_empty((len(b), h.shape[0]))
 
 
-def ctrl_values(cfg: ControllerConfig) -> list[float]:
-    """The controller settings in the order the ``finish_control`` op takes them."""
-    return [float(cfg.order), cfg.safety, cfg.ifactor, cfg.dfactor, cfg.min_step, cfg.max_step,
-            1.0 if cfg.kind == "pi" else 0.0, cfg.pi_alpha, cfg.pi_beta]
-
-
 def tol_args(tol, y: torch.Tensor):
     """A tolerance as the ops take it: ``(None, value)`` for a number, ``(tensor [R, N], 0.0)`` otherwise."""
     if isinstance(tol, torch.Tensor):
@@ -128,15 +124,10 @@ class ExtStepOps(TorchStepOps):
     def _fits(y: torch.Tensor) -> bool:
         return y.dtype in _FLOATS and y.dim() == 2
 
-    def stage_input(self, tableau, i, y, K, h):
+    def rk_combine(self, y, K, h, weights):
         if not self._fits(y):
-            return super().stage_input(tableau, i, y, K, h)
-        return self._ops.rk_combine(y, K[:i], h, list(tableau.a[i][:i]))
-
-    def solution(self, tableau, y, K, h):
-        if not self._fits(y):
-            return super().solution(tableau, y, K, h)
-        return self._ops.rk_combine(y, K, h, list(tableau.b))
+            return super().rk_combine(y, K, h, weights)
+        return self._ops.rk_combine(y, K[: len(weights)], h, weights)
 
     def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                        ratio_floor=None, adjust=None):
@@ -144,33 +135,39 @@ class ExtStepOps(TorchStepOps):
                 or tableau.e is None or len(K) != tableau.num_stages):
             return super().finish_control(tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                                           ratio_floor=ratio_floor, adjust=adjust)
-        rt, rs = tol_args(rtol, y)
-        at, as_ = tol_args(atol, y)
+        rt, rs = (None, float(rtol)) if not isinstance(rtol, torch.Tensor) else tol_args(rtol, y)
+        at, as_ = (None, float(atol)) if not isinstance(atol, torch.Tensor) else tol_args(atol, y)
         floor = None if ratio_floor is None else ratio_floor.to(torch.float64).reshape(-1).expand(y.shape[0])
-        return self._ops.finish_control(y, K, h, list(tableau.b), list(tableau.e), rt, rs, at, as_,
-                                        norm.bounds(y.shape[1]), h_ctl, prev_ratio, running, floor,
-                                        ctrl_values(cfg))
+        return StepResult(*self._ops.finish_control(y, K, h, tableau.b, tableau.e, rt, rs, at, as_,
+                                                    norm.bounds(y.shape[1]), h_ctl, prev_ratio, running, floor,
+                                                    cfg.as_floats()))
 
     def interpolate(self, tableau, y, K, h, theta):
-        if not self._fits(y) or y.device.type != "cpu":
+        if not self._fits(y) or not y.is_cpu:
             return super().interpolate(tableau, y, K, h, theta)
         dense = _dense_flat(tableau)
         P = len(tableau.dense[0])
         return self._ops.interpolate(y, list(K), h, theta.to(y.dtype).expand(y.shape[0]).contiguous(), dense, P)
 
-    def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze):
-        if t.device.type != "cpu" or t.dtype != torch.float64 or state_dtype not in _FLOATS:
-            return super().step_begin(t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze)
-        return self._ops.step_begin(t, h, running, t_out, t_end, to_outputs, list(c), float(sign), state_dtype,
-                                    squeeze)
+    def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze, *, stops=None,
+                   end_perturb=0, time_grad=False):
+        # NOTE: t.is_cpu, not t.device.type: building a torch.device costs about as much as the rest of this check.
+        if (stops is not None or end_perturb or time_grad or not t.is_cpu or t.dtype != torch.float64
+                or state_dtype not in _FLOATS):
+            return super().step_begin(t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze,
+                                      stops=stops, end_perturb=end_perturb, time_grad=time_grad)
+        h_ctl, clipped, t_new, hs, ts, te = self._ops.step_begin(t, h, running, t_out, t_end, to_outputs, c,
+                                                                  float(sign), state_dtype, squeeze)
+        return StepPlan(h_ctl, h_ctl, clipped, t_new, hs, ts, te)
 
     def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
-                 new_ok, next_idx, t_out, max_num_steps, codes):
-        if t.device.type != "cpu" or t.dtype != torch.float64:
+                 new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None):
+        if jump_t is not None or stop is not None or not t.is_cpu or t.dtype != torch.float64:
             return super().step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
-                                    last_nonfinite, new_ok, next_idx, t_out, max_num_steps, codes)
-        return self._ops.step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
-                                  last_nonfinite, new_ok, next_idx, t_out, int(max_num_steps), list(codes))
+                                    last_nonfinite, new_ok, next_idx, t_out, max_num_steps, codes, jump_t=jump_t,
+                                    stop=stop)
+        return StepEnd(*self._ops.step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
+                                           last_nonfinite, new_ok, next_idx, t_out, int(max_num_steps), codes))
 
     def adjoint_weights(self, h: torch.Tensor, accept: torch.Tensor, b) -> torch.Tensor:
         """[S, G]: ``h_g * b_j`` where group g's step was accepted, else 0."""
@@ -189,4 +186,4 @@ def _dense_flat(tableau) -> list[float]:
     return hit[1]
 
 
-__all__ = ["ExtStepOps", "available", "ctrl_values", "tol_args", "unavailable_reason"]
+__all__ = ["ExtStepOps", "available", "tol_args", "unavailable_reason"]

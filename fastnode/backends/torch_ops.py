@@ -10,205 +10,14 @@ the choice of step size.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from .._options import ControllerConfig, RMSNorm, rms_norm  # noqa: F401  (the reference's norm and controller)
 from .._tableau import ButcherTableau
-
-
-@dataclass(frozen=True)
-class ControllerConfig:
-    """Step-size controller settings (torchdiffeq's I-controller by default)."""
-
-    order: int
-    safety: float = 0.9
-    ifactor: float = 10.0
-    dfactor: float = 0.2
-    min_step: float = 0.0
-    max_step: float = float("inf")
-    kind: str = "i"  # "i" or "pi"
-    pi_alpha: float = 0.7  # PI exponents, divided by the order
-    pi_beta: float = 0.4
-
-
-def rms_norm(x: torch.Tensor, segments: list[tuple[int, int]] | None = None) -> torch.Tensor:
-    """Per-row RMS of ``x: [G, N]``; with ``segments`` the max over segments of each segment's RMS. Returns [G]."""
-    if segments is None or len(segments) == 1:
-        return x.square().mean(dim=1).sqrt()
-    parts = [x[:, s:e].square().mean(dim=1).sqrt() for s, e in segments if e > s]
-    return torch.stack(parts, dim=0).amax(dim=0)
-
-
-class RMSNorm:
-    """The solver's built-in error norm as data, so a fast backend can fuse it into the step's finish.
-
-    ``RMSNorm(segments)(x)`` is ``rms_norm(x, segments)``: per row of ``x: [G, N]``, the max over the column
-    segments ``[(start, end), ...]`` of each segment's RMS (``None``: one segment, the whole row). A user's norm
-    stays a plain callable; backends then compute the scaled error fused and call it.
-    """
-
-    __slots__ = ("segments",)
-
-    def __init__(self, segments: list[tuple[int, int]] | None = None):
-        self.segments = None if segments is None or len(segments) <= 1 else [(int(s), int(e)) for s, e in segments]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.segments)
-
-    def bounds(self, n: int) -> list[int]:
-        """Flat ``[s0, e0, s1, e1, ...]`` of the non-empty segments of a row of ``n`` columns."""
-        segs = self.segments or [(0, n)]
-        return [v for s, e in segs if e > s for v in (s, e)]
-
-    def __repr__(self) -> str:
-        return f"RMSNorm({self.segments})"
-
-
-class StepOps:
-    """Interface of a backend. ``K`` is the stage store returned by ``new_stages``/``set_stage``."""
-
-    name = "abstract"
-    supports_autograd = False  # whether gradients flow through the ops (backpropagation through the solver)
-    forced = False  # chosen explicitly by options['backend'] (not by "auto")
-
-    def new_stages(self, tableau: ButcherTableau, y: torch.Tensor):
-        raise NotImplementedError
-
-    def set_stage(self, K, i: int, k: torch.Tensor):
-        raise NotImplementedError
-
-    def stage(self, K, i: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def stage_input(self, tableau: ButcherTableau, i: int, y, K, h) -> torch.Tensor:
-        """``y + h * sum_{j<i} a_ij k_j``: ``y: [G, N]``, ``h: [G]`` (state dtype) -> [G, N]."""
-        raise NotImplementedError
-
-    def solution(self, tableau: ButcherTableau, y, K, h) -> torch.Tensor:
-        """``y + h * sum_j b_j k_j`` -> [G, N]."""
-        raise NotImplementedError
-
-    def step_finish(self, tableau, y, K, h, rtol, atol, norm: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-        """New solution [G, N] and error ratio [G] = norm(h * sum e_j k_j / (atol + rtol * max(|y|, |y_new|)))."""
-        raise NotImplementedError
-
-    def controller(self, cfg: ControllerConfig, h, ratio, prev_ratio, running):
-        """Accept mask [G], next step [G], controller memory [G]; ``ratio`` non-finite means reject."""
-        raise NotImplementedError
-
-    def interpolate(self, tableau: ButcherTableau, y, K, h, theta) -> torch.Tensor:
-        """Dense output at ``t0 + theta * h``: ``theta: [G]`` -> [G, N]."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def step_begin(self, t, h, running, t_out, t_end, to_outputs: bool, c, sign: float, state_dtype, squeeze: bool):
-        """A step's set-up for every group (no time gradients, no step_t/jump_t stops).
-
-        Args:
-            t, h: [G] time and proposed step (time dtype); ``running``: [G] bool.
-            t_out: [G, T] increasing output times; ``t_end``: [G]; ``to_outputs``: steps land on every output time
-                (else only on ``t_end``).
-            c: the tableau's stage times; ``sign``: +1/-1, user time = sign * integration time.
-            squeeze: shared mode (G = 1): stage times come back as func sees them there, ``[S]`` and 0-d.
-        Returns:
-            ``(h_ctl [G], clipped [G], t_new [G], h_state [G] (state dtype), t_stage [S, G] or [S],
-            t_end_stage [G] or 0-d)``: the step clipped to the next stop (0 where not running), whether it
-            was clipped, the time it reaches, and every stage's time as func sees it.
-        """
-        limit = t_end
-        if to_outputs:
-            nxt = torch.searchsorted(t_out, t.unsqueeze(1), right=True).clamp_max_(t_out.shape[1] - 1)
-            limit = t_out.gather(1, nxt).squeeze(1)
-        room = limit - t
-        clipped = running & (h >= room)
-        h_ctl = torch.where(clipped, room, h).mul_(running)
-        t_new = torch.where(clipped, limit, t + h_ctl)
-        c_col = _const(tuple(c), t.dtype, t.device).unsqueeze(1)
-        ts = torch.addcmul(t, c_col, h_ctl).to(state_dtype)
-        te = t_new.to(state_dtype)
-        if sign < 0:
-            ts, te = -ts, -te
-        if squeeze:
-            ts, te = ts.squeeze(-1), te.squeeze(-1)
-        return h_ctl, clipped, t_new, h_ctl.to(state_dtype), ts, te
-
-    @torch.no_grad()
-    def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
-                 new_ok, next_idx, t_out, max_num_steps: int, codes):
-        """A step's bookkeeping for every group, after the controller decided.
-
-        Args:
-            accept, h_next: [G] the controller's decision and proposal; ``h``: [G] the step proposed before it.
-            clipped, running: [G] bool; ``t``, ``t_new``, ``t_end``: [G] times; ``n_att``, ``n_acc``: [G] int64
-                attempt/accept counters; ``status``: [G] int8; ``last_nonfinite``, ``new_ok``: [G] bool;
-                ``next_idx``: [G] int64 index of the next output time; ``t_out``: [G, T].
-            codes: the status codes ``(non_finite, step_underflow, time_overflow, max_steps)``.
-        Returns:
-            ``(h [G], t [G], n_att, n_acc, status, last_nonfinite, stuck [G], crossed [G] int64,
-            running_next [G], packet [3] int64)``; ``packet`` = (any running next, any stuck, max crossed),
-            the loop's one host transfer.
-        """
-        # A step shortened to land on a stop is no evidence for a smaller step: keep the proposal.
-        h_next = torch.where(clipped & accept, torch.maximum(h_next, h), h_next)
-        n_att = n_att + running
-        n_acc = n_acc + accept
-        t_fut = torch.where(accept, t_new, t)
-        # Failures: a rejected step that can no longer move t (underflow: non-finite if the rejections came from
-        # NaN/inf, else a genuine underflow), a step grown to inf (events with no end time), the step budget spent
-        # with time left.
-        t_try = t_fut + h_next
-        no_move = ~accept & (t_try <= t_fut)
-        inf_try = torch.isinf(t_try)
-        stuck = running & (no_move | inf_try | ((n_att >= max_num_steps) & (t_fut < t_end)))
-        last_nonfinite = torch.where(running, ~new_ok, last_nonfinite)
-        nf, uf, to, ms = _const(tuple(codes), torch.int8, t.device).unbind()
-        fail = torch.where(no_move, torch.where(last_nonfinite, nf, uf), torch.where(inf_try, to, ms))
-        status = torch.where(stuck, fail, status)
-        n_le = torch.searchsorted(t_out, t_new.unsqueeze(1), right=True).squeeze(1)
-        crossed = torch.where(accept, n_le - next_idx, 0)
-        running_next = running & (t_fut < t_end) & ~stuck
-        h_keep = torch.where(running, h_next, h)  # a finished group keeps its last proposal (seeds the adjoint)
-        packet = torch.stack([running_next.any().to(torch.int64), stuck.any().to(torch.int64), crossed.max()])
-        return h_keep, t_fut, n_att, n_acc, status, last_nonfinite, stuck, crossed, running_next, packet
-
-    @torch.no_grad()
-    def adjoint_weights(self, h: torch.Tensor, accept: torch.Tensor, b) -> torch.Tensor:
-        """The adjoint's per-sample quadrature weights [S, G]: ``h_g * b_j`` where group g's step was accepted,
-        else 0 (folded into the cotangent of the parameter adjoint's vector-Jacobian product)."""
-        hb = torch.where(accept, h, 0.0)
-        return hb.unsqueeze(0) * _const(tuple(float(v) for v in b), h.dtype, h.device).unsqueeze(1)
-
-    def finish_control(self, tableau, y, K, h, rtol, atol, norm: Callable, cfg: ControllerConfig, h_ctl,
-                       prev_ratio, running, ratio_floor=None, adjust: Callable | None = None):
-        """A step's whole finish: solution, error ratio, finiteness, accept/reject and the next step size.
-
-        Args:
-            y: [G, N] state at the step's start; ``K`` the stage store; ``h``: [G] step (state dtype).
-            h_ctl: [G] the same step in the time dtype (0 for groups not running), what the controller scales.
-            prev_ratio: [G] controller memory (PI); ``running``: [G] bool.
-            ratio_floor: optional [G] lower bound of the error ratio (the adjoint's parameter-error term).
-            adjust: optional callable replacing the ratio (a custom adjoint norm); forces the unfused path.
-        Returns:
-            ``(y_new [G, N], ratio [G] (time dtype, inf where not finite), ok [G], accept [G], h_next [G],
-            prev_ratio [G])``; ``ok`` is False where the new state or the last stage is non-finite.
-
-        This composition is the reference; fast backends fuse it into one pass with no host sync.
-        """
-        y_new, ratio = self.step_finish(tableau, y, K, h, rtol, atol, norm)
-        with torch.no_grad():
-            # One pass flags a non-finite new state or derivative (the sum is non-finite iff either is,
-            # barring overflow of the sum itself, which is as good as non-finite here).
-            ok = torch.isfinite(y_new + self.stage(K, tableau.num_stages - 1)).all(dim=1)
-            if adjust is not None:
-                ratio = adjust(ratio)
-            if ratio_floor is not None:
-                ratio = torch.maximum(ratio, ratio_floor.to(ratio.dtype))
-            ratio = torch.where(ok, ratio.to(h_ctl.dtype), math.inf)
-            accept, h_next, prev_ratio = self.controller(cfg, h_ctl, ratio, prev_ratio, running)
-        return y_new, ratio, ok, accept, h_next, prev_ratio
+from .base import StepEnd, StepOps, StepPlan, StepResult
 
 
 def _lincomb(K: list, weights) -> torch.Tensor | None:
@@ -229,7 +38,7 @@ def _combine(y: torch.Tensor, K: list, h: torch.Tensor, weights) -> torch.Tensor
 
 
 class TorchStepOps(StepOps):
-    """Pure-PyTorch reference implementation of every StepOps operation."""
+    """Pure-PyTorch reference implementation of every StepOps operation (docstrings: ``base.StepOps``)."""
 
     name = "torch"
     supports_autograd = True
@@ -247,19 +56,16 @@ class TorchStepOps(StepOps):
     def stage(self, K, i):
         return K[i]
 
-    def stage_input(self, tableau, i, y, K, h):
-        return _combine(y, K[:i], h, tableau.a[i])
+    def rk_combine(self, y, K, h, weights):
+        return _combine(y, K[: len(weights)], h, weights)
 
-    def solution(self, tableau, y, K, h):
-        return _combine(y, K, h, tableau.b)
-
-    def step_finish(self, tableau, y, K, h, rtol, atol, norm):
+    def step_error(self, tableau, y, K, h, rtol, atol):
         y_new = _combine(y, K, h, tableau.b)
         with torch.no_grad():
             err = _lincomb(K, tableau.e).mul_(h.unsqueeze(1))
             scale = torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
-            ratio = norm(err.div_(scale))
-        return y_new, ratio
+            x = err.div_(scale)
+        return y_new, x
 
     @torch.no_grad()
     def controller(self, cfg, h, ratio, prev_ratio, running):
@@ -301,6 +107,99 @@ class TorchStepOps(StepOps):
             term = w[:, j : j + 1] * k
             acc = term if acc is None else acc + term
         return torch.addcmul(y, h.unsqueeze(1), acc)
+
+    def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
+                       ratio_floor=None, adjust=None):
+        # The composition of solution/error, norm and controller that fast backends fuse into one pass.
+        y_new, x = self.step_error(tableau, y, K, h, rtol, atol)
+        with torch.no_grad():
+            ratio = norm(x)
+            # One pass flags a non-finite new state or derivative (the sum is non-finite iff either is,
+            # barring overflow of the sum itself, which is as good as non-finite here).
+            ok = torch.isfinite(y_new + self.stage(K, tableau.num_stages - 1)).all(dim=1)
+            if adjust is not None:
+                ratio = adjust(ratio)
+            if ratio_floor is not None:
+                ratio = torch.maximum(ratio, ratio_floor.to(ratio.dtype))
+            ratio = torch.where(ok, ratio.to(h_ctl.dtype), math.inf)
+            accept, h_next, prev_ratio = self.controller(cfg, h_ctl, ratio, prev_ratio, running)
+        return StepResult(y_new, ratio, ok, accept, h_next, prev_ratio)
+
+    def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze, *, stops=None,
+                   end_perturb=0, time_grad=False):
+        with torch.no_grad():
+            t_d = t.detach() if time_grad else t
+            limit = t_end
+            if to_outputs:
+                nxt = torch.searchsorted(t_out, t_d.unsqueeze(1), right=True).clamp_max_(t_out.shape[1] - 1)
+                with torch.enable_grad() if time_grad else contextlib.nullcontext():
+                    limit = t_out.gather(1, nxt).squeeze(1)  # keeps the output times' graph when they need it
+            if stops is not None:
+                limit = torch.minimum(limit, stops[torch.searchsorted(stops, t_d, right=True)])
+            room = limit - t_d
+            clipped = running & (h >= room)
+            h_ctl = torch.where(clipped, room, h).mul_(running)
+            if not time_grad:
+                h_eff = h_ctl
+                t_new = torch.where(clipped, limit, t_d + h_ctl)
+        if time_grad:
+            # Differentiable in the times (through `limit - t`) but not in the controller's choice of h.
+            h_eff = torch.where(clipped, limit - t, h_ctl)
+            t_new = torch.where(clipped, limit, t + h_eff)
+        c_col = _const(tuple(c), t.dtype, t.device).unsqueeze(1)
+        ts = torch.addcmul(t, c_col, h_eff).to(state_dtype)
+        te = t_new.to(state_dtype)
+        if sign < 0:
+            ts, te = -ts, -te
+        if end_perturb:
+            # The stages at the step's end see the left limit there: a step landing on a discontinuity never mixes
+            # in the right-hand value (the next representable time towards the step's start, in func's dtype).
+            te = torch.nextafter(te, torch.full_like(te, end_perturb * sign * math.inf))
+        if squeeze:
+            ts, te = ts.squeeze(-1), te.squeeze(-1)
+        return StepPlan(h_ctl, h_eff, clipped, t_new, h_eff.to(state_dtype), ts, te)
+
+    def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
+                 new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None):
+        graph = t.requires_grad or t_new.requires_grad
+        with torch.no_grad():
+            t_d, t_new_d = (t.detach(), t_new.detach()) if graph else (t, t_new)
+            # A step shortened to land on a stop is no evidence for a smaller step: keep the proposal.
+            h_next = torch.where(clipped & accept, torch.maximum(h_next, h), h_next)
+            n_att = n_att + running
+            n_acc = n_acc + accept
+            t_fut = torch.where(accept, t_new_d, t_d)
+            # Failures: a rejected step that can no longer move t (underflow: non-finite if the rejections came
+            # from NaN/inf, else a genuine underflow), a step grown to inf (events with no end time), the step
+            # budget spent with time left.
+            t_try = t_fut + h_next
+            no_move = ~accept & (t_try <= t_fut)
+            inf_try = torch.isinf(t_try)
+            stuck = running & (no_move | inf_try | ((n_att >= max_num_steps) & (t_fut < t_end)))
+            last_nonfinite = torch.where(running, ~new_ok, last_nonfinite)
+            nf, uf, to, ms = _const(tuple(codes), torch.int8, t.device).unbind()
+            fail = torch.where(no_move, torch.where(last_nonfinite, nf, uf), torch.where(inf_try, to, ms))
+            status = torch.where(stuck, fail, status)
+            n_le = torch.searchsorted(t_out, t_new_d.unsqueeze(1), right=True).squeeze(1)
+            crossed = torch.where(accept, n_le - next_idx, 0)
+            running_next = running & (t_fut < t_end) & ~stuck
+            if stop is not None:
+                running_next &= ~stop
+            jumped = None
+            if jump_t is not None:
+                j_idx = torch.searchsorted(jump_t, t_new_d).clamp_max(jump_t.numel() - 1)
+                jumped = accept & clipped & (jump_t[j_idx] == t_new_d)
+            h_keep = torch.where(running, h_next, h)  # a finished group keeps its last proposal (seeds the adjoint)
+            packet = torch.stack([running_next.any().to(torch.int64), stuck.any().to(torch.int64), crossed.max()])
+        if graph and torch.is_grad_enabled():
+            t_fut = torch.where(accept, t_new, t)  # the same times, with the output times' graph
+        return StepEnd(h_keep, t_fut, n_att, n_acc, status, last_nonfinite, stuck, crossed, running_next, packet,
+                       jumped)
+
+    @torch.no_grad()
+    def adjoint_weights(self, h, accept, b):
+        hb = torch.where(accept, h, 0.0)
+        return hb.unsqueeze(0) * _const(tuple(float(v) for v in b), h.dtype, h.device).unsqueeze(1)
 
 
 _DENSE_CACHE: dict = {}

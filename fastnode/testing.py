@@ -1,4 +1,4 @@
-"""Debugging aids shared by the tests and the benchmarks."""
+"""Test utilities shared by the tests and the benchmarks (not part of the solver)."""
 
 from __future__ import annotations
 

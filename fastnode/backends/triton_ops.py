@@ -20,14 +20,14 @@ import contextlib
 
 import torch
 
-from fastnode.backends.ext_ops import ctrl_values
-from fastnode.backends.torch_ops import RMSNorm, TorchStepOps
-
-from . import finish_control as _fc  # noqa: F401  (importing the modules registers the fastnode_triton:: ops)
-from . import interpolate as _ip  # noqa: F401
-from . import rk_combine as _rk  # noqa: F401
-from . import step_bookkeeping as _sb  # noqa: F401
-from ._launch import FLOAT_DTYPES, device_constants, tableau_constants
+from .._options import RMSNorm
+from ..kernels import finish_control as _fc  # noqa: F401  (importing the modules registers the fastnode_triton:: ops)
+from ..kernels import interpolate as _ip  # noqa: F401
+from ..kernels import rk_combine as _rk  # noqa: F401
+from ..kernels import step_bookkeeping as _sb  # noqa: F401
+from ..kernels._launch import FLOAT_DTYPES, device_constants, tableau_constants
+from .base import StepEnd, StepPlan, StepResult
+from .torch_ops import TorchStepOps
 
 
 def _tol(tol, y: torch.Tensor):
@@ -52,6 +52,23 @@ def _on(device: torch.device):
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+_WEIGHTS: dict = {}
+
+
+def _weights(weights, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w [M] float64, idx [M] int32)`` on ``device``: the nonzero entries of a tableau row and their stages.
+
+    Cached per row object (a tableau's rows are tuples that live as long as the tableau)."""
+    key = (id(weights), device)
+    hit = _WEIGHTS.get(key)
+    if hit is None or hit[0] is not weights:
+        nz = [(j, float(w)) for j, w in enumerate(weights) if w != 0.0]
+        w = torch.tensor([v for _, v in nz], dtype=torch.float64, device=device)
+        idx = torch.tensor([j for j, _ in nz], dtype=torch.int32, device=device)
+        hit = _WEIGHTS[key] = (weights, w, idx)
+    return hit[1], hit[2]
 
 
 def _rows(x: torch.Tensor, G: int, dtype: torch.dtype) -> torch.Tensor:
@@ -108,24 +125,20 @@ class TritonStepOps(TorchStepOps):
         K[i].copy_(k)
         return K
 
-    def stage_input(self, tableau, i, y, K, h):
+    def rk_combine(self, y, K, h, weights):
         if not self._fits(y, K):
-            return super().stage_input(tableau, i, y, K, h)
-        w, idx = tableau_constants(tableau, y.device).weights(("a", i))
+            return super().rk_combine(y, K, h, weights)
+        w, idx = _weights(weights, y.device)
         with _on(y.device):
             return self._ops.rk_combine(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), w, idx)
 
-    def solution(self, tableau, y, K, h):
-        if not self._fits(y, K):
-            return super().solution(tableau, y, K, h)
-        w, idx = tableau_constants(tableau, y.device).weights("b")
-        with _on(y.device):
-            return self._ops.rk_combine(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), w, idx)
-
-    def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze):
-        if (t.dtype != torch.float64 or t.dim() != 1 or t_out.dtype != torch.float64 or t_out.dim() != 2
-                or t_out.shape[0] != t.shape[0] or state_dtype not in FLOAT_DTYPES or t.numel() == 0):
-            return super().step_begin(t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze)
+    def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze, *, stops=None,
+                   end_perturb=0, time_grad=False):
+        if (stops is not None or end_perturb or time_grad or t.dtype != torch.float64 or t.dim() != 1
+                or t_out.dtype != torch.float64 or t_out.dim() != 2 or t_out.shape[0] != t.shape[0]
+                or state_dtype not in FLOAT_DTYPES or t.numel() == 0):
+            return super().step_begin(t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze,
+                                      stops=stops, end_perturb=end_perturb, time_grad=time_grad)
         G, dev, f64 = t.shape[0], t.device, torch.float64
         cc = device_constants(tuple(float(v) for v in c), f64, dev)
         with _on(dev), torch.no_grad():
@@ -134,41 +147,39 @@ class TritonStepOps(TorchStepOps):
                 _rows(t_end, G, f64), bool(to_outputs), cc, sign < 0, state_dtype)
         if squeeze:
             ts, te = ts.squeeze(-1), te.squeeze(-1)
-        return h_ctl, clipped, t_new, hs, ts, te
+        return StepPlan(h_ctl, h_ctl, clipped, t_new, hs, ts, te)
 
     def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
-                 new_ok, next_idx, t_out, max_num_steps, codes):
-        if (t.dtype != torch.float64 or t.dim() != 1 or t_out.dtype != torch.float64 or t_out.dim() != 2
-                or t_out.shape[0] != t.shape[0] or t.numel() == 0):
+                 new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None):
+        if (jump_t is not None or stop is not None or t.dtype != torch.float64 or t.dim() != 1
+                or t_out.dtype != torch.float64 or t_out.dim() != 2 or t_out.shape[0] != t.shape[0] or t.numel() == 0):
             return super().step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
-                                    last_nonfinite, new_ok, next_idx, t_out, max_num_steps, codes)
+                                    last_nonfinite, new_ok, next_idx, t_out, max_num_steps, codes, jump_t=jump_t,
+                                    stop=stop)
         G, dev, f64 = t.shape[0], t.device, torch.float64
         cd = device_constants(tuple(int(v) for v in codes), torch.int8, dev)
         b, i64 = torch.bool, torch.int64
         with _on(dev), torch.no_grad():
-            return self._ops.step_end(
+            return StepEnd(*self._ops.step_end(
                 _rows(accept, G, b), _rows(h_next, G, f64), _rows(h, G, f64), _rows(clipped, G, b),
                 _rows(running, G, b), _rows(t, G, f64), _rows(t_new, G, f64), _rows(t_end, G, f64),
                 _rows(n_att, G, i64), _rows(n_acc, G, i64), _rows(status, G, torch.int8),
                 _rows(last_nonfinite, G, b), _rows(new_ok, G, b), _rows(next_idx, G, i64), t_out.contiguous(),
-                int(max_num_steps), cd)
+                int(max_num_steps), cd))
 
-    def step_finish(self, tableau, y, K, h, rtol, atol, norm):
-        # Reached through StepOps.finish_control's composition when the norm is a user's (or the adjoint's custom
-        # norm): solution and scaled error in one pass, then the user's norm on the scaled error.
+    def step_error(self, tableau, y, K, h, rtol, atol):
+        # Reached through finish_control's composition when the norm is a user's (or the adjoint's custom norm):
+        # solution and scaled error in one pass; the norm then runs on torch.
         rt = at = False
         if self._fits(y, K) and tableau.e is not None and K.shape[0] == tableau.num_stages:
             rt, at = self._tol(rtol, y), self._tol(atol, y)
         if rt is False or at is False:
-            return super().step_finish(tableau, y, K, h, rtol, atol, norm)
+            return super().step_error(tableau, y, K, h, rtol, atol)
         tc = tableau_constants(tableau, y.device)
         consts = device_constants((rt[1], at[1]) + (0.0,) * 9, torch.float64, y.device)
         with _on(y.device):
-            y_new, x = self._ops.step_error(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), *tc.finish(), rt[0],
-                                            at[0], consts)
-        with torch.no_grad():
-            ratio = norm(x)
-        return y_new, ratio
+            return self._ops.step_error(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), *tc.finish(), rt[0],
+                                        at[0], consts)
 
     def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                        ratio_floor=None, adjust=None):
@@ -182,13 +193,14 @@ class TritonStepOps(TorchStepOps):
         G, N = y.shape
         dev = y.device
         tc = tableau_constants(tableau, dev)
-        consts = device_constants((rt[1], at[1], *ctrl_values(cfg)), torch.float64, dev)
+        consts = device_constants((rt[1], at[1], *cfg.as_floats()), torch.float64, dev)
         segments = device_constants(tuple(norm.bounds(N)), torch.int64, dev)
         floor = None if ratio_floor is None else _rows(ratio_floor, G, torch.float64)  # 0-d in shared mode
         with _on(y.device):
-            return self._ops.finish_control(self._contiguous(y), K, _rows(h, G, y.dtype), *tc.finish(), rt[0],
-                                            at[0], consts, segments, _rows(h_ctl, G, torch.float64),
-                                            _rows(prev_ratio, G, torch.float64), _rows(running, G, torch.bool), floor)
+            return StepResult(*self._ops.finish_control(
+                self._contiguous(y), K, _rows(h, G, y.dtype), *tc.finish(), rt[0], at[0], consts, segments,
+                _rows(h_ctl, G, torch.float64), _rows(prev_ratio, G, torch.float64), _rows(running, G, torch.bool),
+                floor))
 
     def interpolate(self, tableau, y, K, h, theta):
         if isinstance(K, (list, tuple)) and len(K) == tableau.num_stages and all(isinstance(k, torch.Tensor) for k in K):
