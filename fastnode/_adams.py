@@ -57,6 +57,12 @@ def adams_coefficients(k: int, implicit: bool) -> tuple[float, ...]:
     Explicit (Adams-Bashforth, order ``k``): ``y_{n+1} = y_n + h sum_j beta_j f_{n-j}``, j = 0..k-1, with
     ``beta_j = int_0^1 l_j(u) du`` for the Lagrange basis ``l_j`` on the nodes ``u = -j``. Implicit
     (Adams-Moulton, order ``k``): nodes ``u = 1 - j``, so ``beta_0`` weighs ``f_{n+1}``.
+
+    Example:
+        >>> adams_coefficients(2, False)  # y_{n+1} = y_n + h (3/2 f_n - 1/2 f_{n-1})
+        (1.5, -0.5)
+        >>> adams_coefficients(2, True)  # the trapezoidal rule
+        (0.5, 0.5)
     """
     shift = 1 if implicit else 0
     nodes = [Fraction(shift - j) for j in range(k)]
