@@ -32,7 +32,8 @@ def _rk_stepper(p, perturb: bool):
         for i in range(1, len(tab.c)):
             at_end = tab.c[i] == 1.0
             ti = t1 if at_end else t0 + tab.c[i] * h
-            K = ops.set_stage(K, i, f(ti, ops.rk_combine(y, K, hy, tab.a[i]), perturb=-1 if (perturb and at_end) else 0))
+            yi = ops.rk_combine(y, K, hy, tab.a[i])
+            K = ops.set_stage(K, i, f(ti, yi, perturb=-1 if (perturb and at_end) else 0))
         return ops.rk_combine(y, K, hy, tab.b), k0
 
     return step

@@ -44,7 +44,8 @@ class StateSpec:
         """User-shaped tensor(s) -> [G, N]; ``what`` names the source in errors."""
         parts = value if self.is_tuple else (value,)
         if self.is_tuple and not isinstance(value, (tuple, list)):
-            raise TypeError(f"{what} must return a tuple of {len(self.shapes)} tensors (like y0), got {type(value).__name__}")
+            raise TypeError(f"{what} must return a tuple of {len(self.shapes)} tensors (like y0), "
+                            f"got {type(value).__name__}")
         if len(parts) != len(self.shapes):
             raise ValueError(f"{what} returned {len(parts)} tensors, expected {len(self.shapes)} (like y0)")
         flat = []
@@ -206,7 +207,7 @@ def check_tol(name: str, tol, spec: StateSpec) -> torch.Tensor | float:
     if all(isinstance(v, float) for v in vals) and len(set(vals)) == 1:
         return vals[0]
     cols = []
-    for i, (v, shape, n) in enumerate(zip(vals, spec.shapes, spec.sizes)):
+    for i, (v, n) in enumerate(zip(vals, spec.sizes)):
         if isinstance(v, float):
             cols.append(torch.full((spec.batch, n), v, dtype=spec.dtype, device=spec.device))
         else:
