@@ -201,7 +201,7 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
             s.next_out = s.next_out + end.crossed
         if packet.jumped:
             _restart_after_jump(f, s, end.jumped, hooks)
-    stats.n_host_syncs += packet.n
+    stats.n_host_syncs += packet.n + (f.callbacks.take_syncs() if f.callbacks is not None else 0)
     stats.n_iterations = iterations
     _finish(f, problem, grid, s, stats)
     if hooks is not None:
@@ -277,9 +277,12 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
     step_begin, finish_control, step_end = ops.step_begin, ops.finish_control, ops.step_end
     new_stages, set_stage, rk_combine, stage = ops.new_stages, ops.set_stage, ops.rk_combine, ops.stage
     last = tab.num_stages - 1
+    cb = f.callbacks  # torchdiffeq's step callbacks of func (fastnode/_callbacks.py), or None
 
     def step(s: LoopState):
         y = s.y
+        if cb is not None:
+            cb.step(s.t, y, torch.where(s.running, s.h, 0.0))
         plan = step_begin(s.t, s.h, s.running, t_out, t_end, to_outputs, c, sign, y.dtype, squeeze, stops=stops,
                           end_perturb=end_perturb, time_grad=time_grad)
         hy = plan.h_state
@@ -297,6 +300,8 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
             adjust = hooks.step_ratio if hooks.custom_norm is not None else None
         fin = finish_control(tab, y, K, hy, rtol, atol, norm, ctrl, plan.h_ctl, s.prev_ratio, s.running,
                              ratio_floor=floor, adjust=adjust)
+        if cb is not None:
+            cb.decided(s.t, y, plan.h_ctl, fin.accept, s.running)
         stop = None if events is None else events.after_step(s, plan, fin, K)  # event crossings end groups
         end = step_end(fin.accept, fin.h_next, s.h, plan.clipped, s.running, s.t, plan.t_new, t_end, s.n_attempted,
                        s.n_accepted, s.status, s.last_nonfinite, fin.ok, s.next_out, t_out, max_steps, _CODES,

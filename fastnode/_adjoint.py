@@ -38,6 +38,7 @@ The dynamics and the two quadratures are in ``fastnode._adjoint_dynamics``; the 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,8 +49,9 @@ from torch.autograd.function import once_differentiable
 from . import _stats as st
 from ._adaptive import AdaptiveProblem, solve_adaptive
 from ._adjoint_dynamics import AugmentedFunc, BackwardHooks, PerSampleQuadrature, SharedQuadrature
-from ._fixed import solve_fixed, step_size_grid
-from ._odeint import Problem, prepare, result_to_user, run_adaptive, run_fixed
+from ._callbacks import StepCallbacks, callbacks_of
+from ._fixed import check_grid, solve_fixed, step_size_grid
+from ._odeint import Problem, _reroute_event_gradient, prepare, result_to_user, run_adaptive, run_fixed
 from ._options import AdjointConfig, RMSNorm, make_norm, parse_adjoint_options
 from ._problem import StateSpec
 from .backends import get_backend
@@ -100,6 +102,10 @@ def _backward(plan: _Plan, out: torch.Tensor, grad_out: torch.Tensor, tau_fwd: t
     if T == 1:
         return grad_out[0], [torch.zeros_like(q) for q in plan.params], (
             torch.zeros(G, 1, dtype=out.dtype, device=out.device) if plan.t_requires_grad else None)
+    if getattr(plan.cfg.solver, "run", None) is not None:  # Adams, scipy: the augmented system, interval by interval
+        from ._adjoint_plain import backward_plain
+
+        return backward_plain(plan, out, grad_out, tau_fwd)
     bw = _backward_config(plan, out, grad_out, tau_fwd)
     z_end, grads_theta, f0 = _solve_backward(plan, bw)
     adj_y0 = z_end[:, N:]
@@ -145,7 +151,10 @@ def _dynamics(plan: _Plan, aug_spec: StateSpec, Y: torch.Tensor, Gc: torch.Tenso
         kwargs["theta_norm"] = "rms" if (cfg.norm == "default" and cfg.solver.adaptive) else None
         kwargs["theta_tol"] = theta_tol
     aug = AugmentedFunc(p.func, p.spec, aug_spec, -p.sign, plan.params, kind.vjp)
-    return aug, kind(aug, cfg.solver.tableau, Y, Gc, ops, plan.t_requires_grad, **kwargs)
+    hooks = kind(aug, cfg.solver.tableau, Y, Gc, ops, plan.t_requires_grad, **kwargs)
+    aug.callbacks = StepCallbacks.find(p.func, p.spec, -p.sign, callbacks_of(cfg.solver), cfg.method, adjoint=True,
+                                       aug_params=lambda: aug.layout.split(hooks.A) if hasattr(hooks, "A") else [])
+    return aug, hooks
 
 
 def _pair_norm(state_norm, N: int):
@@ -226,7 +235,9 @@ def _solve_backward_fixed(bw: _BackwardSolve, cfg: AdjointConfig, stats: st.Solv
     """The backward solve with a fixed-grid method: the ``step_size`` grid from ``t[-1]`` (or the output times)
     with every output time added as a grid point; cotangents are added there. Returns the final state."""
     tau_b = bw.tau_b
-    if cfg.step_size is not None:
+    if cfg.grid_constructor is not None:
+        grid = _backward_grid(bw, cfg.grid_constructor)
+    elif cfg.step_size is not None:
         grid = torch.cat([step_size_grid(tau_b, cfg.step_size), tau_b]).unique(sorted=True)
     else:
         grid = tau_b
@@ -236,6 +247,21 @@ def _solve_backward_fixed(bw: _BackwardSolve, cfg: AdjointConfig, stats: st.Solv
         raise st.SolverError("non-finite values (NaN/inf) in the fixed-grid backward solve; use a smaller "
                              "step_size or an adaptive adjoint_method", samples=[0])
     return z
+
+
+def _backward_grid(bw: _BackwardSolve, gc: Callable) -> torch.Tensor:
+    """The backward grid from ``adjoint_options['grid_constructor']``, called once per output interval as
+    torchdiffeq does: ``gc(func, y_i, t_pair)`` with ``y_i`` the forward state at ``t_i`` and ``t_pair`` the user
+    times ``[t_i, t_{i-1}]``; the grids are joined (each must start at ``t_i`` and end at ``t_{i-1}``)."""
+    aug, spec, tau_b = bw.aug, bw.aug.state_spec, bw.tau_b
+    parts = []
+    for i in range(tau_b.numel() - 1):
+        pair = tau_b[i : i + 2]
+        with torch.no_grad():
+            g = gc(aug.func, spec.unflatten(bw.hooks.Y[i]), (pair * aug.sign).to(spec.dtype))
+        g = check_grid(g, pair, aug.sign)
+        parts.append(g if i == 0 else g[1:])
+    return torch.cat(parts)
 
 
 def _add_counts(acc, new):
@@ -297,7 +323,7 @@ def _grad_t(plan: _Plan, t: torch.Tensor, t_grad: torch.Tensor) -> torch.Tensor:
     return t_grad.sum(dim=0).to(t.dtype)
 
 
-def _check_params(func, adjoint_params) -> tuple:
+def _check_params(func, adjoint_params, adjoint_options) -> tuple:
     if adjoint_params is None:
         if not isinstance(func, nn.Module):
             raise ValueError("func must be an nn.Module so that its parameters can be found; otherwise pass them "
@@ -311,18 +337,21 @@ def _check_params(func, adjoint_params) -> tuple:
         params = tuple(adjoint_params)
     except TypeError:
         raise TypeError(f"adjoint_params must be a sequence of tensors, got {type(adjoint_params).__name__}") from None
-    seen, out = set(), []
+    seen, out, skipped = set(), [], 0
     for i, q in enumerate(params):
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"adjoint_params[{i}] must be a torch.Tensor, got {type(q).__name__}")
         if not q.requires_grad:
-            raise ValueError(f"adjoint_params[{i}] (shape {tuple(q.shape)}) does not require grad, so it can get no "
-                             "gradient; pass only tensors that require grad")
+            skipped += 1  # as torchdiffeq: a tensor that needs no gradient is left out of the adjoint
+            continue
         if not q.is_floating_point():
             raise TypeError(f"adjoint_params[{i}] must be a floating tensor, got {q.dtype}")
         if id(q) not in seen:  # the same tensor twice would get its gradient twice
             seen.add(id(q))
             out.append(q)
+    if skipped and isinstance(adjoint_options, dict) and callable(adjoint_options.get("norm")):
+        warnings.warn(f"{skipped} of adjoint_params do not require grad: they are left out of the adjoint and do "
+                      "not appear in the tuple adjoint_options['norm'] receives", stacklevel=3)
     return tuple(out)
 
 
@@ -341,16 +370,22 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
         adjoint_rtol, adjoint_atol: tolerances of the backward solve (default: ``rtol``, ``atol``).
         adjoint_method: method of the backward solve (default: ``method``). With a fixed-grid method the backward
             grid is ``adjoint_options["step_size"]`` from ``t[-1]`` (default: the output times), with every output
-            time added as a grid point.
+            time added as a grid point, or ``adjoint_options["grid_constructor"]``'s, called per output interval
+            as ``gc(func, y_i, [t_i, t_{i-1}])``. Adams methods and ``scipy_solver`` solve the augmented system
+            ``[y, a, theta]`` from each output time to the previous one.
         adjoint_options: options of the backward solve. Default: ``options`` without ``norm``; required when
             ``adjoint_method`` differs from ``method`` and ``options`` were given. ``norm`` may be
             ``"seminorm"`` (the parameters' adjoint is left out of the error control) or a callable taking the
             tuple ``(t_err, y_err, adj_y_err, *adj_param_errs)`` (``t_err`` is always zero: no time adjoint is
             integrated). In per-sample mode the error control is per sample on ``(y, adj_y)``: a seminorm.
-        adjoint_params: tensors to differentiate (default: ``func.parameters()`` that require grad).
+        adjoint_params: tensors to differentiate (default: ``func.parameters()``); those that do not require grad
+            are left out, as in torchdiffeq.
 
     Returns:
-        As ``odeint``. ``fastnode.last_stats()`` (taken after the forward) gets ``nfe_backward``,
+        As ``odeint``; with ``event_fn`` the event time is differentiable (implicit function theorem, as
+        ``odeint_event``) while the solution keeps its fixed-time gradient. ``func``'s ``callback_*_adjoint``
+        methods are called during the backward solve. ``fastnode.last_stats()`` (taken after the forward) gets
+        ``nfe_backward``,
         ``n_accepted_backward``, ``n_rejected_backward`` and ``backward`` (the backward solve's statistics)
         once the backward has run.
 
@@ -365,7 +400,7 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
         >>> f.weight.grad.shape
         torch.Size([2, 2])
     """
-    params = _check_params(func, adjoint_params)
+    params = _check_params(func, adjoint_params, adjoint_options)
     p = prepare(func, y0, t, rtol, atol, method, options, event_fn)
     cfg = parse_adjoint_options(p, options, adjoint_method, adjoint_options, adjoint_rtol, adjoint_atol)
     t_req = isinstance(t, torch.Tensor) and t.requires_grad
@@ -376,4 +411,14 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
         res = OdeintAdjointFunction.apply(plan, y0_flat, t, *params)
     finally:
         p.stats.nfe = p.f.nfe
-    return result_to_user(p, res)
+    res = result_to_user(p, res)
+    return _differentiable_event_time(func, p, res) if p.event_fn is not None and torch.is_grad_enabled() else res
+
+
+def _differentiable_event_time(func, p: Problem, res):
+    """``(event_t, solution)`` with the event time's gradient by the implicit function theorem, through the
+    solution's fixed-time gradient (torchdiffeq's event time has a ``grad_fn`` whose gradient is dropped: zero)."""
+    ev_t, sol = res
+    state = tuple(s[-1] for s in sol) if isinstance(sol, tuple) else sol[-1]
+    ev_t, _ = _reroute_event_gradient(func, p.event_fn, ev_t, state, p.per_sample, move_state=False)
+    return ev_t, sol

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from ._graph_retention import GraphRetention
 from ._problem import FlatFunc, StateSpec
 
 
@@ -83,6 +84,8 @@ class AugmentedFunc(FlatFunc):
         self.layout = ParamLayout(params)
         self.vjp = vjp
         self.last = None
+        self.keep = GraphRetention()  # retain_graph for the parameter products (fastnode/_graph_retention.py)
+        self.mark = None  # the autograd sequence mark taken before the latest evaluation (while undecided)
 
     def _f(self, t_user, y):
         return self.state_spec.flatten(self.func(t_user, self.state_spec.unflatten(y)), "func")
@@ -97,6 +100,7 @@ class AugmentedFunc(FlatFunc):
         cot = -a
         with torch.enable_grad():
             y_ = y.clone().requires_grad_(True)
+            self.mark = self.keep.mark() if self.params else None
             fy = self._f(t_user, y_)
             # Not recorded (the initial-step probe): the state's part only.
             vy = (self.vjp if record else BackwardHooks.vjp)(self, fy, y_, cot, t_user, y)
@@ -266,7 +270,10 @@ class SharedQuadrature(_Quadrature):
         if not fy.requires_grad:
             aug.last = aug.layout.flat([None] * len(aug.params))
             return None
-        grads = torch.autograd.grad(fy, (y_, *aug.params), cot, allow_unused=True)
+        # retain_graph: func may use tensors computed outside it from the parameters (torchcde's spline
+        # coefficients); their graph is the caller's and serves every evaluation (fastnode/_graph_retention.py).
+        aug.keep.observe(fy, aug.mark)
+        grads = torch.autograd.grad(fy, (y_, *aug.params), cot, allow_unused=True, retain_graph=aug.keep.retain)
         v = aug.layout.flat(grads[1:])
         aug.last = v if aug.sign > 0 else -v
         return grads[0]
@@ -337,6 +344,7 @@ class PerSampleQuadrature(_Quadrature):
         if not fy.requires_grad:
             aug.last = _Eval(None, cot, t_user, y)
             return None
+        aug.keep.observe(fy, aug.mark)
         (vy,) = torch.autograd.grad(fy, (y_,), cot, allow_unused=True, retain_graph=True)
         aug.last = _Eval(fy, cot if aug.sign > 0 else -cot, t_user, y)
         return vy
@@ -409,7 +417,7 @@ class PerSampleQuadrature(_Quadrature):
         if clean:
             outs = [e.out for e in clean]
             cots = [e.cot * e.w.to(e.cot.dtype).unsqueeze(1) for e in clean]
-            grads = torch.autograd.grad(outs, self.params, cots, allow_unused=True)
+            grads = torch.autograd.grad(outs, self.params, cots, allow_unused=True, retain_graph=self.aug.keep.retain)
             self._add(grads)
         for e in evs:
             if e.tainted:
@@ -422,13 +430,14 @@ class PerSampleQuadrature(_Quadrature):
             return
         spec = self.aug.state_spec
         sub = StateSpec(spec.is_tuple, [(idx.numel(), *s[1:]) for s in spec.shapes], True, idx.numel(), spec.sizes,
-                        spec.dtype, spec.device)
+                        spec.dtype, spec.device, spec.cplx)
         self.aug.nfe += 1
         with torch.enable_grad():
             out = sub.flatten(self.aug.func(e.t[idx], sub.unflatten(e.y[idx])), "func")
             if out.requires_grad:
                 cot = e.cot[idx] * e.w[idx].to(e.cot.dtype).unsqueeze(1)
-                self._add(torch.autograd.grad(out, self.params, cot, allow_unused=True))
+                self._add(torch.autograd.grad(out, self.params, cot, allow_unused=True,
+                                              retain_graph=self.aug.keep.retain))
 
     def finish(self) -> list[torch.Tensor]:
         rest = self.entries + [ev for _, ev in self.stage_evals if ev.w is not None]

@@ -1,5 +1,5 @@
 """Event handling for the adaptive loop: the sign of ``event_fn`` at the start, a crossing per step, the bracketing
-step of each group, and the event time by bisection on that step's dense output.
+step of each group, and the event time on that step's dense output (``fastnode._event_locate``).
 
 ``EventTracker.after_step`` returns the groups whose event fired in the step; the loop hands that mask to
 ``StepOps.step_end`` as ``stop``, so those groups end there. The tracker keeps each group's bracketing step
@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from . import _stats as st
+from ._event_locate import locate_sign_change
 from ._tableau import ButcherTableau
 
 
@@ -70,7 +71,7 @@ class EventTracker:
 
 
 def locate_events(ops, tableau: ButcherTableau, event_fn: Callable, sign0, lo_t, h, y0, K):
-    """Event times and states inside each group's bracketing step, by bisection on the dense output.
+    """Event times and states inside each group's bracketing step, located on the dense output.
 
     ``lo_t``, ``h``: [G] start and size of the step in which the sign changed (``h == 0``: the event holds at
     the start). Costs event_fn calls only, no func evaluations. Returns ``(event_tau [G], y_event [G, N])``:
@@ -81,16 +82,10 @@ def locate_events(ops, tableau: ButcherTableau, event_fn: Callable, sign0, lo_t,
     hy = h.to(ydt)
     lo_d = lo_t.detach()
     with torch.no_grad():
-        lo = torch.zeros_like(h)
-        hi = torch.ones_like(h)
-        # Enough halvings to resolve theta to the time dtype's resolution.
-        for _ in range(60 if h.dtype == torch.float64 else 30):
-            mid = 0.5 * (lo + hi)
-            same = torch.sign(event_fn(lo_d + mid * h, ops.interpolate(tableau, y0, K, hy, mid))) == sign0
-            lo = torch.where(same, mid, lo)
-            hi = torch.where(same, hi, mid)
         at_start = h == 0
-        theta = torch.where(at_start, 0.0, hi)
+        # Illinois-type bracketing on the dense output to the time dtype's resolution (_event_locate.py).
+        theta, _ = locate_sign_change(lambda th: event_fn(lo_d + th * h, ops.interpolate(tableau, y0, K, hy, th)),
+                                      sign0, ~at_start, lo_d, h)
         event_tau = lo_d + theta * h
     # theta as a function of the step's start: moving t[0] shifts the step, not the event's fixed time.
     theta_g = torch.where(at_start, 0.0, (event_tau - lo_t) / torch.where(at_start, 1.0, h))

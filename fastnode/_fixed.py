@@ -47,6 +47,8 @@ def solve_fixed(f: FlatFunc, y0: torch.Tensor, tau: torch.Tensor, grid: torch.Te
             break
         t0, t1 = grid[s : s + 1], grid[s + 1 : s + 2]
         h = t1 - t0
+        if f.callbacks is not None:
+            f.callbacks.step(t0, y, h)
         k0 = f(t0, y, perturb=1 if perturb else 0)
         if s == 0:
             # Only now is it known whether this solve records an autograd graph (func's parameters may need grad).

@@ -9,7 +9,10 @@ import torch
 
 from . import _stats as st
 from ._adaptive import AdaptiveProblem, solve_adaptive
+from ._callbacks import StepCallbacks, callbacks_of
+from ._event_fn import combine_event_fn
 from ._fixed import check_grid, solve_fixed, step_size_grid
+from ._fixed_events import solve_fixed_event
 from ._options import (
     AdaptiveConfig,
     FixedConfig,
@@ -55,22 +58,24 @@ def prepare(func, y0, t, rtol, atol, method, options, event_fn) -> Problem:
     check_func(func)
     solver = get_solver(method)
     method = method or "dopri5"
-    options = check_options(options, solver.adaptive, method)
+    options = check_options(options, solver.adaptive, method, valid=getattr(solver, "valid_options", None))
     per_sample = flag(options, "per_sample", False)
     if per_sample and not solver.adaptive:
         raise ValueError(f"options['per_sample']=True needs an adaptive method (per-sample step control); "
                          f"{method!r} is a fixed-grid method")
     if event_fn is not None and not callable(event_fn):
         raise TypeError(f"event_fn must be callable as event_fn(t, y), got {type(event_fn).__name__}")
-    if event_fn is not None and not solver.adaptive:
-        raise ValueError(f"event_fn needs an adaptive method; {method!r} is a fixed-grid method")
+    if event_fn is not None and method == "scipy_solver":
+        raise ValueError("event_fn is not supported with method='scipy_solver' (as in torchdiffeq)")
     spec = check_y0(y0, per_sample)
+    event_fn = combine_event_fn(event_fn, spec.batch, per_sample)  # vector event_fn: first crossing of any
     tdt = time_dtype_of(options)
     tau, sign = check_t(t, spec, tdt, event=event_fn is not None)
     rtol_v = check_tol("rtol", rtol, spec)
     atol_v = check_tol("atol", atol, spec)
     ops = get_backend(options.get("backend", "auto"), spec.device)
     f = FlatFunc(func, spec, sign)
+    f.callbacks = StepCallbacks.find(func, spec, sign, callbacks_of(solver), method)
     stats = st.SolveStats(method=method, per_sample=per_sample)
     if solver.adaptive:
         config = parse_adaptive_options(options, solver.tableau, sign, tau.dtype, spec.device)
@@ -91,18 +96,24 @@ def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method:
     Args:
         func: ``func(t, y)`` returning ``dy/dt`` shaped like ``y`` (a tuple for tuple states). ``t`` is a 0-d
             tensor in the state's dtype, or ``[B]`` in per-sample mode.
-        y0: initial state, a floating tensor of any shape or a tuple of them. Per-sample mode: ``[B, ...]``.
+        y0: initial state, a real or complex floating tensor of any shape (0-d included) or a tuple of them.
+            Per-sample mode: ``[B, ...]``.
         t: [T] output times, strictly increasing or decreasing; per-sample mode also accepts ``[B, T]``.
         rtol, atol: relative/absolute tolerance: numbers, tensors broadcastable to the state, or tuples
             (one per tensor of a tuple state).
         method: ``dopri5`` (default), ``tsit5``, ``bosh3``, ``dopri8``, ``fehlberg2``, ``adaptive_heun``;
-            fixed grid: ``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4``.
+            fixed grid: ``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4``, ``explicit_adams``,
+            ``implicit_adams`` (alias ``fixed_adams``); ``scipy_solver`` (``scipy.integrate.solve_ivp``, no
+            gradients).
         options: torchdiffeq's options (``first_step``, ``safety``, ``ifactor``, ``dfactor``,
             ``max_num_steps``, ``step_t``, ``jump_t``, ``min_step``, ``max_step``, ``norm``, ``dtype``; fixed grid:
-            ``step_size``, ``grid_constructor``, ``interp``, ``perturb``) plus ``per_sample`` (bool),
+            ``step_size``, ``grid_constructor``, ``interp``, ``perturb``; Adams: also ``max_order``, ``max_iters``;
+            ``scipy_solver``: ``solver``, ``min_step``, ``max_step``) plus ``per_sample`` (bool),
             ``on_failure`` (``"raise"``/``"return"``), ``controller`` (``"i"``/``"pi"``), ``pi_alpha``,
             ``pi_beta`` and ``backend`` (``"auto"``/``"torch"``). Unknown options raise ``ValueError``.
-        event_fn: ``event_fn(t, y)``; the solve stops where it crosses zero (only ``t[0]`` is used).
+        event_fn: ``event_fn(t, y)``; the solve stops where it crosses zero (only ``t[0]`` is used). Several
+            values (per sample: ``[B, K]``): at the first crossing of any, as torchdiffeq combines them.
+            Fixed-grid methods step by ``options["step_size"]`` (required) until the crossing.
 
     Returns:
         ``[T, *y0.shape]`` (a tuple of such for tuple states); with ``event_fn``: ``(event_t, solution)`` where
@@ -123,28 +134,32 @@ def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method:
         if p.solver.adaptive:
             res = run_adaptive(p, p.spec.flatten(y0, "y0"))
             return result_to_user(p, res)
-        return _to_user(p.spec, run_fixed(p, p.spec.flatten(y0, "y0"), y0, t))
+        return result_to_user(p, run_fixed(p, p.spec.flatten(y0, "y0"), y0, t))
     finally:
         p.stats.nfe = p.f.nfe
 
 
 def run_adaptive(p: Problem, y0_flat: torch.Tensor):
     """Flat result: ``out [T, G, N]``, or with ``event_fn`` ``(event_tau [G] (no grad), out [2, G, N])``."""
+    flat_event = None if p.event_fn is None else _flat_event(p)
+    problem = AdaptiveProblem(p.spec, y0_flat, p.tau, p.solver.tableau, p.config, p.rtol, p.atol, p.norm)
+    return solve_adaptive(p.f, problem, p.ops, event_fn=flat_event, stats=p.stats)
+
+
+def _flat_event(p: Problem):
+    """The event function on the flat state: ``(tau [G], y [G, N]) -> [G]`` in the time dtype."""
     spec, f, event_fn = p.spec, p.f, p.event_fn
 
-    flat_event = None
-    if event_fn is not None:
-        def flat_event(tau_g, y_flat):
-            v = event_fn(f.user_time(tau_g), spec.unflatten(y_flat))
-            if not isinstance(v, torch.Tensor):
-                raise TypeError(f"event_fn must return a tensor, got {type(v).__name__}")
-            if v.numel() != spec.batch:
-                raise ValueError(f"event_fn returned {v.numel()} values; expected "
-                                 f"{'one per sample' if spec.per_sample else 'one (combine several events with min/max)'}")
-            return v.reshape(spec.batch).to(tau_g.dtype)
+    def flat_event(tau_g, y_flat):
+        v = event_fn(f.user_time(tau_g), spec.unflatten(y_flat))
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"event_fn must return a tensor, got {type(v).__name__}")
+        if v.numel() != spec.batch:
+            raise ValueError(f"event_fn returned {v.numel()} values; expected "
+                             f"{'one per sample' if spec.per_sample else 'one'}")
+        return v.reshape(spec.batch).to(tau_g.dtype)
 
-    problem = AdaptiveProblem(spec, y0_flat, p.tau, p.solver.tableau, p.config, p.rtol, p.atol, p.norm)
-    return solve_adaptive(f, problem, p.ops, event_fn=flat_event, stats=p.stats)
+    return flat_event
 
 
 def result_to_user(p: Problem, res):
@@ -164,15 +179,27 @@ def _to_user(spec, out):
 
 
 def run_fixed(p: Problem, y0_flat: torch.Tensor, y0, t) -> torch.Tensor:
-    """Flat fixed-grid solve: ``[T, 1, N]``. ``y0``, ``t`` as the user gave them (for ``grid_constructor``)."""
+    """Flat fixed-grid solve: ``[T, 1, N]``. ``y0``, ``t`` as the user gave them (for ``grid_constructor``).
+
+    With ``event_fn``: ``(event_tau [1], out [2, 1, N])`` (steps of ``options['step_size']`` until the event)."""
+    if p.event_fn is not None:
+        return solve_fixed_event(p, y0_flat, _flat_event(p))
+    run = getattr(p.solver, "run", None)
+    if run is not None:  # a method that is no Butcher tableau (Adams, scipy): its own module solves
+        return run(p, y0_flat, y0, t)
+    cfg = p.config
+    return solve_fixed(p.f, y0_flat, p.tau, fixed_grid(p, y0, t), p.solver.tableau, p.ops, cfg.interp, cfg.perturb,
+                       p.stats)
+
+
+def fixed_grid(p: Problem, y0, t) -> torch.Tensor:
+    """The grid (integration time, ``[M]``) of a fixed-grid call: ``step_size``, ``grid_constructor`` or ``t``."""
     cfg, tau = p.config, p.tau
     if cfg.step_size is not None:
-        grid = step_size_grid(tau, cfg.step_size) if tau.numel() > 1 else tau
-    elif cfg.grid_constructor is not None:
-        grid = check_grid(cfg.grid_constructor(p.func, y0, t), tau, p.sign)
-    else:
-        grid = tau
-    return solve_fixed(p.f, y0_flat, tau, grid, p.solver.tableau, p.ops, cfg.interp, cfg.perturb, p.stats)
+        return step_size_grid(tau, cfg.step_size) if tau.numel() > 1 else tau
+    if cfg.grid_constructor is not None:
+        return check_grid(cfg.grid_constructor(p.func, y0, t), tau, p.sign)
+    return tau
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,6 +246,9 @@ def odeint_event(func: Callable, y0, t0: torch.Tensor, *, event_fn: Callable, re
     if not isinstance(reverse_time, bool):
         raise TypeError(f"reverse_time must be True or False, got {reverse_time!r}")
     per_sample = bool((kwargs.get("options") or {}).get("per_sample", False))
+    first = y0[0] if isinstance(y0, (tuple, list)) and y0 else y0
+    if isinstance(first, torch.Tensor):  # else odeint_interface names the bad y0
+        event_fn = combine_event_fn(event_fn, first.shape[0] if per_sample and first.dim() else 1, per_sample)
     t = _event_times(t0, reverse_time, per_sample)
     event_t, solution = odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
 
@@ -246,8 +276,10 @@ def _event_times(t0: torch.Tensor, reverse_time: bool, per_sample: bool) -> torc
     return torch.cat([t0f, t0f.detach() + (-1.0 if reverse_time else 1.0)])
 
 
-def _reroute_event_gradient(func, event_fn, event_t, state, per_sample: bool):
-    """Event time and state whose gradients follow the implicit function theorem (values unchanged)."""
+def _reroute_event_gradient(func, event_fn, event_t, state, per_sample: bool, move_state: bool = True):
+    """Event time and state whose gradients follow the implicit function theorem (values unchanged).
+
+    ``move_state=False`` leaves the state's gradient at the fixed event time (``odeint_adjoint``'s outputs)."""
     te = event_t.detach()
     is_tuple = isinstance(state, tuple)
     parts = state if is_tuple else (state,)
@@ -278,6 +310,8 @@ def _reroute_event_gradient(func, event_fn, event_t, state, per_sample: bool):
     c = c.reshape(dcdt.shape)
     # NOTE: value exactly te (c - c.detach() is 0); gradient -dc / (dc/dt)_total, the implicit function theorem.
     t_out = te - (c - c.detach()) / dcdt
+    if not move_state:
+        return t_out.to(event_t.dtype), state
     dt = t_out - te
     new = []
     for x, fx in zip(parts, f_parts):

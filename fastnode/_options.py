@@ -160,14 +160,18 @@ def choice(options: dict, key: str, default, choices):
     return v
 
 
-def check_options(options, adaptive: bool, method: str, name: str = "options", extra: frozenset = frozenset()) -> dict:
+def check_options(options, adaptive: bool, method: str, name: str = "options", extra: frozenset = frozenset(),
+                  valid: frozenset | None = None) -> dict:
     """A copy of ``options`` after checking every key; ``name`` is the argument named in errors, ``extra`` keys
-    that are also valid (``adjoint_options`` takes ``norm`` even for a fixed-grid method)."""
+    that are also valid (``adjoint_options`` takes ``norm`` even for a fixed-grid method), ``valid`` the method's
+    own option set where it is neither a Runge-Kutta grid nor an adaptive method (Adams, scipy)."""
     if options is None:
         return {}
     if not isinstance(options, dict):
         raise TypeError(f"{name} must be a dict, got {type(options).__name__}")
-    valid = (ADAPTIVE_OPTIONS if adaptive else FIXED_OPTIONS) | extra
+    if valid is None:
+        valid = ADAPTIVE_OPTIONS if adaptive else FIXED_OPTIONS
+    valid = valid | extra
     where = "" if name == "options" else f" in {name}"
     for k in options:
         if k not in valid:
@@ -310,6 +314,8 @@ class AdjointConfig:
     rtol: torch.Tensor | float
     atol: torch.Tensor | float
     norm: str | Callable
+    grid_constructor: Callable | None = None  # fixed-grid backward: called per output interval
+    options: dict | None = None  # the checked backward options (Adams and scipy backward solves read them)
 
 
 def parse_adjoint_options(p, options: dict | None, adjoint_method: str | None, adjoint_options: dict | None,
@@ -325,10 +331,13 @@ def parse_adjoint_options(p, options: dict | None, adjoint_method: str | None, a
     solver = get_solver(method)
     opts = _backward_options(p.method, options, method, solver.adaptive, adjoint_options)
     norm = _adjoint_norm(opts.pop("norm", "default"), p.per_sample)
+    gc = opts.get("grid_constructor") if not solver.adaptive else None
     if not solver.adaptive:
-        if "grid_constructor" in opts:
-            raise ValueError("adjoint_options['grid_constructor'] is not supported for the backward solve; give "
-                             "adjoint_options['step_size'] (output times are always grid points)")
+        if gc is not None and not callable(gc):
+            raise TypeError(f"adjoint_options['grid_constructor'] must be callable, got {type(gc).__name__}")
+        if gc is not None and opts.get("step_size") is not None:
+            raise ValueError("adjoint_options['step_size'] and adjoint_options['grid_constructor'] are mutually "
+                             "exclusive")
         if callable(norm):
             raise ValueError(f"adjoint_options['norm'] has no effect with the fixed-grid adjoint_method "
                              f"{method!r} (no error control); leave it out")
@@ -351,7 +360,7 @@ def parse_adjoint_options(p, options: dict | None, adjoint_method: str | None, a
     rtol = p.rtol if adjoint_rtol is None else check_tol("adjoint_rtol", adjoint_rtol, p.spec)
     atol = p.atol if adjoint_atol is None else check_tol("adjoint_atol", adjoint_atol, p.spec)
     return AdjointConfig(method, solver, adaptive, step_size, perturb, tdt, opts.get("backend", "auto"), rtol, atol,
-                         norm)
+                         norm, gc, opts)
 
 
 def _backward_options(fwd_method: str, options: dict | None, method: str, adaptive: bool,
@@ -362,7 +371,8 @@ def _backward_options(fwd_method: str, options: dict | None, method: str, adapti
                          "cannot be inherited from options; pass adjoint_options as well (e.g. adjoint_options={})")
     if adjoint_options is None:
         return {k: v for k, v in (options or {}).items() if k != "norm"}
-    return check_options(adjoint_options, adaptive, method, name="adjoint_options", extra=frozenset({"norm"}))
+    return check_options(adjoint_options, adaptive, method, name="adjoint_options", extra=frozenset({"norm"}),
+                         valid=getattr(get_solver(method), "valid_options", None))
 
 
 def _adjoint_norm(norm, per_sample: bool):

@@ -25,8 +25,12 @@ class StateSpec:
     per_sample: bool
     batch: int  # G
     sizes: list  # per tensor, flattened size per group
-    dtype: torch.dtype
+    dtype: torch.dtype  # the real dtype: a complex tensor is carried as its real view (re, im pairs)
     device: torch.device
+    cplx: tuple = ()  # per tensor: complex (its flat part holds 2 reals per entry); empty when none is
+
+    def _is_cplx(self, i: int) -> bool:
+        return bool(self.cplx) and self.cplx[i]
 
     @functools.cached_property
     def segments(self) -> list[tuple[int, int]]:
@@ -40,7 +44,8 @@ class StateSpec:
         """User-shaped tensor(s) -> [G, N]; ``what`` names the source in errors."""
         parts = value if self.is_tuple else (value,)
         if self.is_tuple and not isinstance(value, (tuple, list)):
-            raise TypeError(f"{what} must return a tuple of {len(self.shapes)} tensors (like y0), got {type(value).__name__}")
+            raise TypeError(f"{what} must return a tuple of {len(self.shapes)} tensors (like y0), "
+                            f"got {type(value).__name__}")
         if len(parts) != len(self.shapes):
             raise ValueError(f"{what} returned {len(parts)} tensors, expected {len(self.shapes)} (like y0)")
         flat = []
@@ -50,20 +55,26 @@ class StateSpec:
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(p).__name__}")
             if tuple(p.shape) != tuple(shape):
                 raise ValueError(f"{name} has shape {tuple(p.shape)}, expected {tuple(shape)} (the shape of y0)")
-            if p.dtype != self.dtype:
-                raise TypeError(f"{name} has dtype {p.dtype}, expected {self.dtype} (the dtype of y0)")
+            want = _complex_of(self.dtype) if self._is_cplx(i) else self.dtype
+            if p.dtype != want:
+                raise TypeError(f"{name} has dtype {p.dtype}, expected {want} (the dtype of y0)")
+            if self._is_cplx(i):
+                p = torch.view_as_real(p.resolve_conj())
             flat.append(p if p.dim() == 2 and p.shape[0] == self.batch else p.reshape(self.batch, -1))
         return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
     def unflatten(self, y: torch.Tensor, lead: Sequence[int] = ()):
         """[*lead, G, N] -> user-shaped tensor(s) with leading dims ``lead``."""
         lead = tuple(lead)
-        if not self.is_tuple:
+        if not self.is_tuple and not self.cplx:
             shape = (*lead, *self.shapes[0])
             return y if y.shape == shape else y.reshape(shape)
         out = []
-        for (s, e), shape in zip(self.segments, self.shapes):
-            out.append(y[..., s:e].reshape(*lead, *shape))
+        for i, ((s, e), shape) in enumerate(zip(self.segments, self.shapes)):
+            if self._is_cplx(i):
+                out.append(torch.view_as_complex(y[..., s:e].reshape((*lead, *shape, 2)).contiguous()))
+            else:
+                out.append(y[..., s:e].reshape((*lead, *shape)))
         return tuple(out) if self.is_tuple else out[0]
 
 
@@ -82,12 +93,14 @@ def check_y0(y0, per_sample: bool) -> StateSpec:
         name = f"y0[{i}]" if is_tuple else "y0"
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor (or y0 a tuple of tensors), got {type(p).__name__}")
-        if not p.is_floating_point():
-            raise TypeError(f"{name} must have a real floating dtype (float16/bfloat16/float32/float64), got {p.dtype}")
+        if not (p.is_floating_point() or p.dtype in (torch.complex64, torch.complex128)):
+            raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64, or complex64/"
+                            f"complex128), got {p.dtype}")
+        real = p.real.dtype if p.is_complex() else p.dtype
         if dtype is None:
-            dtype, device = p.dtype, p.device
-        elif p.dtype != dtype or p.device != device:
-            raise TypeError(f"all tensors of y0 must share dtype and device: y0[0] is {dtype} on {device}, "
+            dtype, device = real, p.device
+        elif real != dtype or p.device != device:
+            raise TypeError(f"all tensors of y0 must share (real) dtype and device: y0[0] is {dtype} on {device}, "
                             f"{name} is {p.dtype} on {p.device}")
     if per_sample:
         for i, p in enumerate(parts):
@@ -101,16 +114,21 @@ def check_y0(y0, per_sample: bool) -> StateSpec:
                                  f"y0[0] has {batch}, y0[{i}] has {p.shape[0]}")
         if batch == 0:
             raise ValueError("y0 has batch size 0")
-        sizes = [p[0].numel() if p.shape[0] else 0 for p in parts]
+        sizes = [(p[0].numel() if p.shape[0] else 0) * (2 if p.is_complex() else 1) for p in parts]
     else:
         batch = 1
-        sizes = [p.numel() for p in parts]
+        sizes = [p.numel() * (2 if p.is_complex() else 1) for p in parts]
     for i, p in enumerate(parts):
         if p.numel() and not bool(torch.isfinite(p).all()):
             name = f"y0[{i}]" if is_tuple else "y0"
             bad = (~torch.isfinite(p)).nonzero()[0].tolist()
             raise ValueError(f"{name} contains NaN or inf (first at index {tuple(bad)})")
-    return StateSpec(is_tuple, [tuple(p.shape) for p in parts], per_sample, batch, sizes, dtype, device)
+    cplx = tuple(p.is_complex() for p in parts) if any(p.is_complex() for p in parts) else ()
+    return StateSpec(is_tuple, [tuple(p.shape) for p in parts], per_sample, batch, sizes, dtype, device, cplx)
+
+
+def _complex_of(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
 
 
 def check_t(t, spec: StateSpec, time_dtype: torch.dtype, event: bool) -> tuple[torch.Tensor, float]:
@@ -189,10 +207,12 @@ def check_tol(name: str, tol, spec: StateSpec) -> torch.Tensor | float:
     if all(isinstance(v, float) for v in vals) and len(set(vals)) == 1:
         return vals[0]
     cols = []
-    for v, shape, n in zip(vals, spec.shapes, spec.sizes):
+    for i, (v, n) in enumerate(zip(vals, spec.sizes)):
         if isinstance(v, float):
             cols.append(torch.full((spec.batch, n), v, dtype=spec.dtype, device=spec.device))
         else:
+            if spec._is_cplx(i):  # one tolerance for the real and imaginary part of each entry
+                v = v.unsqueeze(-1).expand(*v.shape, 2)
             cols.append(v.reshape(spec.batch, n))
     return torch.cat(cols, dim=1)
 
@@ -203,6 +223,8 @@ class FlatFunc:
     Counts evaluations and validates every output (type, shape, dtype) so a wrong ``func`` fails with a
     clear message at its first call.
     """
+
+    callbacks = None  # fastnode._callbacks.StepCallbacks when func defines torchdiffeq's step callbacks
 
     def __init__(self, func: Callable, spec: StateSpec, sign: float):
         self.func = func

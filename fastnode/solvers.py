@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._adams import ADAMS_VALID, run_adams
+from ._scipy_solver import SCIPY_OPTIONS, solve_scipy
 from ._tableau import ButcherTableau
 from .tableaus import adaptive_heun, bosh3, dopri5, dopri8, fehlberg2, fixed, tsit5
 
@@ -19,6 +21,21 @@ class AdaptiveRK(Solver):
 
 class FixedGridRK(Solver):
     adaptive = False
+
+
+class OtherSolver(Solver):
+    """A method that is not a Butcher tableau: ``run(p, y0_flat, y0, t) -> [T, 1, N]`` solves a prepared call
+    (shared step, no events), ``valid_options`` are its options."""
+
+    adaptive = False
+    tableau = None
+    run: staticmethod
+    valid_options: frozenset
+
+
+def _other(name: str, run, valid: frozenset, **attrs) -> type:
+    return type(f"{name.title().replace('_', '')}Solver", (OtherSolver,),
+                {"run": staticmethod(run), "valid_options": valid, **attrs})
 
 
 def _adaptive(t: ButcherTableau) -> type:
@@ -41,9 +58,14 @@ SOLVERS: dict[str, type] = {
     "heun2": _fixed(fixed.HEUN2),
     "heun3": _fixed(fixed.HEUN3),
     "rk4": _fixed(fixed.RK4),
+    "explicit_adams": _other("explicit_adams", run_adams, ADAMS_VALID, implicit=False),
+    "implicit_adams": _other("implicit_adams", run_adams, ADAMS_VALID, implicit=True),
+    "fixed_adams": _other("fixed_adams", run_adams, ADAMS_VALID, implicit=True),  # torchdiffeq's older name
+    "scipy_solver": _other("scipy_solver", solve_scipy, SCIPY_OPTIONS, step_callbacks=frozenset()),
 }
 ADAPTIVE_METHODS = tuple(k for k, v in SOLVERS.items() if v.adaptive)
-FIXED_METHODS = tuple(k for k, v in SOLVERS.items() if not v.adaptive)
+FIXED_METHODS = tuple(k for k, v in SOLVERS.items() if issubclass(v, FixedGridRK))
+MULTISTEP_METHODS = ("explicit_adams", "implicit_adams", "fixed_adams")
 
 
 def get_solver(method) -> type:
