@@ -98,7 +98,8 @@ def main():
     lines = [f"# Adjoint memory: backprop vs adjoint (torch {torch.__version__}, {dev})", "",
              (f"Command: `.venv/bin/python bench/adjoint_memory.py`. MLP {args.dim}-{args.hidden}-{args.dim}, "
               f"batch {args.batch}, float32, dopri5, steps pinned with first_step = max_step = 1/n."), "",
-             f"| steps | mode | accepted steps | graph MB (saved for backward) | {peak_name} |", "|--:|---|--:|--:|--:|"]
+             f"| steps | mode | accepted steps | graph MB (saved for backward) | {peak_name} |",
+             "|--:|---|--:|--:|--:|"]
     for r in rows:
         lines.append(f"| {r['n']} | {r['mode']} | {r['steps']} | {r['graph_mb']:.2f} | {r['peak_mb']:.1f} |")
     write_markdown("\n".join(lines) + "\n", args.out, "adjoint_memory.md", dev)

@@ -147,7 +147,8 @@ def main():
         ("Command: `.venv/bin/python bench/adjoint_nfe.py`. Gradient w.r.t. y0 and all parameters; error = max abs "
          "difference / max abs of a backprop reference at rtol=1e-12. ms = median forward+backward wall time."),
         "",
-        "| problem | len(t) | adjoint norm | provider | fwd NFE | bwd NFE | bwd NFE ratio | grad rel err | ms | ms ratio |",
+        "| problem | len(t) | adjoint norm | provider | fwd NFE | bwd NFE | bwd NFE ratio | grad rel err | ms "
+        "| ms ratio |",
         "|---|--:|---|---|--:|--:|--:|--:|--:|--:|",
     ]
     for key in dict.fromkeys(r[:3] for r in rows):

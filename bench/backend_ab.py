@@ -37,7 +37,8 @@ def main(name: str = "mlp-small", rounds: int = 25) -> None:
     def adj(backend):
         def run():
             y = y0.clone().requires_grad_(True)
-            fastnode.odeint_adjoint(f, y, t, rtol=tol.rtol, atol=tol.atol, options={"backend": backend}).sum().backward()
+            ys = fastnode.odeint_adjoint(f, y, t, rtol=tol.rtol, atol=tol.atol, options={"backend": backend})
+            ys.sum().backward()
         return run
 
     def td_fwd():

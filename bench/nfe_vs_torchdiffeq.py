@@ -24,7 +24,8 @@ def lotka(t, y):
     return torch.stack([1.5 * y[0] - y[0] * y[1], -3.0 * y[1] + y[0] * y[1]])
 
 
-PROBLEMS = {"vdp mu=1": (vdp(1.0), [2.0, 0.0]), "vdp mu=5": (vdp(5.0), [2.0, 0.0]), "lotka-volterra": (lotka, [1.0, 1.0])}
+PROBLEMS = {"vdp mu=1": (vdp(1.0), [2.0, 0.0]), "vdp mu=5": (vdp(5.0), [2.0, 0.0]),
+            "lotka-volterra": (lotka, [1.0, 1.0])}
 METHODS = ["dopri5", "bosh3", "dopri8", "fehlberg2", "adaptive_heun"]
 
 

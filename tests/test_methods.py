@@ -165,7 +165,8 @@ def test_dense_output(method, dname, prob, direction):
     err_all = (ys - exact).abs().amax(dim=1)
     worst = int(err_all.argmax())
     assert err_all[worst].item() <= bound, (
-        f"{method} {dname} {prob} {direction}: dense output error {err_all[worst].item():.3e} at t={t[worst].item():.4f}"
+        f"{method} {dname} {prob} {direction}: dense output error {err_all[worst].item():.3e} "
+        f"at t={t[worst].item():.4f}"
         f" > bound {bound:.3e} (final-time error {err_all[-1].item():.3e}, {n_acc} accepted steps)")
 
 

@@ -1,4 +1,5 @@
-"""fastnode.models: parameter counts against the thesis's tables, ODEBlock NFE and gradients, training lowers the loss."""
+"""fastnode.models: parameter counts against the thesis's tables, ODEBlock NFE and gradients, training lowers the
+loss."""
 
 import doctest
 import importlib

@@ -430,7 +430,7 @@ def test_resnet_vs_odenet_seeds_sweep_csv(tmp_path):
     assert ode["nfe_forward"] == pytest.approx(np.mean(ode["nfe_forward_batches"]))
     sweep = {(r["model"], r["batch_size"]): r for r in data["sweep"]}
     assert set(sweep) == {(m, b) for m in res["models"] for b in (4, 8)}
-    for (model, bs), r in sweep.items():
+    for (_model, bs), r in sweep.items():
         raw = r["rounds_s"]
         assert len(raw["train_cpu"]) == 2
         assert r["train_cpu"]["median"] == pytest.approx(np.median([bs / t for t in raw["train_cpu"]]))

