@@ -120,6 +120,9 @@ def _control_kernel(part_ptr, fin_ptr, seg_ptr, consts_ptr, hctl_ptr, prev_ptr, 
                     NSEG: tl.constexpr, HAS_FLOOR: tl.constexpr, BLOCK: tl.constexpr, CBLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = rows < G
+    # NOTE: 64-bit offsets into the [n_cb, G, NSEG] partials, as the first kernel stores them (n_cb * G * NSEG can
+    # pass 2**31 for a large batch of large states).
+    rows64 = rows.to(tl.int64)
     inf = float("inf")
     # NOTE: the tiles' partials of a row are added CBLOCK at a time and then tree-summed: a long shared-mode row
     # (G = 1, thousands of column tiles) is reduced in parallel, in a fixed order (deterministic).
@@ -129,7 +132,8 @@ def _control_kernel(part_ptr, fin_ptr, seg_ptr, consts_ptr, hctl_ptr, prev_ptr, 
         for c0 in range(0, n_cb, CBLOCK):
             cs = c0 + tl.arange(0, CBLOCK)
             mm = m[:, None] & (cs < n_cb)[None, :]
-            acc += tl.load(part_ptr + (cs[None, :] * G + rows[:, None]) * NSEG + s, mask=mm, other=0.0)
+            acc += tl.load(part_ptr + (cs[None, :].to(tl.int64) * G + rows64[:, None]) * NSEG + s, mask=mm,
+                           other=0.0)
         sq = tl.sum(acc, axis=1)
         length = (tl.load(seg_ptr + 2 * s + 1) - tl.load(seg_ptr + 2 * s)).to(tl.float64)
         v = tl.sqrt(sq / length)
@@ -138,7 +142,8 @@ def _control_kernel(part_ptr, fin_ptr, seg_ptr, consts_ptr, hctl_ptr, prev_ptr, 
     for c0 in range(0, n_cb, CBLOCK):
         cs = c0 + tl.arange(0, CBLOCK)
         mm = m[:, None] & (cs < n_cb)[None, :]
-        fin_all = fin_all & tl.load(fin_ptr + cs[None, :] * G + rows[:, None], mask=mm, other=1).to(tl.int32)
+        fin_all = fin_all & tl.load(fin_ptr + cs[None, :].to(tl.int64) * G + rows64[:, None], mask=mm,
+                                    other=1).to(tl.int32)
     fin = tl.min(fin_all, axis=1)
     if HAS_FLOOR:
         fl = tl.load(floor_ptr + rows, mask=m, other=0.0)

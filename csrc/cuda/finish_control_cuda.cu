@@ -13,13 +13,14 @@
 namespace fastnode {
 namespace {
 
-// Pass 1 of finish_control: y_new for every element; per (row, segment) the sum of squares of the scaled error,
-// reduced in shared memory and added atomically in float64; a per-row flag for non-finite y_new + k_last.
+// Pass 1 of finish_control: y_new for every element; per (row, segment, column block) the sum of squares of the
+// scaled error, reduced in shared memory in a fixed tree and stored (not added atomically: pass 2 adds the column
+// blocks in order, so the sum is the same on every run); a per-row flag for non-finite y_new + k_last.
 template <typename T>
 __global__ void finish_pass1_kernel(const T* __restrict__ y, const T* __restrict__ h, Stages<T> sb, Stages<T> se,
                                     const T* __restrict__ klast, const T* __restrict__ rt, int64_t r_stride,
                                     T rtol, const T* __restrict__ at, int64_t a_stride, T atol, Segments seg,
-                                    int64_t G, int64_t N, T* __restrict__ y_new, double* __restrict__ sq,
+                                    int64_t G, int64_t N, T* __restrict__ y_new, double* __restrict__ part,
                                     int* __restrict__ bad) {
   __shared__ double red[kThreads];
   for (int64_t r = blockIdx.y; r < G; r += gridDim.y) {
@@ -49,7 +50,7 @@ __global__ void finish_pass1_kernel(const T* __restrict__ y, const T* __restrict
         if (threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
         __syncthreads();
       }
-      if (threadIdx.x == 0) atomicAdd(&sq[r * seg.n + s], red[0]);
+      if (threadIdx.x == 0) part[(r * gridDim.x + blockIdx.x) * seg.n + s] = red[0];
       __syncthreads();
     }
   }
@@ -57,7 +58,8 @@ __global__ void finish_pass1_kernel(const T* __restrict__ y, const T* __restrict
 
 // Pass 2: one thread per row: the ratio (max over segments of the RMS, the floor, inf when non-finite) and the
 // controller's decision, with the same formulas as the CPU implementation (common.h).
-__global__ void finish_pass2_kernel(const double* __restrict__ sq, const int* __restrict__ bad, Segments seg,
+__global__ void finish_pass2_kernel(const double* __restrict__ part, int64_t nb, const int* __restrict__ bad,
+                                    Segments seg,
                                     const double* __restrict__ floor, const double* __restrict__ h_ctl,
                                     const double* __restrict__ prev, const bool* __restrict__ running, CtrlCfg cfg,
                                     int64_t G, double* __restrict__ ratio, bool* __restrict__ ok,
@@ -68,7 +70,9 @@ __global__ void finish_pass2_kernel(const double* __restrict__ sq, const int* __
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     double rr = 0.0;
     for (int s = 0; s < seg.n; ++s) {
-      const double v = sqrt(sq[r * seg.n + s] / static_cast<double>(seg.hi[s] - seg.lo[s]));
+      double sq = 0.0;
+      for (int64_t b = 0; b < nb; ++b) sq += part[(r * nb + b) * seg.n + s];  // column blocks in order
+      const double v = sqrt(sq / static_cast<double>(seg.hi[s] - seg.lo[s]));
       rr = (isnan(v) || v > rr) ? v : rr;
     }
     if (floor) rr = (isnan(floor[r]) || floor[r] > rr) ? floor[r] : rr;
@@ -108,7 +112,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   auto dopt = y.options().dtype(at::kDouble);
   auto y_new = at::empty_like(y);
-  auto sq = at::zeros({G, seg.n}, dopt);
+  // Pass 1's grid: nb column blocks per row (each block's partial sums stored apart, see finish_pass1_kernel).
+  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>((N + kThreads - 1) / kThreads, 1024));
+  auto part = at::zeros({G, nb, seg.n}, dopt);
   auto bad = at::zeros({G}, y.options().dtype(at::kInt));
   if (G * N > 0) {
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "finish_control_cuda", [&] {
@@ -117,12 +123,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       auto se = pack_stages<T>(Kc, e);
       const int64_t r_stride = rt.defined() && rt.size(0) > 1 ? N : 0;
       const int64_t a_stride = at_.defined() && at_.size(0) > 1 ? N : 0;
-      const dim3 grid(static_cast<unsigned>(std::min<int64_t>((N + kThreads - 1) / kThreads, 1024)),
-                      static_cast<unsigned>(std::min<int64_t>(G, 65535)));
+      const dim3 grid(static_cast<unsigned>(nb), static_cast<unsigned>(std::min<int64_t>(G, 65535)));
       finish_pass1_kernel<T><<<grid, kThreads, 0, stream>>>(
           y.data_ptr<T>(), h.data_ptr<T>(), sb, se, Kc.back().data_ptr<T>(), rt.defined() ? rt.data_ptr<T>() : nullptr,
           r_stride, static_cast<T>(rtol), at_.defined() ? at_.data_ptr<T>() : nullptr, a_stride, static_cast<T>(atol),
-          seg, G, N, y_new.data_ptr<T>(), sq.data_ptr<double>(), bad.data_ptr<int>());
+          seg, G, N, y_new.data_ptr<T>(), part.data_ptr<double>(), bad.data_ptr<int>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -137,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto rn = running.contiguous();
   if (G > 0) {
     finish_pass2_kernel<<<blocks_for(G), kThreads, 0, stream>>>(
-        sq.data_ptr<double>(), bad.data_ptr<int>(), seg, fl.defined() ? fl.data_ptr<double>() : nullptr,
+        part.data_ptr<double>(), nb, bad.data_ptr<int>(), seg, fl.defined() ? fl.data_ptr<double>() : nullptr,
         hc.data_ptr<double>(), pv.data_ptr<double>(), rn.data_ptr<bool>(), cfg, G, ratio.data_ptr<double>(),
         ok.data_ptr<bool>(), accept.data_ptr<bool>(), h_next.data_ptr<double>(), prev_out.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
