@@ -231,7 +231,7 @@ def _check_step(op, y, K, h, be_w, be_idx, b_mask, e_mask, last_pos, rtol_t, ato
 def step_error(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torch.Tensor, be_idx: torch.Tensor,
                b_mask: int, e_mask: int, last_pos: int, rtol_t: torch.Tensor | None, atol_t: torch.Tensor | None,
                consts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solution and scaled error in one pass (``StepOps.step_finish`` before the norm), for a user's norm.
+    """Solution and scaled error in one pass (``StepOps.step_error``: before the norm), for a user's norm.
 
     Args: as :func:`finish_control` (``consts[0:2]``: the scalar rtol and atol; the rest is unused).
 
