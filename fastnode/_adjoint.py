@@ -49,7 +49,7 @@ from . import _stats as st
 from ._adaptive import AdaptiveProblem, solve_adaptive
 from ._adjoint_dynamics import AugmentedFunc, BackwardHooks, PerSampleQuadrature, SharedQuadrature
 from ._fixed import solve_fixed, step_size_grid
-from ._odeint import Problem, prepare, result_to_user, run_adaptive, run_fixed
+from ._odeint import Problem, empty_solution, prepare, result_to_user, run_adaptive, run_fixed
 from ._options import AdjointConfig, RMSNorm, make_norm, parse_adjoint_options
 from ._problem import StateSpec
 from .backends import get_backend
@@ -368,6 +368,9 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
     params = _check_params(func, adjoint_params)
     p = prepare(func, y0, t, rtol, atol, method, options, event_fn)
     cfg = parse_adjoint_options(p, options, adjoint_method, adjoint_options, adjoint_rtol, adjoint_atol)
+    if p.spec.is_empty:
+        st._set_last(p.stats)
+        return empty_solution(p, y0)
     t_req = isinstance(t, torch.Tensor) and t.requires_grad
     plan = _Plan(p, params, cfg, t_req, y0, t)
     st._set_last(p.stats)

@@ -20,7 +20,7 @@ from ._options import (
     parse_fixed_options,
     time_dtype_of,
 )
-from ._problem import FlatFunc, StateSpec, check_func, check_t, check_tol, check_y0
+from ._problem import FlatFunc, StateSpec, check_func, check_t, check_tol, check_tol_pair, check_y0
 from .backends import get_backend
 from .solvers import get_solver
 
@@ -65,10 +65,14 @@ def prepare(func, y0, t, rtol, atol, method, options, event_fn) -> Problem:
     if event_fn is not None and not solver.adaptive:
         raise ValueError(f"event_fn needs an adaptive method; {method!r} is a fixed-grid method")
     spec = check_y0(y0, per_sample)
+    if event_fn is not None and spec.is_empty:
+        raise ValueError("y0 has no elements: an event solve needs a state for event_fn to watch")
     tdt = time_dtype_of(options)
     tau, sign = check_t(t, spec, tdt, event=event_fn is not None)
     rtol_v = check_tol("rtol", rtol, spec)
     atol_v = check_tol("atol", atol, spec)
+    if solver.adaptive:
+        check_tol_pair(rtol_v, atol_v)
     ops = get_backend(options.get("backend", "auto"), spec.device)
     f = FlatFunc(func, spec, sign)
     stats = st.SolveStats(method=method, per_sample=per_sample)
@@ -119,6 +123,8 @@ def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method:
     """
     p = prepare(func, y0, t, rtol, atol, method, options, event_fn)
     st._set_last(p.stats)
+    if p.spec.is_empty:
+        return empty_solution(p, y0)
     try:
         if p.solver.adaptive:
             res = run_adaptive(p, p.spec.flatten(y0, "y0"))
@@ -126,6 +132,16 @@ def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method:
         return _to_user(p.spec, run_fixed(p, p.spec.flatten(y0, "y0"), y0, t))
     finally:
         p.stats.nfe = p.f.nfe
+
+
+def empty_solution(p: Problem, y0):
+    """A state with no elements has nothing to integrate: its (empty) value at every output time; ``func`` is
+    not called."""
+    y0_flat = p.spec.flatten(y0, "y0")
+    G = y0_flat.shape[0]
+    p.stats.status = torch.zeros(G, dtype=torch.int64, device=y0_flat.device)
+    p.stats.backend = "none"
+    return _to_user(p.spec, y0_flat.unsqueeze(0).expand(p.tau.shape[-1], G, 0).clone())
 
 
 def run_adaptive(p: Problem, y0_flat: torch.Tensor):

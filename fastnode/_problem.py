@@ -28,6 +28,11 @@ class StateSpec:
     dtype: torch.dtype
     device: torch.device
 
+    @property
+    def is_empty(self) -> bool:
+        """The state has no elements (a zero-size tensor, or a tuple of them)."""
+        return self.batch * sum(self.sizes) == 0
+
     @functools.cached_property
     def segments(self) -> list[tuple[int, int]]:
         out, start = [], 0
@@ -52,6 +57,8 @@ class StateSpec:
                 raise ValueError(f"{name} has shape {tuple(p.shape)}, expected {tuple(shape)} (the shape of y0)")
             if p.dtype != self.dtype:
                 raise TypeError(f"{name} has dtype {p.dtype}, expected {self.dtype} (the dtype of y0)")
+            if p.device != self.device:
+                raise ValueError(f"{name} is on {p.device}, expected {self.device} (the device of y0)")
             flat.append(p if p.dim() == 2 and p.shape[0] == self.batch else p.reshape(self.batch, -1))
         return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
@@ -197,6 +204,20 @@ def check_tol(name: str, tol, spec: StateSpec) -> torch.Tensor | float:
     return torch.cat(cols, dim=1)
 
 
+def check_tol_pair(rtol, atol, names: tuple[str, str] = ("rtol", "atol")) -> None:
+    """Raise if some component has ``rtol == atol == 0``: its error test ``|err| <= atol + rtol * |y|`` can never
+    pass (any rounding is an error), so the solve could only shrink the step until it underflows."""
+    if isinstance(rtol, float) and isinstance(atol, float):
+        both = rtol == 0.0 and atol == 0.0
+    else:
+        r = rtol if isinstance(rtol, torch.Tensor) else torch.tensor(rtol)
+        a = atol if isinstance(atol, torch.Tensor) else torch.tensor(atol)
+        both = bool(((r.to(a.device) == 0) & (a == 0)).any())
+    if both:
+        raise ValueError(f"{names[0]} and {names[1]} are both 0 (for some component of the state): no step can meet "
+                         "an error tolerance of 0; give a positive rtol or atol")
+
+
 class FlatFunc:
     """``func`` seen by the solver: flat ``[G, N]`` state, integration time ``tau`` (``t = sign * tau``).
 
@@ -213,6 +234,7 @@ class FlatFunc:
         # as [G, N] with no further checks (anything else goes through spec.flatten and its clear errors).
         self._shape = None if spec.is_tuple else torch.Size(spec.shapes[0])
         self._flat = (spec.batch, spec.sizes[0]) if not spec.is_tuple else None
+        self._device = spec.device
 
     def user_time(self, tau: torch.Tensor, perturb: int = 0) -> torch.Tensor:
         """tau: [..., G] -> what func receives: [...] (shared) or [..., B] (per-sample), in the state dtype.
@@ -234,7 +256,8 @@ class FlatFunc:
         if t_user is None:
             t_user = self.user_time(tau, perturb)
         out = self.func(t_user, self.spec.unflatten(y))
-        if type(out) is torch.Tensor and out.shape == self._shape and out.dtype == self.spec.dtype:
+        if (type(out) is torch.Tensor and out.shape == self._shape and out.dtype == self.spec.dtype
+                and out.device == self._device):
             flat = out.view(self._flat) if out.is_contiguous() else out.reshape(self._flat)
         else:
             flat = self.spec.flatten(out, "func")
