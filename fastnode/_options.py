@@ -20,7 +20,7 @@ from .solvers import get_solver
 
 ADAPTIVE_OPTIONS = {
     "first_step", "safety", "ifactor", "dfactor", "max_num_steps", "step_t", "jump_t", "min_step", "max_step",
-    "norm", "dtype", "per_sample", "backend", "on_failure", "controller", "pi_alpha", "pi_beta",
+    "norm", "dtype", "per_sample", "backend", "on_failure", "controller", "pi_alpha", "pi_beta", "on_stiff",
 }
 FIXED_OPTIONS = {"step_size", "grid_constructor", "interp", "perturb", "dtype", "backend", "per_sample"}
 
@@ -223,6 +223,7 @@ class AdaptiveConfig:
     on_failure: str
     step_t: torch.Tensor | None  # sorted integration times steps land on
     jump_t: torch.Tensor | None  # sorted integration times of discontinuities
+    on_stiff: str = "raise"  # "raise", "warn" or "ignore": what a stiffness detection does (fastnode._health)
 
     @property
     def has_jumps(self) -> bool:
@@ -266,7 +267,8 @@ def parse_adaptive_options(options: dict, tableau, sign: float, tdt, device) -> 
         if common:
             raise ValueError(f"options['step_t'] and options['jump_t'] both contain the time(s) "
                              f"{sorted(x * sign for x in common)}; a time may be in only one of them")
-    return AdaptiveConfig(ctrl, first_step, max_num_steps, on_failure, step_t, jump_t)
+    on_stiff = choice(options, "on_stiff", "raise", ("raise", "warn", "ignore"))
+    return AdaptiveConfig(ctrl, first_step, max_num_steps, on_failure, step_t, jump_t, on_stiff)
 
 
 @dataclass(frozen=True)

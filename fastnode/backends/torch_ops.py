@@ -160,7 +160,8 @@ class TorchStepOps(StepOps):
         return StepPlan(h_ctl, h_eff, clipped, t_new, h_eff.to(state_dtype), ts, te)
 
     def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
-                 new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None):
+                 new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None, fail=None):
+        fail_here = fail
         graph = t.requires_grad or t_new.requires_grad
         with torch.no_grad():
             t_d, t_new_d = (t.detach(), t_new.detach()) if graph else (t, t_new)
@@ -180,6 +181,11 @@ class TorchStepOps(StepOps):
             nf, uf, to, ms = _const(tuple(codes), torch.int8, t.device).unbind()
             fail = torch.where(no_move, torch.where(last_nonfinite, nf, uf), torch.where(inf_try, to, ms))
             status = torch.where(stuck, fail, status)
+            if fail_here is not None:
+                # Failures found outside this op (fastnode._health): their code, unless the step failed already.
+                extra = running & (fail_here != 0) & ~stuck
+                status = torch.where(extra, fail_here.to(status.dtype), status)
+                stuck = stuck | extra
             n_le = torch.searchsorted(t_out, t_new_d.unsqueeze(1), right=True).squeeze(1)
             crossed = torch.where(accept, n_le - next_idx, 0)
             running_next = running & (t_fut < t_end) & ~stuck
