@@ -366,7 +366,7 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
         torch.Size([2, 2])
     """
     params = _check_params(func, adjoint_params)
-    p = prepare(func, y0, t, rtol, atol, method, options, event_fn)
+    p = prepare(func, y0, t, rtol, atol, method, options, event_fn, widen=False)
     cfg = parse_adjoint_options(p, options, adjoint_method, adjoint_options, adjoint_rtol, adjoint_atol)
     if p.spec.is_empty:
         st._set_last(p.stats)

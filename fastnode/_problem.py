@@ -27,6 +27,13 @@ class StateSpec:
     sizes: list  # per tensor, flattened size per group
     dtype: torch.dtype
     device: torch.device
+    # The dtype the solver integrates in: float16/bfloat16 states are integrated in float32 (stage sums, solution,
+    # error estimate, finiteness), func sees and returns ``dtype``. ``odeint_adjoint`` keeps ``dtype``.
+    work_dtype: torch.dtype | None = None
+
+    @property
+    def work(self) -> torch.dtype:
+        return self.dtype if self.work_dtype is None else self.work_dtype
 
     @property
     def is_empty(self) -> bool:
@@ -176,7 +183,7 @@ def check_tol(name: str, tol, spec: StateSpec) -> torch.Tensor | float:
             if x.numel() == 1:
                 return float(x.reshape(()).item())
             try:
-                xb = torch.broadcast_to(x.to(spec.device, spec.dtype), shape)
+                xb = torch.broadcast_to(x.to(spec.device, spec.work), shape)
             except RuntimeError:
                 raise ValueError(f"{label} has shape {tuple(x.shape)}, which does not broadcast to the state "
                                  f"shape {tuple(shape)}") from None
@@ -198,10 +205,32 @@ def check_tol(name: str, tol, spec: StateSpec) -> torch.Tensor | float:
     cols = []
     for v, shape, n in zip(vals, spec.shapes, spec.sizes):
         if isinstance(v, float):
-            cols.append(torch.full((spec.batch, n), v, dtype=spec.dtype, device=spec.device))
+            cols.append(torch.full((spec.batch, n), v, dtype=spec.work, device=spec.device))
         else:
             cols.append(v.reshape(spec.batch, n))
     return torch.cat(cols, dim=1)
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def tolerance_floor(rtol, dtype: torch.dtype):
+    """``(rtol, message)``: ``rtol`` raised to ``eps(dtype) / 4`` where it is below (``message`` None if not):
+    func's values carry a relative rounding of ``eps / 2``, so a smaller rtol asks for accuracy the error
+    estimate cannot see (float32's default ``1e-7`` is above its floor ``3e-8``)."""
+    floor = torch.finfo(dtype).eps / 4
+    if isinstance(rtol, float):
+        if rtol >= floor:
+            return rtol, None
+        low, new = rtol, floor
+    else:
+        low = float(rtol.min())
+        if low >= floor:
+            return rtol, None
+        new = rtol.clamp_min(floor)
+    msg = (f"rtol={low:g} is below the resolution of {str(dtype).replace('torch.', '')} states (eps={torch.finfo(dtype).eps:g}); "
+           f"using rtol={floor:g} where it was smaller")
+    return new, msg
 
 
 def check_tol_pair(rtol, atol, names: tuple[str, str] = ("rtol", "atol")) -> None:
@@ -235,6 +264,7 @@ class FlatFunc:
         self._shape = None if spec.is_tuple else torch.Size(spec.shapes[0])
         self._flat = (spec.batch, spec.sizes[0]) if not spec.is_tuple else None
         self._device = spec.device
+        self._wide = spec.work if spec.work != spec.dtype else None
 
     def user_time(self, tau: torch.Tensor, perturb: int = 0) -> torch.Tensor:
         """tau: [..., G] -> what func receives: [...] (shared) or [..., B] (per-sample), in the state dtype.
@@ -255,12 +285,16 @@ class FlatFunc:
         self.nfe += 1
         if t_user is None:
             t_user = self.user_time(tau, perturb)
+        if self._wide is not None:
+            y = y.to(self.spec.dtype)
         out = self.func(t_user, self.spec.unflatten(y))
         if (type(out) is torch.Tensor and out.shape == self._shape and out.dtype == self.spec.dtype
                 and out.device == self._device):
             flat = out.view(self._flat) if out.is_contiguous() else out.reshape(self._flat)
         else:
             flat = self.spec.flatten(out, "func")
+        if self._wide is not None:
+            flat = flat.to(self._wide)
         return flat if self.sign > 0 else -flat
 
     def probe(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -218,3 +218,51 @@ def test_nonfinite_cycling_per_sample_isolated():
     st = fastnode.last_stats()
     assert st.status.tolist() == [fastnode.SUCCESS, fastnode.NON_FINITE]
     assert abs(float(out[-1, 0, 0]) - math.exp(-1.0)) < 1e-4
+
+
+# ---- item 2: low-precision states ----
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_decay_is_right_and_reports_the_tolerance_floor(dtype, backend):
+    # Truth: y(1) = exp(-1). Before: bfloat16 answered 0.90 (increments rounded away), reporting success.
+    with pytest.warns(RuntimeWarning, match=r"rtol=1e-07 is below the resolution of"):
+        y = odeint(lambda t, y: -y, torch.ones(4, dtype=dtype), _t(0.0, 1.0, dtype=dtype),
+                   options={"backend": backend})
+    assert y.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    assert torch.allclose(y[-1].double(), torch.full((4,), math.exp(-1.0), dtype=F64), rtol=4 * eps, atol=0)
+    assert any("below the resolution" in m for m in fastnode.last_stats().messages)
+
+
+def test_float16_constant_growth_does_not_freeze():
+    # y' = 50000 from 0: y(1) = 50000 (fp16 can hold it). Before: froze at 15528 and "succeeded" after 161k evals.
+    y = odeint(lambda t, y: torch.full_like(y, 50000.0), torch.zeros(1, dtype=torch.float16),
+               _t(0.0, 1.0, dtype=torch.float16), rtol=1e-3, atol=1e-3)
+    assert abs(float(y[-1, 0]) - 50000.0) <= 32  # one fp16 ulp at 50000
+    assert fastnode.last_stats().nfe < 100
+
+
+def test_float16_stage_sums_do_not_overflow():
+    # y' = y from 20000 to t = 1: y = 20000 e = 54365.6 < 65504. Before: the stage sums overflowed in float16 and
+    # the error blamed func.
+    y = odeint(lambda t, y: y, torch.full((2,), 20000.0, dtype=torch.float16), _t(0.0, 1.0, dtype=torch.float16),
+               rtol=1e-3, atol=1e-3)
+    assert abs(float(y[-1, 0]) - 20000.0 * math.e) <= 2 * 32
+
+
+def test_low_precision_gradient_flows_through_the_wide_state():
+    y0 = torch.ones(2, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.warns(RuntimeWarning):
+        y = odeint(lambda t, y: -y, y0, _t(0.0, 1.0, dtype=torch.bfloat16))
+    y[-1].sum().backward()
+    # Truth: d y(1) / d y0 = exp(-1).
+    assert torch.allclose(y0.grad.double(), torch.full((2,), math.exp(-1.0), dtype=F64), rtol=0.02)
+
+
+def test_finiteness_test_does_not_overflow_near_the_dtype_max():
+    # y' = 1e38 from 2e38 (float32): y(1) = 3e38 < 3.4e38, finite throughout; y_new + k_last would overflow.
+    y = odeint(lambda t, y: torch.full_like(y, 1e38), torch.full((2,), 2e38), torch.tensor([0.0, 1.0]),
+               options={"backend": "torch"})
+    assert torch.allclose(y[-1], torch.full((2,), 3e38), rtol=1e-6)

@@ -114,9 +114,9 @@ class TorchStepOps(StepOps):
         y_new, x = self.step_error(tableau, y, K, h, rtol, atol)
         with torch.no_grad():
             ratio = norm(x)
-            # One pass flags a non-finite new state or derivative (the sum is non-finite iff either is,
-            # barring overflow of the sum itself, which is as good as non-finite here).
-            ok = torch.isfinite(y_new + self.stage(K, tableau.num_stages - 1)).all(dim=1)
+            # One pass flags a non-finite new state or derivative: the half-sum is non-finite iff either is, and
+            # cannot overflow (y_new + k_last could, for finite values near the dtype's max).
+            ok = torch.isfinite((y_new * 0.5).add_(self.stage(K, tableau.num_stages - 1), alpha=0.5)).all(dim=1)
             if adjust is not None:
                 ratio = adjust(ratio)
             if ratio_floor is not None:
