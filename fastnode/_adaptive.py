@@ -5,8 +5,8 @@ torchdiffeq's semantics) or ``G = B`` (per-sample: every sample has its own time
 controller memory and status). All per-group decisions are tensors combined with ``torch.where``.
 
 The loop owns only the order of events; the backend owns the semantics of each op (``backends.base``). One
-iteration is ``_step`` (state -> next state, no host transfer: set-up, stages, finish, events, bookkeeping),
-then the host part: the one packet fetch (``HostPacket``), dense output at the output times the step passed
+iteration is the step made by ``_stepper`` (state -> next state, no host transfer: set-up, stages, finish,
+events, bookkeeping), then the host part: the one packet fetch (``HostPacket``), dense output at the output times the step passed
 (``DenseOutput``), the adjoint's landing on output times (``hooks``) and the restart past a jump.
 
 Host syncs: exactly one device-to-host transfer per iteration, a small packet holding "is any group still
@@ -193,14 +193,13 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
                          event_fn is not None)
     step = _stepper(f, ops, problem, grid, hooks, events, health)
     raise_on_failure = problem.config.on_failure == "raise"
-    S = problem.tableau.num_stages
     iterations = 0
     while packet.running and not (packet.failed and raise_on_failure):
         iterations += 1
         watch = health.watching(iterations)
-        plan, K, fin, end = step(s, watch)
+        s_old = s
+        s, plan, K, fin, end = step(s, watch)
         health.after_fetch(packet.fetch(end, hooks, health.packet_flags() if watch else None))
-        s_old, s = s, _advance(ops, S, s, fin, end, K)
         n_cross = packet.max_crossed
         if n_cross:
             if out is not None:
@@ -273,10 +272,9 @@ def _first_step(f: FlatFunc, problem: AdaptiveProblem, t: torch.Tensor, k1: torc
 
 def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, hooks, events, health: HealthCheck):
     """The step as a function of the state, with the solve's constants bound once (the loop's per-step Python time
-    is the CPU goal): ``step(s, watch) -> (plan, K, fin, end)``, one attempt for every group from ``s`` (set-up,
-    stages, finish, events, bookkeeping), with no host transfer. ``_advance`` turns its result into the next state.
-    ``watch``: ``health`` observes this step (its stage inputs, decision) and may end groups (``step_end``'s
-    ``fail``)."""
+    is the CPU goal): ``step(s, watch) -> (next state, plan, K, fin, end)``, one attempt for every group from ``s``
+    (set-up, stages, finish, events, bookkeeping, advance), with no host transfer. ``watch``: ``health`` observes
+    this step (its stage inputs, decision) and may end groups (``step_end``'s ``fail``)."""
     tab, cfg = problem.tableau, problem.config
     c, sign, squeeze, to_outputs = tab.c, f.sign, grid.squeeze, grid.to_outputs
     t_out, t_end, stops, jump_t = grid.t_out, grid.t_end, grid.stops, grid.jump_t
@@ -286,7 +284,8 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
     # (with jump_t the left limit there, so a step that lands on a discontinuity never mixes in the right side).
     rows = [(i, tab.a[i], c[i] == 1.0) for i in range(1, tab.num_stages)]
     step_begin, finish_control, step_end = ops.step_begin, ops.finish_control, ops.step_end
-    new_stages, set_stage, rk_combine = ops.new_stages, ops.set_stage, ops.rk_combine
+    new_stages, set_stage, rk_combine, stage = ops.new_stages, ops.set_stage, ops.rk_combine, ops.stage
+    last = tab.num_stages - 1
 
     keep = () if health.pair is None else health.pair
 
@@ -319,19 +318,16 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
                        jump_t=jump_t, stop=stop, fail=fail)
         if hooks is not None:
             hooks.end_step(fin.accept, end.running, fin.ok | ~s.running)
-        return plan, K, fin, end
+        # Advance: accepted groups move to the step's end (before the loop's host transfer, so on a GPU these
+        # launches queue up ahead of it); next_out moves in the host part, once the packet says how many output
+        # times the step passed. Positional, in LoopState's field order.
+        acc = fin.accept.unsqueeze(1)
+        s_next = LoopState(end.t, end.h, torch.where(acc, fin.y_new, y), torch.where(acc, stage(K, last), s.f),
+                           end.running, end.status, end.n_attempted, end.n_accepted, fin.prev_ratio,
+                           end.last_nonfinite, s.next_out)
+        return s_next, plan, K, fin, end
 
     return step
-
-
-def _advance(ops: StepOps, S: int, s: LoopState, fin: StepResult, end: StepEnd, K) -> LoopState:
-    """The next state: accepted groups move to the step's end (``next_out`` moves in the host part)."""
-    acc = fin.accept.unsqueeze(1)
-    # Positional, in LoopState's field order (t, h, y, f, running, status, n_attempted, n_accepted, prev_ratio,
-    # last_nonfinite, next_out): this runs once per step.
-    return LoopState(end.t, end.h, torch.where(acc, fin.y_new, s.y), torch.where(acc, ops.stage(K, S - 1), s.f),
-                     end.running, end.status, end.n_attempted, end.n_accepted, fin.prev_ratio, end.last_nonfinite,
-                     s.next_out)
 
 
 def _land(f: FlatFunc, hooks, s: LoopState, end: StepEnd, landed_running: int) -> None:

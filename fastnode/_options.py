@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,17 +42,18 @@ class ControllerConfig:
     pi_alpha: float = 0.7  # PI exponents, divided by the order
     pi_beta: float = 0.4
 
+    _floats: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_floats", (float(self.order), self.safety, self.ifactor, self.dfactor, self.min_step,
+                                             self.max_step, 1.0 if self.kind == "pi" else 0.0, self.pi_alpha,
+                                             self.pi_beta))
+
     def as_floats(self) -> tuple[float, ...]:
         """The settings in the order the compiled ``finish_control`` ops take them (``fastnode::`` and
         ``fastnode_triton::``): order, safety, ifactor, dfactor, min_step, max_step, is_pi, pi_alpha, pi_beta.
-
         Made once per config (the fused finish asks every step)."""
-        hit = self.__dict__.get("_floats")
-        if hit is None:
-            hit = (float(self.order), self.safety, self.ifactor, self.dfactor, self.min_step, self.max_step,
-                   1.0 if self.kind == "pi" else 0.0, self.pi_alpha, self.pi_beta)
-            object.__setattr__(self, "_floats", hit)  # a cache, not a field: equality and hash ignore it
-        return hit
+        return self._floats
 
 
 def rms_norm(x: torch.Tensor, segments: list[tuple[int, int]] | None = None) -> torch.Tensor:

@@ -9,13 +9,15 @@ are opaque ``custom_op`` s, see ``_launch.register_op``):
 - ``finish_control`` (``finish_control.py``): solution, scaled error RMS norm (per group, any segments), finiteness,
   accept/reject and the next step size (I or PI controller), on the device in two launches;
 - ``step_error`` (``finish_control.py``): solution and scaled error in one pass, for a user's norm;
-- ``step_begin`` / ``step_end`` (``step_bookkeeping.py``): a step's set-up (clip to the next stop, stage times) and
-  bookkeeping (counters, status, output times crossed, the loop's host-transfer packet), one launch each;
+- ``step_begin`` (``step_begin.py``): a step's set-up (clip to the next stop, stage times), one launch;
+- ``step_end`` (``step_end.py``): a step's bookkeeping (counters, status, output times crossed, the loop's
+  host-transfer packet), one launch;
 - ``interpolate`` (``interpolate.py``): dense output at per-row ``theta`` inside a step.
 
-``TritonStepOps`` (``step_ops.py``) plugs them into the solver loop through the StepOps interface; the references
-they are tested against are ``fastnode.backends.torch_ops.TorchStepOps`` (``reference_*`` beside each kernel). The
-adjoint's augmented state ``[G, 2N]`` goes through the same ops.
+This package is a leaf: it imports nothing from ``fastnode``. ``fastnode.backends.triton_ops.TritonStepOps`` (the
+``triton`` backend) plugs the ops into the solver loop through the StepOps interface; the reference each op is
+tested against is the method of the same name on ``fastnode.backends.torch_ops.TorchStepOps``. The adjoint's
+augmented state ``[G, 2N]`` goes through the same ops.
 
 The kernels run on CUDA tensors, and on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` was set
 before this package was first imported (the tests do that).
@@ -26,9 +28,11 @@ from __future__ import annotations
 import torch
 
 from ._launch import INTERPRETED
-from .finish_control import finish_control, reference_finish_control, step_error
-from .interpolate import interpolate, reference_interpolate
-from .rk_combine import reference_rk_combine, rk_combine
+from .finish_control import finish_control, step_error
+from .interpolate import interpolate
+from .rk_combine import rk_combine
+from .step_begin import step_begin
+from .step_end import step_end
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -56,10 +60,9 @@ __all__ = [
     "INTERPRETED",
     "finish_control",
     "interpolate",
-    "reference_finish_control",
-    "reference_interpolate",
-    "reference_rk_combine",
     "rk_combine",
+    "step_begin",
+    "step_end",
     "step_error",
     "unavailable_reason",
 ]

@@ -16,6 +16,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import custom_op, triton_op
 
@@ -49,7 +50,7 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def register_op(name: str):
-    """Registers an op body with ``torch.library``: ``triton_op`` for compiled kernels, ``custom_op`` in the interpreter.
+    """Registers an op body with ``torch.library``: ``triton_op`` compiled, ``custom_op`` in the interpreter.
 
     ``triton_op`` makes the kernels visible to ``torch.compile`` (its body is traced through ``wrap_triton``) and
     registers the body as the fake implementation. In Triton's interpreter ``wrap_triton`` cannot record a kernel, so
@@ -94,6 +95,34 @@ def control_tiles(G: int, n_cb: int, device: torch.device) -> tuple[int, int]:
     cblock = min(triton.next_power_of_2(max(n_cb, 1)), cblock_max)
     block = max(1, min(triton.next_power_of_2(max(G, 1)), tile // cblock))
     return block, cblock
+
+
+# Groups per program (one lane each); the interpreter takes them all in one program.
+_GPU_BLOCK = 1024
+_INTERP_BLOCK = 1 << 16
+
+
+def _block(G: int, device: torch.device) -> int:
+    return min(triton.next_power_of_2(max(G, 1)), _GPU_BLOCK if device.type == "cuda" else _INTERP_BLOCK)
+
+
+def _logt(T: int) -> int:
+    return max(1, (max(T, 1)).bit_length())  # enough halvings of [0, T)
+
+
+@triton.jit
+def _count_le(tout_ptr, rows64, m, x, T, LOGT: tl.constexpr):
+    # Per row: how many of t_out[row, :T] (increasing) are <= x (searchsorted right), by binary search.
+    lo = tl.zeros_like(rows64)
+    hi = tl.zeros_like(rows64) + T
+    for _ in tl.static_range(LOGT):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(tout_ptr + rows64 * T + tl.minimum(mid, T - 1), mask=m & active, other=0.0)
+        go = active & (v <= x)
+        lo = tl.where(go, mid + 1, lo)
+        hi = tl.where(active & ~go, mid, hi)
+    return lo
 
 
 def check_state(y: torch.Tensor, op: str) -> None:

@@ -2,14 +2,14 @@
 
 Two launches, no host sync:
 
-1. ``_step_finish_kernel`` (one pass over the stages): per tile of ``[G, N]`` it writes
+1. ``_step_error_kernel`` (one pass over the stages): per tile of ``[G, N]`` it writes
    ``y_new = y + h * sum_j b_j k_j``, forms the error ``h * sum_j e_j k_j`` scaled by
    ``atol + rtol * max(|y|, |y_new|)``, and stores per row and norm segment the tile's sum of squares (float64)
    and whether ``y_new`` and the last stage are finite there.
 2. ``_control_kernel`` (one lane per group): adds the tiles' partial sums in a fixed order (deterministic, no
    atomics), takes the RMS of every segment and their max (``fastnode.backends.torch_ops.RMSNorm``), applies the
    ratio floor, sets the ratio to inf where a value is non-finite, and runs the I or PI controller
-   (``TorchStepOps.controller``; ``csrc/step_ops.h::control_one``) in float64.
+   (``TorchStepOps.controller``; ``csrc/common.h::control_one``) in float64.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from torch.library import wrap_triton
 
 from ._launch import check_rows, check_stages, check_state, control_tiles, empty, launches, register_op, tiles
 
-# Offsets into the float64 constants tensor ``consts``: the scalar tolerances, then the controller settings in the
-# order of ``fastnode.backends.ext_ops.ctrl_values``.
+# Offsets into the float64 constants tensor ``consts``: the scalar tolerances, then the controller settings (order,
+# safety, ifactor, dfactor, min_step, max_step, pi flag, pi_alpha, pi_beta), as the fastnode:: C++ ops take them.
 N_CONSTS = 11
 
 
 @triton.jit
-def _step_finish_kernel(y_ptr, k_ptr, h_ptr, w_ptr, idx_ptr, rtol_ptr, atol_ptr, consts_ptr, seg_ptr,
+def _step_error_kernel(y_ptr, k_ptr, h_ptr, w_ptr, idx_ptr, rtol_ptr, atol_ptr, consts_ptr, seg_ptr,
                         ynew_ptr, x_ptr, part_ptr, fin_ptr, G, N, stride_s, rtol_rs, atol_rs, s_last,
                         U: tl.constexpr, BMASK: tl.constexpr, EMASK: tl.constexpr, LAST: tl.constexpr,
                         NSEG: tl.constexpr, RTOL_T: tl.constexpr, ATOL_T: tl.constexpr, WRITE_X: tl.constexpr,
@@ -158,7 +158,7 @@ def _control_kernel(part_ptr, fin_ptr, seg_ptr, consts_ptr, hctl_ptr, prev_ptr, 
     prev = tl.load(prev_ptr + rows, mask=m, other=1.0)
     running = tl.load(run_ptr + rows, mask=m, other=0) != 0
 
-    # The formulas and order of operations of TorchStepOps.controller (csrc/step_ops.h::control_one).
+    # The formulas and order of operations of TorchStepOps.controller (csrc/common.h::control_one).
     r = tl.where(rr != rr, inf, rr)  # noqa: PLR0124  (NaN test)
     accept = r <= 1.0
     # NOTE: scalar conditions go through tl.where (Triton's interpreter cannot `&` a scalar bool with a block).
@@ -203,7 +203,8 @@ def _check_step(op, y, K, h, be_w, be_idx, b_mask, e_mask, last_pos, rtol_t, ato
     U = be_idx.shape[0] if be_idx.dim() == 1 else -1
     if (U < 0 or U > S or be_idx.dtype != torch.int32 or be_w.shape != (2 * U,) or be_w.dtype != torch.float64
             or be_w.device != dev or be_idx.device != dev):
-        raise ValueError(f"fastnode_triton.{op}: be_w must be float64 [2 * U] and be_idx int32 [U] on {dev}, U <= S = {S}")
+        raise ValueError(f"fastnode_triton.{op}: be_w must be float64 [2 * U] and be_idx int32 [U] on {dev}, "
+                         f"U <= S = {S}")
     if not (0 <= b_mask < (1 << U) and 0 <= e_mask < (1 << U)):
         raise ValueError(f"fastnode_triton.{op}: b_mask and e_mask must be bit masks over the U = {U} stages")
     if not -1 <= last_pos < U:
@@ -236,7 +237,7 @@ def step_error(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torch.Te
         return y_new, x
     bg, bn, nw = tiles(G, N, y.device)
     grid = (triton.cdiv(G, bg) * triton.cdiv(N, bn),)
-    wrap_triton(_step_finish_kernel)[grid](
+    wrap_triton(_step_error_kernel)[grid](
         y, K, h, be_w, be_idx, rtol_t if rtol_t is not None else y, atol_t if atol_t is not None else y,
         consts, be_idx, y_new, x, consts, be_idx, G, N, G * N, rtol_rs, atol_rs, K.shape[0] - 1,
         U=U, BMASK=b_mask, EMASK=e_mask, LAST=last_pos, NSEG=0, RTOL_T=rtol_t is not None, ATOL_T=atol_t is not None,
@@ -297,7 +298,7 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torc
     if not launches(y):
         return y_new, ratio, ok.view(torch.bool), accept.view(torch.bool), h_next, prev_out
     grid = (triton.cdiv(G, bg) * n_cb,)
-    wrap_triton(_step_finish_kernel)[grid](
+    wrap_triton(_step_error_kernel)[grid](
         y, K, h, be_w, be_idx, rtol_t if rtol_t is not None else y, atol_t if atol_t is not None else y,
         consts, segments, y_new, y_new, part, fin, G, N, G * N, rtol_rs, atol_rs, S - 1,
         U=U, BMASK=b_mask, EMASK=e_mask, LAST=last_pos, NSEG=nseg, RTOL_T=rtol_t is not None, ATOL_T=atol_t is not None,
@@ -309,11 +310,3 @@ def finish_control(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, be_w: torc
         ratio_floor if ratio_floor is not None else h_ctl, ratio, ok, accept, h_next, prev_out, G, n_cb,
         NSEG=nseg, HAS_FLOOR=ratio_floor is not None, BLOCK=block, CBLOCK=cblock, num_warps=4)
     return y_new, ratio, ok.view(torch.bool), accept.view(torch.bool), h_next, prev_out
-
-
-def reference_finish_control(tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running, ratio_floor=None):
-    """The torch backend's composition (``StepOps.finish_control`` on ``TorchStepOps``)."""
-    from fastnode.backends.torch_ops import TorchStepOps
-
-    return TorchStepOps().finish_control(tableau, y, list(K), h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
-                                         ratio_floor=ratio_floor)

@@ -94,10 +94,3 @@ def interpolate(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, theta: torch.
     wrap_triton(_interpolate_kernel)[grid](y, K, h, theta, dense, idx, out, G, N, G * N, NU=U, P=P, BLOCK_G=bg,
                                            BLOCK_N=bn, num_warps=nw)
     return out
-
-
-def reference_interpolate(tableau, y: torch.Tensor, K, h: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """The torch backend's dense output (``TorchStepOps.interpolate``)."""
-    from fastnode.backends.torch_ops import TorchStepOps
-
-    return TorchStepOps().interpolate(tableau, y, list(K), h, theta)

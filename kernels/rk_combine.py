@@ -75,10 +75,3 @@ def rk_combine(y: torch.Tensor, K: torch.Tensor, h: torch.Tensor, w: torch.Tenso
     wrap_triton(_rk_combine_kernel)[grid](y, K, h, w, idx, out, G, N, G * N, NW=w.shape[0], BLOCK_G=bg,
                                            BLOCK_N=bn, num_warps=nw)
     return out
-
-
-def reference_rk_combine(y: torch.Tensor, K, h: torch.Tensor, weights) -> torch.Tensor:
-    """The torch backend's combination (``fastnode.backends.torch_ops._combine``), dense weights ``[len(K)]``."""
-    from fastnode.backends.torch_ops import _combine
-
-    return _combine(y, list(K), h, list(weights))

@@ -171,12 +171,13 @@ def test_tiny_training_lowers_loss(adjoint):
     assert losses[-1] < 0.6 * losses[0]
 
 
+@pytest.mark.filterwarnings("ignore:ODENet. input of:UserWarning")  # 8x8 inputs: the 1x1 map is on purpose here
 def test_image_odenet_training_step_lowers_loss():
     torch.manual_seed(0)
     # Width 64 as in the thesis: with fewer channels GroupNorm(min(32, C)) normalises every channel on its own
     # before the global pooling, which leaves the head little to learn from in a few steps.
     # A fixed grid (rk4, 4 steps) keeps this test independent of the backend: with dopri5 at rtol 1e-2 the adaptive
-    # adjoint of this untrained 2x2-feature-map net stalls (step size -> 1e-12, parameter-error estimate
+    # adjoint of this untrained 1x1-feature-map net stalls (step size -> 1e-12, parameter-error estimate
     # non-finite) for 5 of 8 seeds, on the torch and the ext backend alike, in float32 and float64.
     net = ImageODENet(1, 3, width=64, method="rk4", options={"step_size": 0.25}, adjoint=True)
     y = torch.arange(12) % 3
@@ -200,3 +201,21 @@ def test_docstring_examples(name):
         warnings.simplefilter("error")
         res = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert res.attempted > 0 and res.failed == 0
+
+
+@pytest.mark.parametrize("net_cls", [ImageODENet, ImageResNet], ids=["odenet", "resnet"])
+def test_feature_map_size_and_small_map_warning(net_cls):
+    net = net_cls(1, 10, width=8)
+    for size in (8, 11, 13, 14, 16, 28, 31):  # the formula against the stem itself
+        assert net_cls.feature_map_size(size) == net.stem(torch.zeros(1, 1, size, size)).shape[-1]
+    smallest = 14 if net_cls is ImageODENet else 11
+    assert net_cls.feature_map_size(smallest) == 3 and net_cls.feature_map_size(smallest - 1) == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net(torch.randn(2, 1, smallest, smallest))
+        assert not caught
+        net(torch.randn(2, 1, smallest - 1, smallest - 1))
+        net(torch.randn(2, 1, smallest - 1, smallest - 1))  # once per model
+    assert len(caught) == 1 and "below 3x3" in str(caught[0].message)
+    with pytest.raises(ValueError, match="image_size"):
+        net_cls.feature_map_size(0)

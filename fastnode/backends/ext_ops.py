@@ -24,7 +24,7 @@ import warnings
 import torch
 
 from .._options import RMSNorm
-from .base import StepEnd, StepPlan, StepResult
+from .base import StepEnd, StepPlan, StepResult, as_named
 from .torch_ops import TorchStepOps
 
 _FLOATS = (torch.float32, torch.float64)
@@ -120,30 +120,29 @@ class ExtStepOps(TorchStepOps):
         self.forced = forced
         self._ops = torch.ops.fastnode
 
-    @staticmethod
-    def _fits(y: torch.Tensor) -> bool:
-        return y.dtype in _FLOATS and y.dim() == 2
+    # NOTE: the checks below run several times per step, so they are written inline (y.ndim, not y.dim(): a
+    # property, not a call) rather than as a helper: the loop's per-step Python time is the CPU goal.
 
     def rk_combine(self, y, K, h, weights):
-        if not self._fits(y):
+        if y.dtype not in _FLOATS or y.ndim != 2:
             return super().rk_combine(y, K, h, weights)
-        return self._ops.rk_combine(y, K[: len(weights)], h, weights)
+        return self._ops.rk_combine(y, K, h, weights)  # the op reads the first len(weights) stages
 
     def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                        ratio_floor=None, adjust=None):
-        if (adjust is not None or not isinstance(norm, RMSNorm) or not self._fits(y) or h_ctl.dtype != torch.float64
-                or tableau.e is None or len(K) != tableau.num_stages):
+        if (adjust is not None or not isinstance(norm, RMSNorm) or y.dtype not in _FLOATS or y.ndim != 2
+                or h_ctl.dtype != torch.float64 or tableau.e is None or len(K) != len(tableau.c)):
             return super().finish_control(tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                                           ratio_floor=ratio_floor, adjust=adjust)
         rt, rs = (None, float(rtol)) if not isinstance(rtol, torch.Tensor) else tol_args(rtol, y)
         at, as_ = (None, float(atol)) if not isinstance(atol, torch.Tensor) else tol_args(atol, y)
         floor = None if ratio_floor is None else ratio_floor.to(torch.float64).reshape(-1).expand(y.shape[0])
-        return StepResult(*self._ops.finish_control(y, K, h, tableau.b, tableau.e, rt, rs, at, as_,
+        return as_named(StepResult, self._ops.finish_control(y, K, h, tableau.b, tableau.e, rt, rs, at, as_,
                                                     norm.bounds(y.shape[1]), h_ctl, prev_ratio, running, floor,
                                                     cfg.as_floats()))
 
     def interpolate(self, tableau, y, K, h, theta):
-        if not self._fits(y) or not y.is_cpu:
+        if y.dtype not in _FLOATS or y.ndim != 2 or not y.is_cpu:
             return super().interpolate(tableau, y, K, h, theta)
         dense = _dense_flat(tableau)
         P = len(tableau.dense[0])
@@ -158,7 +157,7 @@ class ExtStepOps(TorchStepOps):
                                       stops=stops, end_perturb=end_perturb, time_grad=time_grad)
         h_ctl, clipped, t_new, hs, ts, te = self._ops.step_begin(t, h, running, t_out, t_end, to_outputs, c,
                                                                   float(sign), state_dtype, squeeze)
-        return StepPlan(h_ctl, h_ctl, clipped, t_new, hs, ts, te)
+        return as_named(StepPlan, (h_ctl, h_ctl, clipped, t_new, hs, ts, te))
 
     def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
                  new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None, fail=None):
@@ -166,8 +165,9 @@ class ExtStepOps(TorchStepOps):
             return super().step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
                                     last_nonfinite, new_ok, next_idx, t_out, max_num_steps, codes, jump_t=jump_t,
                                     stop=stop, fail=fail)
-        return StepEnd(*self._ops.step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
-                                           last_nonfinite, new_ok, next_idx, t_out, int(max_num_steps), codes))
+        return as_named(StepEnd, self._ops.step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc,
+                                                  status, last_nonfinite, new_ok, next_idx, t_out, int(max_num_steps),
+                                                  codes) + (None,))
 
     def adjoint_weights(self, h: torch.Tensor, accept: torch.Tensor, b) -> torch.Tensor:
         """[S, G]: ``h_g * b_j`` where group g's step was accepted, else 0."""

@@ -17,7 +17,7 @@ import torch
 
 from .._options import ControllerConfig, RMSNorm, rms_norm  # noqa: F401  (the reference's norm and controller)
 from .._tableau import ButcherTableau
-from .base import StepEnd, StepOps, StepPlan, StepResult
+from .base import StepEnd, StepOps, StepPlan, StepResult, as_named
 
 
 def _lincomb(K: list, weights) -> torch.Tensor | None:
@@ -57,7 +57,7 @@ class TorchStepOps(StepOps):
         return K[i]
 
     def rk_combine(self, y, K, h, weights):
-        return _combine(y, K[: len(weights)], h, weights)
+        return _combine(y, K, h, weights)  # zip in _lincomb reads the first len(weights) stages
 
     def step_error(self, tableau, y, K, h, rtol, atol):
         y_new = _combine(y, K, h, tableau.b)
@@ -123,7 +123,7 @@ class TorchStepOps(StepOps):
                 ratio = torch.maximum(ratio, ratio_floor.to(ratio.dtype))
             ratio = torch.where(ok, ratio.to(h_ctl.dtype), math.inf)
             accept, h_next, prev_ratio = self.controller(cfg, h_ctl, ratio, prev_ratio, running)
-        return StepResult(y_new, ratio, ok, accept, h_next, prev_ratio)
+        return as_named(StepResult, (y_new, ratio, ok, accept, h_next, prev_ratio))
 
     def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze, *, stops=None,
                    end_perturb=0, time_grad=False):
@@ -157,7 +157,7 @@ class TorchStepOps(StepOps):
             te = torch.nextafter(te, torch.full_like(te, end_perturb * sign * math.inf))
         if squeeze:
             ts, te = ts.squeeze(-1), te.squeeze(-1)
-        return StepPlan(h_ctl, h_eff, clipped, t_new, h_eff.to(state_dtype), ts, te)
+        return as_named(StepPlan, (h_ctl, h_eff, clipped, t_new, h_eff.to(state_dtype), ts, te))
 
     def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
                  new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None, fail=None):
@@ -199,8 +199,8 @@ class TorchStepOps(StepOps):
             packet = torch.stack([running_next.any().to(torch.int64), stuck.any().to(torch.int64), crossed.max()])
         if graph and torch.is_grad_enabled():
             t_fut = torch.where(accept, t_new, t)  # the same times, with the output times' graph
-        return StepEnd(h_keep, t_fut, n_att, n_acc, status, last_nonfinite, stuck, crossed, running_next, packet,
-                       jumped)
+        return as_named(StepEnd, (h_keep, t_fut, n_att, n_acc, status, last_nonfinite, stuck, crossed, running_next,
+                                  packet, jumped))
 
     @torch.no_grad()
     def adjoint_weights(self, h, accept, b):

@@ -21,12 +21,9 @@ import contextlib
 import torch
 
 from .._options import RMSNorm
-from ..kernels import finish_control as _fc  # noqa: F401  (importing the modules registers the fastnode_triton:: ops)
-from ..kernels import interpolate as _ip  # noqa: F401
-from ..kernels import rk_combine as _rk  # noqa: F401
-from ..kernels import step_bookkeeping as _sb  # noqa: F401
+from .. import kernels as _kernels  # noqa: F401  (importing the package registers every fastnode_triton:: op)
 from ..kernels._launch import FLOAT_DTYPES, device_constants, tableau_constants
-from .base import StepEnd, StepPlan, StepResult
+from .base import StepEnd, StepPlan, StepResult, as_named
 from .torch_ops import TorchStepOps
 
 
@@ -147,7 +144,7 @@ class TritonStepOps(TorchStepOps):
                 _rows(t_end, G, f64), bool(to_outputs), cc, sign < 0, state_dtype)
         if squeeze:
             ts, te = ts.squeeze(-1), te.squeeze(-1)
-        return StepPlan(h_ctl, h_ctl, clipped, t_new, hs, ts, te)
+        return as_named(StepPlan, (h_ctl, h_ctl, clipped, t_new, hs, ts, te))
 
     def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
                  new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None, fail=None):
@@ -160,12 +157,12 @@ class TritonStepOps(TorchStepOps):
         cd = device_constants(tuple(int(v) for v in codes), torch.int8, dev)
         b, i64 = torch.bool, torch.int64
         with _on(dev), torch.no_grad():
-            return StepEnd(*self._ops.step_end(
+            return as_named(StepEnd, self._ops.step_end(
                 _rows(accept, G, b), _rows(h_next, G, f64), _rows(h, G, f64), _rows(clipped, G, b),
                 _rows(running, G, b), _rows(t, G, f64), _rows(t_new, G, f64), _rows(t_end, G, f64),
                 _rows(n_att, G, i64), _rows(n_acc, G, i64), _rows(status, G, torch.int8),
                 _rows(last_nonfinite, G, b), _rows(new_ok, G, b), _rows(next_idx, G, i64), t_out.contiguous(),
-                int(max_num_steps), cd))
+                int(max_num_steps), cd) + (None,))
 
     def step_error(self, tableau, y, K, h, rtol, atol):
         # Reached through finish_control's composition when the norm is a user's (or the adjoint's custom norm):
@@ -197,7 +194,7 @@ class TritonStepOps(TorchStepOps):
         segments = device_constants(tuple(norm.bounds(N)), torch.int64, dev)
         floor = None if ratio_floor is None else _rows(ratio_floor, G, torch.float64)  # 0-d in shared mode
         with _on(y.device):
-            return StepResult(*self._ops.finish_control(
+            return as_named(StepResult, self._ops.finish_control(
                 self._contiguous(y), K, _rows(h, G, y.dtype), *tc.finish(), rt[0], at[0], consts, segments,
                 _rows(h_ctl, G, torch.float64), _rows(prev_ratio, G, torch.float64), _rows(running, G, torch.bool),
                 floor))

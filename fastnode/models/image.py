@@ -19,6 +19,8 @@ count is the same either way, and it matches the tables).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -151,11 +153,41 @@ class ImageODENet(nn.Module):
         self.block = ODEBlock(ImageODEFunc(width), **block_kwargs)
         self.head = _head(width, num_classes)
 
+    @staticmethod
+    def feature_map_size(image_size: int) -> int:
+        """Side of the map the ODE block runs on for ``image_size x image_size`` inputs (28 -> 6).
+
+        Example:
+            >>> ImageODENet.feature_map_size(28), ImageODENet.feature_map_size(8)
+            (6, 1)
+        """
+        s = _check_int("image_size", image_size) - 2  # conv3x3, no padding
+        for _ in range(2):  # conv4x4, stride 2, padding 1
+            s = (s - 2) // 2 + 1
+        return s
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, in_channels, H, W]`` (``H, W >= 11``); returns logits ``[B, num_classes]``."""
+        """``x``: ``[B, in_channels, H, W]`` (``H, W >= 14`` for a useful network); returns ``[B, num_classes]``.
+
+        Inputs under 14x14 leave the ODE block a feature map below 3x3, where its GroupNorm groups hold a handful
+        of values (one, at 1x1 with 32 channels or fewer: the norm then outputs its bias whatever the input) and
+        the network gives nearly the same logits for every image. The forward still runs (tests use tiny
+        images), but warns once per model; the studies refuse such configurations.
+        """
         if x.ndim != 4:
             raise ValueError(f"x must be [B, C, H, W], got shape {tuple(x.shape)}")
-        return self.head(self.block(self.stem(x)))
+        h = self.stem(x)
+        _warn_small_map(self, h, x, "ODENet", 14)
+        return self.head(self.block(h))
+
+
+def _warn_small_map(net: nn.Module, h: torch.Tensor, x: torch.Tensor, kind: str, min_input: int) -> None:
+    if (h.shape[-1] < 3 or h.shape[-2] < 3) and not getattr(net, "_small_map_warned", False):
+        net._small_map_warned = True
+        per_group = (h.shape[1] // min(32, h.shape[1])) * h.shape[-1] * h.shape[-2]
+        warnings.warn(f"{kind}: input of {tuple(x.shape[-2:])} leaves a {tuple(h.shape[-2:])} feature map after the "
+                      f"stem, below 3x3 (GroupNorm groups of {per_group} value(s)): a degenerate network; use images "
+                      f"of at least {min_input}x{min_input}", UserWarning, stacklevel=3)
 
 
 class ResBlock(nn.Module):
@@ -224,8 +256,24 @@ class ImageResNet(nn.Module):
         self.blocks = nn.Sequential(*[ResBlock(width) for _ in range(n_blocks)])
         self.head = _head(width, num_classes)
 
+    @staticmethod
+    def feature_map_size(image_size: int) -> int:
+        """Side of the map the residual blocks run on for ``image_size x image_size`` inputs (28 -> 7).
+
+        Example:
+            >>> ImageResNet.feature_map_size(28)
+            7
+        """
+        s = _check_int("image_size", image_size) - 2
+        for _ in range(2):  # conv3x3, stride 2, padding 1
+            s = (s - 1) // 2 + 1
+        return s
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[B, in_channels, H, W]``; returns logits ``[B, num_classes]``."""
+        """``x``: ``[B, in_channels, H, W]`` (``H, W >= 11`` for a useful network, see ``ImageODENet.forward``);
+        returns logits ``[B, num_classes]``."""
         if x.ndim != 4:
             raise ValueError(f"x must be [B, C, H, W], got shape {tuple(x.shape)}")
-        return self.head(self.blocks(self.stem(x)))
+        h = self.stem(x)
+        _warn_small_map(self, h, x, "ResNet", 11)
+        return self.head(self.blocks(h))

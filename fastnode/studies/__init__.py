@@ -1,13 +1,13 @@
 """Runnable studies of the source papers' claims: ``python -m fastnode.studies <name> [--quick] [--out DIR]``.
 
-Studies: ``resnet-vs-odenet``, ``memory-vs-depth``, ``tolerance``, ``limits``, ``tabular``. Each writes
+Studies: ``resnet-vs-odenet``, ``memory-vs-depth``, ``tolerance``, ``limits``, ``tabular``, ``solvers``. Each writes
 ``<name>.json``, ``<name>.md`` and PNG plots into ``--out``. Training studies run under
 ``torchrun --nproc_per_node=N`` with DistributedDataParallel (gloo on CPU, nccl on GPU).
 
 Example:
     >>> from fastnode.studies import STUDIES
     >>> sorted(STUDIES)
-    ['limits', 'memory-vs-depth', 'resnet-vs-odenet', 'tabular', 'tolerance']
+    ['limits', 'memory-vs-depth', 'resnet-vs-odenet', 'solvers', 'tabular', 'tolerance']
 """
 
 import importlib
@@ -18,6 +18,7 @@ _MODULES = {
     "tolerance": "tolerance",
     "limits": "limits",
     "tabular": "tabular",
+    "solvers": "solvers",
 }
 STUDIES = tuple(_MODULES)
 
@@ -64,8 +65,7 @@ def run_study(name: str, *, out, quick: bool = False, progress: bool = False, de
     for k, v in overrides.items():
         if k not in cfg and k not in ("seed", "data_dir"):
             raise ValueError(f"unknown setting {k!r} for study {name!r}; known: {sorted(cfg)}")
-        if v is not None:
-            cfg[k] = v
+        cfg[k] = v  # an explicit None is a value too (train_size=None: the whole set)
     cfg["out"] = str(out)
     cfg["progress"] = bool(progress)
     cfg["quick"] = bool(quick)

@@ -18,12 +18,15 @@ __all__ = [
     "DistInfo",
     "SavedTensorMeter",
     "batches",
+    "check_feature_map",
     "cleanup_distributed",
     "evaluate",
     "median_throughput",
     "ode_blocks",
     "progress",
     "setup_distributed",
+    "spread",
+    "time_call",
     "train_epoch",
 ]
 
@@ -225,9 +228,10 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.o
         desc: bar label.
 
     Returns:
-        dict with ``loss`` (mean over batches), ``batch_times`` (s), ``samples`` (per batch, this rank),
-        ``nfe_forward`` and ``nfe_backward`` (mean per batch over the ODE blocks, ``None`` without blocks or
-        counts).
+        dict with ``loss`` (mean over batches), ``batch_times`` (wall s), ``batch_cpu_times`` (thread CPU s),
+        ``samples`` (per batch, this rank), ``nfe_forward`` and ``nfe_backward`` (mean per batch over the ODE
+        blocks, ``None`` without blocks or counts), and the per-batch ``nfe_forward_batches``,
+        ``nfe_backward_batches`` and ``batch_losses``.
 
     Example:
         >>> import torch
@@ -242,13 +246,13 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.o
     dev = info.device
     model.train()
     blocks = ode_blocks(model)
-    losses, times, samples, nfe_f, nfe_b = [], [], [], [], []
+    losses, times, cpu_times, samples, nfe_f, nfe_b = [], [], [], [], [], []
     idx_list = batches(len(y), batch_size, shuffle=True, seed=seed, epoch=epoch, rank=info.rank, world=info.world)
     for idx in progress(idx_list, show_progress, desc=desc):
         xb, yb = x[idx].to(dev), y[idx].to(dev)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(xb), yb)
         loss.backward()
@@ -256,6 +260,7 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.o
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.thread_time() - c0)
         samples.append(len(idx))
         losses.append(float(loss.detach()))
         if blocks:
@@ -263,8 +268,9 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.o
             nb = [b.nfe_backward for b in blocks]
             nfe_b.append(None if any(v is None for v in nb) else sum(nb))
     mean = lambda v: (sum(v) / len(v)) if v and all(a is not None for a in v) else None
-    return {"loss": mean(losses), "batch_times": times, "samples": samples, "nfe_forward": mean(nfe_f),
-            "nfe_backward": mean(nfe_b)}
+    return {"loss": mean(losses), "batch_times": times, "batch_cpu_times": cpu_times, "samples": samples,
+            "nfe_forward": mean(nfe_f), "nfe_backward": mean(nfe_b), "nfe_forward_batches": nfe_f,
+            "nfe_backward_batches": nfe_b, "batch_losses": losses}
 
 
 @torch.no_grad()
@@ -333,3 +339,78 @@ def median_throughput(fn: Callable[[], object], n_samples: int, *, repeats: int 
         sync()
         times.append(time.perf_counter() - t0)
     return n_samples / statistics.median(times)
+
+
+def time_call(fn: Callable[[], object], device: torch.device | None = None) -> tuple[float, float]:
+    """Thread CPU seconds and wall seconds of one call of ``fn``.
+
+    Thread CPU time (``time.thread_time``) counts only this thread's work, so on a shared machine it does not
+    include time the thread waited for a core; with ``torch.set_num_threads(1)`` all of torch's CPU work (forward
+    and autograd's backward) runs on this thread, so it is the whole cost. On CUDA the device is synchronised and
+    only the wall time is meaningful.
+
+    Example:
+        >>> cpu, wall = time_call(lambda: sum(range(10000)))
+        >>> cpu >= 0 and wall > 0
+        True
+    """
+    sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else (lambda: None)
+    sync()
+    c0, w0 = time.thread_time(), time.perf_counter()
+    fn()
+    sync()
+    return time.thread_time() - c0, time.perf_counter() - w0
+
+
+def spread(values) -> dict:
+    """Median, quartiles (IQR), mean, sample standard deviation, min, max and count of ``values``.
+
+    Args:
+        values: non-empty sequence of numbers.
+
+    Returns:
+        dict with ``median``, ``q1``, ``q3``, ``iqr``, ``mean``, ``std`` (``None`` for one value), ``min``, ``max``,
+        ``n``.
+
+    Example:
+        >>> s = spread([1.0, 2.0, 3.0, 4.0, 100.0])
+        >>> s["median"], s["q1"], s["q3"], s["n"]
+        (3.0, 2.0, 4.0, 5)
+    """
+    v = [float(a) for a in values]
+    if not v:
+        raise ValueError("values must not be empty")
+    q1, q2, q3 = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else (v[0], v[0], v[0])
+    return {"median": q2, "q1": q1, "q3": q3, "iqr": q3 - q1, "mean": statistics.fmean(v),
+            "std": statistics.stdev(v) if len(v) > 1 else None, "min": min(v), "max": max(v), "n": len(v)}
+
+
+def check_feature_map(image_size: int | None, native_size: int) -> None:
+    """Refuse an image ODENet configuration whose ODE block would run on a feature map below 3x3.
+
+    There its GroupNorm groups hold a handful of values (one at 1x1 with 32 channels or fewer, where the norm outputs
+    its bias whatever the input), and the network gives nearly the same logits for every image: such a run
+    measures nothing.
+
+    Args:
+        image_size: the configured size (``None``: the data set's own).
+        native_size: the data set's image side.
+
+    Raises:
+        ValueError: naming ``image_size`` and the smallest size that works (14).
+
+    Example:
+        >>> check_feature_map(28, 28)
+        >>> check_feature_map(None, 8)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: image_size None (8x8 images) leaves a 1x1 feature map for the ODE block...
+    """
+    from ..models import ImageODENet
+
+    size = image_size or native_size
+    side = ImageODENet.feature_map_size(size)
+    if side < 3:
+        raise ValueError(f"image_size {image_size} ({size}x{size} images) leaves a {side}x{side} feature map for the "
+                         "ODE block, below 3x3: its GroupNorm groups then hold a handful of values (one at 1x1) and "
+                         "the network gives nearly the same logits for every input; use image_size >= 14")

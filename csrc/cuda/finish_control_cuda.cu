@@ -1,7 +1,5 @@
-// CUDA implementations of the fastnode adjoint step ops (the forward on CUDA is the Triton backend's):
-// rk_combine (stage inputs and solutions of the augmented state), finish_control (solution, per-group error
-// ratio, finiteness and the controller, with no host sync) and adjoint_weights. Every launch goes on the current
-// stream. Only c10's CUDA headers are used (no cuBLAS/cuSPARSE headers), which keeps the compile light.
+// fastnode::finish_control on CUDA: solution, per-group error ratio, finiteness and the controller in two kernels
+// on the current stream, with no host sync.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,58 +8,10 @@
 
 #include <cuda_runtime.h>
 
-#include "../step_ops.h"
+#include "cuda_common.cuh"
 
 namespace fastnode {
 namespace {
-
-constexpr int kMaxStages = 16;
-constexpr int kMaxSegments = 16;
-constexpr int kThreads = 256;
-
-template <typename T>
-struct Stages {
-  const T* k[kMaxStages];
-  T w[kMaxStages];
-  int n;
-};
-
-struct Segments {
-  int64_t lo[kMaxSegments];
-  int64_t hi[kMaxSegments];
-  int n;
-};
-
-template <typename T>
-Stages<T> pack_stages(const std::vector<at::Tensor>& K, at::ArrayRef<double> w) {
-  Stages<T> s{};
-  s.n = 0;
-  for (size_t j = 0; j < w.size(); ++j) {
-    if (w[j] == 0.0) continue;  // zero weights skipped, as in the reference
-    s.k[s.n] = K[j].data_ptr<T>();
-    s.w[s.n] = static_cast<T>(w[j]);
-    ++s.n;
-  }
-  return s;
-}
-
-template <typename T>
-__device__ __forceinline__ T lincomb(const Stages<T>& s, int64_t i) {
-  T acc = 0;
-  for (int j = 0; j < s.n; ++j) acc = j == 0 ? s.w[0] * s.k[0][i] : acc + s.w[j] * s.k[j][i];
-  return acc;
-}
-
-template <typename T>
-__global__ void rk_combine_kernel(const T* __restrict__ y, const T* __restrict__ h, Stages<T> st, int64_t G,
-                                  int64_t N, T* __restrict__ out) {
-  const int64_t total = G * N;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / N;
-    out[i] = st.n == 0 ? y[i] : y[i] + h[r] * lincomb(st, i);
-  }
-}
 
 // Pass 1 of finish_control: y_new for every element; per (row, segment) the sum of squares of the scaled error,
 // reduced in shared memory and added atomically in float64; a per-row flag for non-finite y_new + k_last.
@@ -106,7 +56,7 @@ __global__ void finish_pass1_kernel(const T* __restrict__ y, const T* __restrict
 }
 
 // Pass 2: one thread per row: the ratio (max over segments of the RMS, the floor, inf when non-finite) and the
-// controller's decision, with the same formulas as the CPU implementation (step_ops.h).
+// controller's decision, with the same formulas as the CPU implementation (common.h).
 __global__ void finish_pass2_kernel(const double* __restrict__ sq, const int* __restrict__ bad, Segments seg,
                                     const double* __restrict__ floor, const double* __restrict__ h_ctl,
                                     const double* __restrict__ prev, const bool* __restrict__ running, CtrlCfg cfg,
@@ -126,46 +76,6 @@ __global__ void finish_pass2_kernel(const double* __restrict__ sq, const int* __
   ratio[r] = rr;
   ok[r] = fin;
   control_one(cfg, h_ctl[r], rr, prev[r], running[r], &accept[r], &h_next[r], &prev_out[r]);
-}
-
-template <typename T>
-__global__ void adjoint_weights_kernel(const T* __restrict__ h, const bool* __restrict__ acc, Stages<T> b,
-                                       int64_t G, T* __restrict__ out) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= G * b.n) return;
-  const int64_t j = i / G, g = i % G;
-  out[i] = (acc[g] ? h[g] : T(0)) * b.w[j];
-}
-
-int blocks_for(int64_t n) {
-  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
-}
-
-std::vector<at::Tensor> contiguous(at::TensorList K) {
-  std::vector<at::Tensor> out;
-  for (const auto& k : K) out.push_back(k.contiguous());
-  return out;
-}
-
-at::Tensor rk_combine_cuda(const at::Tensor& y_in, at::TensorList K, const at::Tensor& h_in, at::ArrayRef<double> w) {
-  check_stages(y_in, K, w.size(), "rk_combine");
-  check_rows(h_in, y_in, y_in.scalar_type(), "h", "rk_combine");
-  TORCH_CHECK(w.size() <= kMaxStages, "fastnode.rk_combine: at most ", kMaxStages, " stages on CUDA");
-  const c10::cuda::CUDAGuard guard(y_in.device());
-  auto y = y_in.contiguous();
-  auto h = h_in.contiguous();
-  auto Kc = contiguous(K);
-  auto out = at::empty_like(y);
-  const int64_t G = y.size(0), N = y.size(1);
-  if (G * N == 0) return out;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "rk_combine_cuda", [&] {
-    auto st = pack_stages<scalar_t>(Kc, w);
-    rk_combine_kernel<scalar_t><<<blocks_for(G * N), kThreads, 0, stream>>>(
-        y.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), st, G, N, out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_control_cuda(
@@ -233,35 +143,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {y_new, ratio, ok, accept, h_next, prev_out};
 }
 
-at::Tensor adjoint_weights_cuda(const at::Tensor& h_in, const at::Tensor& accept_in, at::ArrayRef<double> b) {
-  TORCH_CHECK(h_in.dim() == 1 && (h_in.scalar_type() == at::kFloat || h_in.scalar_type() == at::kDouble),
-              "fastnode.adjoint_weights: h must be a float32/float64 [G] tensor");
-  check_rows(accept_in, h_in, at::kBool, "accept", "adjoint_weights");
-  TORCH_CHECK(b.size() <= kMaxStages, "fastnode.adjoint_weights: at most ", kMaxStages, " stages on CUDA");
-  const c10::cuda::CUDAGuard guard(h_in.device());
-  auto h = h_in.contiguous();
-  auto acc = accept_in.contiguous();
-  const int64_t G = h.size(0), S = static_cast<int64_t>(b.size());
-  auto out = at::empty({S, G}, h.options());
-  if (S * G == 0) return out;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "adjoint_weights_cuda", [&] {
-    Stages<scalar_t> st{};
-    st.n = static_cast<int>(S);
-    for (int64_t j = 0; j < S; ++j) st.w[j] = static_cast<scalar_t>(b[j]);
-    adjoint_weights_kernel<scalar_t><<<blocks_for(S * G), kThreads, 0, stream>>>(
-        h.data_ptr<scalar_t>(), acc.data_ptr<bool>(), st, G, out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastnode, CUDA, m) {
-  m.impl("rk_combine", &rk_combine_cuda);
-  m.impl("finish_control", &finish_control_cuda);
-  m.impl("adjoint_weights", &adjoint_weights_cuda);
-}
+TORCH_LIBRARY_IMPL(fastnode, CUDA, m) { m.impl("finish_control", &finish_control_cuda); }
 
 }  // namespace fastnode

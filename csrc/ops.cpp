@@ -1,5 +1,7 @@
-// Schemas of the fastnode step ops and the Python module that loads them (`import fastnode._C`).
-// Implementations: csrc/cpu/step_ops_cpu.cpp (CPU), csrc/cuda/step_ops_cuda.cu (CUDA, when built).
+// The table of contents of the fastnode ops: their schemas, and the Python module that loads them
+// (`import fastnode._C`). Implementations, one file per op and device, each with its own TORCH_LIBRARY_IMPL block:
+// csrc/cpu/<op>_cpu.cpp (every op) and csrc/cuda/<op>_cuda.cu (rk_combine, finish_control, adjoint_weights; built
+// when CUDA is available to the build).
 // Shapes: y [G, N] (G groups: 1 in shared mode, B per sample), each stage in K [G, N], h/theta [G] in y's dtype,
 // time-side tensors (h_ctl, prev_ratio, the returned ratio and next step) in float64.
 #include <Python.h>

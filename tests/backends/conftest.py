@@ -1,15 +1,16 @@
-"""Kernel tests: outputs poisoned with NaN, and the devices the Triton kernels run on here.
+"""Whole-solve and packaging tests: the devices the Triton kernels run on here, and poisoned Triton outputs.
 
 On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by ``tests/conftest.py`` before anything
 imports triton, unless ``FASTNODE_TEST_CUDA=1``); CUDA cases carry ``@pytest.mark.gpu`` and run the compiled kernels
-(``FASTNODE_TEST_CUDA=1 pytest tests/kernels`` on a GPU machine); they skip without a GPU.
+(``FASTNODE_TEST_CUDA=1 pytest tests/backends tests/ops`` on a GPU machine); they skip without a GPU.
 """
 
 import pytest
 import torch
-from fastnode.kernels import _launch
 
 from fastnode import kernels
+
+COMPILED = pytest.mark.skipif(kernels.INTERPRETED, reason="needs the compiled kernels (FASTNODE_TEST_CUDA=1)")
 
 
 def kernel_devices() -> list:
@@ -27,5 +28,7 @@ def kernel_devices() -> list:
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    """Every buffer an op allocates starts as NaN (floats) or 2 (flags): an element a kernel never writes fails."""
+    """Every buffer a Triton op allocates starts as NaN (floats) or 2 (flags): an element never written fails."""
+    from fastnode.kernels import _launch
+
     monkeypatch.setattr(_launch, "POISON", True)

@@ -4,7 +4,7 @@ Triton's interpreter accepts code the compiler rejects (and runs float64 math th
 the CPU tests alone would not catch a kernel that fails to build on a GPU. Run as a module in a process where
 ``TRITON_INTERPRET`` is unset (the kernels must be defined as compiled kernels)::
 
-    python -m tests.kernels.compile_sm90
+    python -m tests.backends.compile_sm90
 
 Prints one line per kernel and exits non-zero on the first failure.
 """
@@ -16,7 +16,7 @@ import sys
 
 def signatures() -> list:
     """``(kernel, signature, constexprs)`` for each kernel in the specialisations the solver uses most."""
-    from fastnode.kernels.finish_control import _control_kernel, _step_finish_kernel
+    from fastnode.kernels.finish_control import _control_kernel, _step_error_kernel
     from fastnode.kernels.interpolate import _interpolate_kernel
     from fastnode.kernels.rk_combine import _rk_combine_kernel
 
@@ -29,19 +29,20 @@ def signatures() -> list:
                      "NW": "constexpr", "BLOCK_G": "constexpr", "BLOCK_N": "constexpr"},
                     {"NW": 5, "BLOCK_G": 2, "BLOCK_N": 1024}))
         finish_sig = {"y_ptr": p, "k_ptr": p, "h_ptr": p, "w_ptr": "*fp64", "idx_ptr": "*i32", "rtol_ptr": p,
-                      "atol_ptr": p, "consts_ptr": "*fp64", "seg_ptr": "*i64", "ynew_ptr": p, "x_ptr": p, "part_ptr": "*fp64",
+                      "atol_ptr": p, "consts_ptr": "*fp64", "seg_ptr": "*i64", "ynew_ptr": p, "x_ptr": p,
+                      "part_ptr": "*fp64",
                       "fin_ptr": "*u8", **dims, "rtol_rs": "i32", "atol_rs": "i32", "s_last": "i32",
                       **{k: "constexpr" for k in ("U", "BMASK", "EMASK", "LAST", "NSEG", "RTOL_T", "ATOL_T",
                                                   "WRITE_X", "BLOCK_G", "BLOCK_N")}}
         # dopri5 (last stage among the weighted ones) and dopri8 (last stage read apart), tensor tolerances.
-        out.append((_step_finish_kernel, finish_sig, {"U": 6, "BMASK": 0b11111, "EMASK": 0b111111, "LAST": 5,
+        out.append((_step_error_kernel, finish_sig, {"U": 6, "BMASK": 0b11111, "EMASK": 0b111111, "LAST": 5,
                                                       "NSEG": 2, "RTOL_T": False, "ATOL_T": True,
                                                       "WRITE_X": False, "BLOCK_G": 2, "BLOCK_N": 1024}))
-        out.append((_step_finish_kernel, finish_sig, {"U": 9, "BMASK": 0b111111111, "EMASK": 0b111111111,
+        out.append((_step_error_kernel, finish_sig, {"U": 9, "BMASK": 0b111111111, "EMASK": 0b111111111,
                                                       "LAST": -1, "NSEG": 1, "RTOL_T": True, "ATOL_T": False,
                                                       "WRITE_X": False, "BLOCK_G": 1024, "BLOCK_N": 2}))
         # step_error (a user norm): the scaled error written out, no partial sums
-        out.append((_step_finish_kernel, finish_sig, {"U": 7, "BMASK": 0b111111, "EMASK": 0b1111111, "LAST": 6,
+        out.append((_step_error_kernel, finish_sig, {"U": 7, "BMASK": 0b111111, "EMASK": 0b1111111, "LAST": 6,
                                                       "NSEG": 0, "RTOL_T": False, "ATOL_T": False,
                                                       "WRITE_X": True, "BLOCK_G": 2, "BLOCK_N": 1024}))
         out.append((_interpolate_kernel,
@@ -57,7 +58,8 @@ def signatures() -> list:
     order = ["part_ptr", "fin_ptr", "seg_ptr", "consts_ptr", "hctl_ptr", "prev_ptr", "run_ptr", "floor_ptr",
              "ratio_ptr", "ok_ptr", "acc_ptr", "hnext_ptr", "pout_ptr", "G", "n_cb", "NSEG", "HAS_FLOOR", "BLOCK",
              "CBLOCK"]
-    from fastnode.kernels.step_bookkeeping import _step_begin_kernel, _step_end_kernel
+    from fastnode.kernels.step_begin import _step_begin_kernel
+    from fastnode.kernels.step_end import _step_end_kernel
 
     f64, u8, i64 = "*fp64", "*u8", "*i64"
     begin = {"t_ptr": f64, "h_ptr": f64, "run_ptr": u8, "tout_ptr": f64, "tend_ptr": f64, "c_ptr": f64,

@@ -1,5 +1,5 @@
-// Shared declarations of the fastnode step ops: the step-size controller (one formula for CPU and CUDA) and
-// the argument checks every backend runs before touching memory.
+// Shared declarations of the fastnode ops: the step-size controller (one formula for CPU and CUDA), the
+// output-time search, and the argument checks every implementation runs before touching memory.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,7 +22,7 @@ namespace fastnode {
 #define FASTNODE_MATH std::
 #endif
 
-// Controller settings, unpacked from the `float[] ctrl` argument (see csrc/step_ops.cpp for the order).
+// Controller settings, unpacked from the `float[] ctrl` argument (see csrc/ops.cpp for the order).
 struct CtrlCfg {
   double order, safety, ifactor, dfactor, min_step, max_step;
   bool pi;
@@ -119,5 +119,15 @@ inline CtrlCfg check_finish_control(const at::Tensor& y, at::TensorList K, const
   check_segments(segments, y.size(1), op);
   return unpack_ctrl(ctrl);
 }
+
+// A [G] tensor of dtype dt (the time-side tensors of step_begin/step_end).
+inline void check_time(const at::Tensor& x, int64_t G, const char* what, const char* op, at::ScalarType dt = at::kDouble) {
+  TORCH_CHECK(x.dim() == 1 && x.size(0) == G, "fastnode.", op, ": ", what, " must be [G] with G = ", G, ", got ",
+              x.sizes());
+  TORCH_CHECK(x.scalar_type() == dt, "fastnode.", op, ": ", what, " must be ", dt, ", got ", x.scalar_type());
+}
+
+// Number of entries of the increasing row [p, p + T) that are <= x (torch.searchsorted(..., right=True)).
+inline int64_t count_le(const double* p, int64_t T, double x) { return std::upper_bound(p, p + T, x) - p; }
 
 }  // namespace fastnode

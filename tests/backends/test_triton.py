@@ -1,4 +1,5 @@
-"""Whole solves on the triton backend vs the torch backend, backend selection, and the GPU-only checks.
+"""Whole solves on the triton backend vs the torch backend, the backend's own packing of the ops' arguments, its
+docstring examples, and the GPU-only checks (no host sync, the kernels build for sm_90).
 
 On CPU the kernels run in Triton's interpreter (about a millisecond per kernel op), so the problems are small and
 short: a handful of steps each, enough for rejected steps, output times inside steps and per-sample control.
@@ -14,9 +15,17 @@ from torch import nn
 
 import fastnode
 from fastnode import kernels, odeint, odeint_adjoint, odeint_event
-from fastnode.backends import get_backend
+from fastnode._options import ControllerConfig, RMSNorm
+from fastnode.backends.torch_ops import TorchStepOps
+from fastnode.solvers import SOLVERS
 
-from .conftest import kernel_devices
+from tests.ops._calls import SHAPE_IDS, SHAPES, assert_rounding_close, combo_bound, stages, state, steps
+
+from .conftest import COMPILED, kernel_devices
+
+# The Triton StepOps backend: the one import of it here.
+TRITON_STEP_OPS_MODULE = "fastnode.backends.triton_ops"
+TritonStepOps = importlib.import_module(TRITON_STEP_OPS_MODULE).TritonStepOps
 
 F64, F32 = torch.float64, torch.float32
 # Outputs: the two backends round the same arithmetic differently in a few places (the float64 sum of squares of the
@@ -170,7 +179,8 @@ def test_event_and_fixed_grid(device):
                                         options={"backend": backend, "per_sample": True})
     torch.testing.assert_close(got["triton"][0], got["torch"][0], rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(got["triton"][1], got["torch"][1], rtol=1e-12, atol=1e-13)
-    torch.testing.assert_close(got["triton"][0].cpu(), torch.log(torch.tensor([2.0, 4.0], dtype=F64)), rtol=1e-5, atol=0)
+    torch.testing.assert_close(got["triton"][0].cpu(), torch.log(torch.tensor([2.0, 4.0], dtype=F64)), rtol=1e-5,
+                               atol=0)
 
     t = torch.linspace(0.0, 1.0, 5, dtype=F64, device=device)
     y0 = _y0(F64, device)
@@ -192,26 +202,12 @@ def test_float16_state_falls_back_inside_the_solve(device):
     assert torch.equal(a, b)
 
 
-def test_selection_on_cpu(monkeypatch):
-    """auto never picks triton for CPU tensors; a forced triton errs clearly where it cannot run."""
-    assert get_backend("auto", torch.device("cpu")).name in ("ext", "torch")
-    assert kernels.unavailable_reason(torch.device("meta")) == "there are no Triton kernels for meta tensors"
-    monkeypatch.setattr(kernels, "INTERPRETED", False)
-    assert "TRITON_INTERPRET=1" in kernels.unavailable_reason(torch.device("cpu"))
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match=r"options\['backend'\]='triton' is not available for cpu tensors"):
-        odeint(_field, _y0(F64, "cpu"), torch.tensor([0.0, 1.0], dtype=F64), options={"backend": "triton"})
 
 
-@pytest.mark.parametrize("device", kernel_devices())
-def test_forced_triton_refuses_to_record_a_graph(device):
-    y0 = _y0(F64, device).requires_grad_(True)
-    with pytest.raises(ValueError, match="computes no gradients by backpropagation"):
-        odeint(_field, y0, torch.tensor([0.0, 0.1], dtype=F64, device=device), options={"backend": "triton"})
 
 
 @pytest.mark.skipif(not kernels.INTERPRETED, reason="the examples use CPU tensors (Triton's interpreter)")
-@pytest.mark.parametrize("name", ["fastnode.kernels", "fastnode.kernels.step_ops"])
+@pytest.mark.parametrize("name", ["fastnode.kernels", TRITON_STEP_OPS_MODULE])
 def test_docstring_examples(name):
     res = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert res.attempted > 0 and res.failed == 0
@@ -228,25 +224,14 @@ def test_op_docstring_examples(name):
     assert res.attempted > 0 and res.failed == 0
 
 
-COMPILED = pytest.mark.skipif(kernels.INTERPRETED, reason="needs the compiled kernels (FASTNODE_TEST_CUDA=1)")
 
 
-@pytest.mark.gpu
-@COMPILED
-def test_auto_picks_triton_on_cuda():
-    y0 = _y0(F64, "cuda")
-    with torch.no_grad():
-        odeint(_field, y0, torch.tensor([0.0, 0.1], dtype=F64, device="cuda"))
-    assert fastnode.last_stats().backend == "triton"
 
 
 @pytest.mark.gpu
 @COMPILED
 def test_ops_make_no_host_sync_on_cuda():
     """After the first call (which uploads the tableau's constants once), a step's ops never block the host."""
-    from fastnode.backends.torch_ops import ControllerConfig, RMSNorm
-    from fastnode.solvers import SOLVERS
-
     tab = SOLVERS["dopri5"].tableau
     G, N = 64, 257
     y = torch.randn(G, N, device="cuda")
@@ -254,13 +239,13 @@ def test_ops_make_no_host_sync_on_cuda():
     h_ctl = h.double()
     prev = torch.ones(G, dtype=F64, device="cuda")
     running = torch.ones(G, dtype=torch.bool, device="cuda")
-    ops = kernels.TritonStepOps()
+    ops = TritonStepOps()
 
     def step():
         K = ops.new_stages(tab, y)
         K = ops.set_stage(K, 0, y)
         for i in range(1, tab.num_stages):
-            K = ops.set_stage(K, i, ops.stage_input(tab, i, y, K, h))
+            K = ops.set_stage(K, i, ops.rk_combine(y, K, h, tab.a[i][:i]))
         out = ops.finish_control(tab, y, K, h, 1e-5, 1e-7, RMSNorm(), ControllerConfig(order=5), h_ctl, prev, running)
         return out, ops.interpolate(tab, y, K, h, torch.full((G,), 0.5, dtype=F64, device="cuda"))
 
@@ -281,11 +266,6 @@ def test_small_tiles_many_programs(device, dtype, monkeypatch):
     five column tiles per row two at a time (the layouts large states get on a GPU), all vs the torch backend."""
     from fastnode.kernels import _launch
 
-    from fastnode.backends.torch_ops import ControllerConfig, RMSNorm, TorchStepOps
-    from fastnode.solvers import SOLVERS
-
-    from .helpers import assert_rounding_close, combo_bound, stages, state, steps
-
     for name, value in (("_INTERP_TILE", 32), ("_INTERP_MAX_COLS", 16), ("_GPU_TILE", 32), ("_GPU_MAX_COLS", 16),
                         ("_INTERP_CBLOCK", 2), ("_GPU_CBLOCK", 2)):
         monkeypatch.setattr(_launch, name, value)
@@ -293,12 +273,12 @@ def test_small_tiles_many_programs(device, dtype, monkeypatch):
     G, N = 7, 75  # 4 row blocks of 2 (last one half masked) x 5 column blocks of 16 (last one masked)
     assert _launch.tiles(G, N, torch.device(device))[:2] == (2, 16)
     y, K, h = state(G, N, dtype, device), stages(tab.num_stages, G, N, dtype, device), steps(G, dtype, device)
-    ops, ref = kernels.TritonStepOps(), TorchStepOps()
+    ops, ref = TritonStepOps(), TorchStepOps()
     buf = ops.new_stages(tab, y)
     for i in range(tab.num_stages):
         buf = ops.set_stage(buf, i, K[i])
     i = tab.num_stages - 2
-    assert_rounding_close(ops.stage_input(tab, i, y, buf, h), ref.stage_input(tab, i, y, list(K), h),
+    assert_rounding_close(ops.rk_combine(y, buf, h, tab.a[i][:i]), ref.rk_combine(y, list(K), h, tab.a[i][:i]),
                           combo_bound(y, K[:i], h, tab.a[i]))
     theta = torch.linspace(0.0, 1.0, G, dtype=F64, device=device)
     assert_rounding_close(ops.interpolate(tab, y, buf, h, theta), ref.interpolate(tab, y, list(K), h, theta),
@@ -317,3 +297,91 @@ def test_small_tiles_many_programs(device, dtype, monkeypatch):
     torch.testing.assert_close(got[1], exp[1].double(), rtol=rtol, atol=0.0)
     assert torch.equal(got[3], exp[3])
     torch.testing.assert_close(got[4], exp[4], rtol=rtol + 1e-14, atol=0.0)
+
+
+# --- the backend's packing of the ops' arguments ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_strided_state_is_packed_once(device, dtype, contiguous, shape):
+    """Strided y and stages: the stage buffer is contiguous, a strided state is copied once per step (not once per
+    stage), and the stage inputs and the solution still match the reference."""
+    tab = SOLVERS["dopri5"].tableau
+    G, N = shape
+    S = tab.num_stages
+    y = state(G, N, dtype, device, contiguous)
+    K = [state(G, N, dtype, device, contiguous, seed=10 + j) for j in range(S)]
+    h = steps(G, dtype, device)
+    ops, ref = TritonStepOps(), TorchStepOps()
+    buf = ops.new_stages(tab, y)
+    for i in range(S):
+        buf = ops.set_stage(buf, i, K[i])
+    assert buf.is_contiguous() and ops._contiguous(y).is_contiguous()
+    assert ops._contiguous(y) is ops._contiguous(y)
+    i = S - 2  # the widest stage row (five nonzero weights)
+    assert_rounding_close(ops.rk_combine(y, buf, h, tab.a[i][:i]), ref.rk_combine(y, K, h, tab.a[i][:i]),
+                          combo_bound(y, K[:i], h, tab.a[i]))
+    assert_rounding_close(ops.rk_combine(y, buf, h, tab.b), ref.rk_combine(y, K, h, tab.b), combo_bound(y, K, h, tab.b))
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_interpolate_takes_a_stage_list(device, dtype, contiguous, shape):
+    """Events keep a step's stages as a list: the backend stacks them; one theta ([1]) broadcasts."""
+    tab = SOLVERS["dopri5"].tableau
+    G, N = shape
+    y = state(G, N, dtype, device, contiguous)
+    K = [state(G, N, dtype, device, contiguous, seed=20 + j) for j in range(tab.num_stages)]
+    h = steps(G, dtype, device)
+    bound = combo_bound(y, K, h, [sum(abs(v) for v in row) for row in tab.dense])
+    for theta in (torch.linspace(0, 1, G, dtype=F64, device=device), torch.tensor([0.37], dtype=F64, device=device)):
+        out = TritonStepOps().interpolate(tab, y, K, h, theta)
+        assert_rounding_close(out, TorchStepOps().interpolate(tab, y, K, h, theta), bound)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_user_norm_finish_through_step_error(device, dtype, shape):
+    """With a user norm the backend's finish is step_error, the norm and the controller on torch: the whole finish
+    agrees with the reference's composition."""
+    from tests.ops.test_finish_control import _check, _inputs
+
+    tab = SOLVERS["tsit5"].tableau
+    G, N = shape
+    y, K, h_ctl = _inputs(tab, G, N, dtype, device, contiguous=False, seed=3)
+    hy = h_ctl.to(dtype)
+    cfg = ControllerConfig(order=tab.order)
+    prev = torch.ones(G, dtype=F64, device=device)
+    running = torch.ones(G, dtype=torch.bool, device=device)
+    atol = torch.full((1, N), 1e-4, dtype=dtype, device=device)
+    ops = TritonStepOps()
+    buf = ops.new_stages(tab, y)
+    for i in range(tab.num_stages):
+        buf = ops.set_stage(buf, i, K[i])
+
+    def norm(x):
+        return x.abs().amax(dim=1)
+
+    got = ops.finish_control(tab, y, buf, hy, 1e-3, atol, norm, cfg, h_ctl, prev, running)
+    ref = TorchStepOps().finish_control(tab, y, list(K), hy, 1e-3, atol, norm, cfg, h_ctl, prev, running)
+    _check(got, ref, y, K, hy, tab, dtype)
+
+
+def test_kernels_compile_for_sm90():
+    """Every kernel builds for an H100 (sm_90) with Triton's compiler and ptxas, checked on machines without a GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.compiler", reason="this triton has no ahead-of-time compile API")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-m", "tests.backends.compile_sm90"], check=False,
+                         cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("sm_90 cubin") == 14, res.stdout

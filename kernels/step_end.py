@@ -1,9 +1,10 @@
-"""A step's set-up and bookkeeping for every group (``StepOps.step_begin`` / ``StepOps.step_end``), one launch each.
+"""A step's bookkeeping for every group (``StepOps.step_end``) in one launch: counters, status, output times
+crossed and the loop's one host-transfer packet.
 
-On a GPU the loop's per-step bookkeeping is otherwise dozens of tiny torch launches over ``[G]`` tensors. Both
-kernels work on time-dtype (float64) ``[G]`` tensors, one lane per group; the next output time is found by a
-binary search over the group's row of ``t_out: [G, T]`` (``torch.searchsorted(..., right=True)``).
-``step_end`` also reduces the loop's one host-transfer packet (any running, any stuck, max crossed) with atomics.
+On a GPU the loop's per-step bookkeeping is otherwise dozens of tiny torch launches over ``[G]`` tensors. The kernel
+works on time-dtype (float64) ``[G]`` tensors, one lane per group; the output times crossed are counted by a binary
+search over the group's row of ``t_out: [G, T]`` (``_launch._count_le``). The packet (any running, any stuck, max
+crossed) is reduced over all groups with atomics.
 """
 
 from __future__ import annotations
@@ -13,56 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import check_rows, empty, launches, register_op
-
-
-@triton.jit
-def _count_le(tout_ptr, rows64, m, x, T, LOGT: tl.constexpr):
-    # Per row: how many of t_out[row, :T] (increasing) are <= x (searchsorted right), by binary search.
-    lo = tl.zeros_like(rows64)
-    hi = tl.zeros_like(rows64) + T
-    for _ in tl.static_range(LOGT):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        v = tl.load(tout_ptr + rows64 * T + tl.minimum(mid, T - 1), mask=m & active, other=0.0)
-        go = active & (v <= x)
-        lo = tl.where(go, mid + 1, lo)
-        hi = tl.where(active & ~go, mid, hi)
-    return lo
-
-
-@triton.jit
-def _step_begin_kernel(t_ptr, h_ptr, run_ptr, tout_ptr, tend_ptr, c_ptr, hctl_ptr, clip_ptr, tnew_ptr, hs_ptr,
-                       ts_ptr, te_ptr, G, T, S, TO_OUT: tl.constexpr, NEG: tl.constexpr, LOGT: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = rows < G
-    rows64 = rows.to(tl.int64)
-    t = tl.load(t_ptr + rows, mask=m, other=0.0)
-    h = tl.load(h_ptr + rows, mask=m, other=0.0)
-    running = tl.load(run_ptr + rows, mask=m, other=0) != 0
-    limit = tl.load(tend_ptr + rows, mask=m, other=0.0)
-    if TO_OUT:
-        nxt = tl.minimum(_count_le(tout_ptr, rows64, m, t, T, LOGT), T - 1)
-        limit = tl.load(tout_ptr + rows64 * T + nxt, mask=m, other=0.0)
-    room = limit - t
-    clipped = running & (h >= room)
-    # As the reference's mul_(running): a group not running gets h * 0 (NaN for an infinite proposal, as there).
-    h_ctl = tl.where(clipped, room, h) * running.to(tl.float64)
-    t_new = tl.where(clipped, limit, t + h_ctl)
-    tl.store(hctl_ptr + rows, h_ctl, mask=m)
-    tl.store(clip_ptr + rows, clipped.to(tl.uint8), mask=m)
-    tl.store(tnew_ptr + rows, t_new, mask=m)
-    tl.store(hs_ptr + rows, h_ctl.to(hs_ptr.dtype.element_ty), mask=m)
-    te = t_new.to(te_ptr.dtype.element_ty)
-    if NEG:
-        te = -te
-    tl.store(te_ptr + rows, te, mask=m)
-    for s in range(S):
-        ts = (t + tl.load(c_ptr + s) * h_ctl).to(ts_ptr.dtype.element_ty)
-        if NEG:
-            ts = -ts
-        tl.store(ts_ptr + s * G + rows64, ts, mask=m)
+from ._launch import _block, _count_le, _logt, check_rows, empty, launches, register_op
 
 
 @triton.jit
@@ -122,56 +74,6 @@ def _step_end_kernel(acc_ptr, hnext_ptr, h_ptr, clip_ptr, run_ptr, t_ptr, tnew_p
     tl.atomic_max(packet_ptr + 2, tl.max(tl.where(m, crossed, -(2**62)), axis=0))
 
 
-# Groups per program (one lane each); the interpreter takes them all in one program.
-_GPU_BLOCK = 1024
-_INTERP_BLOCK = 1 << 16
-
-
-def _block(G: int, device: torch.device) -> int:
-    return min(triton.next_power_of_2(max(G, 1)), _GPU_BLOCK if device.type == "cuda" else _INTERP_BLOCK)
-
-
-def _logt(T: int) -> int:
-    return max(1, (max(T, 1)).bit_length())  # enough halvings of [0, T)
-
-
-@register_op("fastnode_triton::step_begin")
-def step_begin(t: torch.Tensor, h: torch.Tensor, running: torch.Tensor, t_out: torch.Tensor, t_end: torch.Tensor,
-               to_outputs: bool, c: torch.Tensor, negate: bool, state_dtype: torch.dtype
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``StepOps.step_begin`` for float64 time: ``(h_ctl, clipped, t_new, h_state, t_stage [S, G], t_end_stage)``.
-
-    Args:
-        t, h, t_end: [G] float64; ``running``: [G] bool; ``t_out``: [G, T] float64, increasing per row.
-        to_outputs: steps land on every output time (else only on ``t_end``).
-        c: [S] float64 stage times; ``negate``: user time is minus integration time; ``state_dtype``: of the
-            stage times func sees and of ``h_state``.
-    """
-    op = "step_begin"
-    G = t.shape[0] if t.dim() == 1 else -1
-    dev = t.device
-    for name, x in (("t", t), ("h", h), ("t_end", t_end)):
-        check_rows(x, G, torch.float64, name, op, dev)
-    check_rows(running, G, torch.bool, "running", op, dev)
-    if t_out.dim() != 2 or t_out.shape[0] != G or t_out.dtype != torch.float64 or not t_out.is_contiguous():
-        raise ValueError(f"fastnode_triton.{op}: t_out must be a contiguous float64 [G, T] tensor, G = {G}")
-    if c.dim() != 1 or c.dtype != torch.float64 or c.device != dev:
-        raise ValueError(f"fastnode_triton.{op}: c must be a float64 [S] tensor on {dev}")
-    S, T = c.shape[0], t_out.shape[1]
-    h_ctl = empty((G,), torch.float64, dev)
-    clipped = empty((G,), torch.uint8, dev)
-    t_new = empty((G,), torch.float64, dev)
-    h_state = empty((G,), state_dtype, dev)
-    ts = empty((S, G), state_dtype, dev)
-    te = empty((G,), state_dtype, dev)
-    if G > 0 and launches(t):
-        block = _block(G, dev)
-        wrap_triton(_step_begin_kernel)[(triton.cdiv(G, block),)](
-            t, h, running.view(torch.uint8), t_out, t_end, c, h_ctl, clipped, t_new, h_state, ts, te, G, T, S,
-            TO_OUT=to_outputs, NEG=negate, LOGT=_logt(T), BLOCK=block, num_warps=4)
-    return h_ctl, clipped.view(torch.bool), t_new, h_state, ts, te
-
-
 @register_op("fastnode_triton::step_end")
 def step_end(accept: torch.Tensor, h_next: torch.Tensor, h: torch.Tensor, clipped: torch.Tensor,
              running: torch.Tensor, t: torch.Tensor, t_new: torch.Tensor, t_end: torch.Tensor, n_att: torch.Tensor,
@@ -218,4 +120,4 @@ def step_end(accept: torch.Tensor, h_next: torch.Tensor, h: torch.Tensor, clippe
             running_next.view(torch.bool), packet)
 
 
-__all__ = ["step_begin", "step_end"]
+__all__ = ["step_end"]

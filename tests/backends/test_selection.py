@@ -1,0 +1,161 @@
+"""Backend selection and packaging: what ``auto`` picks, what a forced backend refuses, the package without its
+compiled extension, and that the op libraries are leaves."""
+
+from __future__ import annotations
+
+import ast
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastnode import kernels, last_stats, odeint
+from fastnode.backends import ext_ops, get_backend
+
+from .conftest import COMPILED, kernel_devices
+
+F64 = torch.float64
+needs_ext = pytest.mark.skipif(not ext_ops.available(), reason="fastnode._C is not built (FASTNODE_SKIP_EXT=1)")
+
+
+def test_extension_is_built():
+    # A build that silently failed would skip every test below: make that a failure unless skipping was asked for.
+    if os.environ.get("FASTNODE_SKIP_EXT", "0") == "1":
+        pytest.skip("FASTNODE_SKIP_EXT=1")
+    assert ext_ops.available()
+    assert get_backend("auto", torch.device("cpu")).name == "ext"
+
+
+@needs_ext
+def test_backprop_through_the_solver_runs_on_torch_under_auto():
+    y0 = torch.ones(2, 3, dtype=F64, requires_grad=True)
+    ys = odeint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=F64), options={"backend": "auto"})
+    assert last_stats().backend == "torch"
+    ys.sum().backward()
+    torch.testing.assert_close(y0.grad, torch.full_like(y0, 1 + math.exp(-1)), rtol=1e-6, atol=0)
+    with torch.no_grad():
+        odeint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=F64), options={"backend": "auto"})
+    assert last_stats().backend == "ext"
+
+
+@needs_ext
+def test_forced_ext_refuses_to_record_a_graph():
+    lin = torch.nn.Linear(3, 3).double()
+    with pytest.raises(ValueError, match=r"backend'\]='ext' computes no gradients by backpropagation"):
+        odeint(lambda t, y: lin(y), torch.ones(2, 3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+               options={"backend": "ext"})
+    with pytest.raises(ValueError, match=r"backend'\]='ext' computes no gradients"):
+        odeint(lambda t, y: lin(y), torch.ones(2, 3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+               method="rk4", options={"backend": "ext", "step_size": 0.25})
+
+
+def test_package_runs_without_the_extension_and_says_so_once():
+    # A missing or broken build: the package imports, auto falls back to torch, and one warning says why.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['fastnode._C'] = None  # makes 'from .. import _C' raise ImportError\n"
+        "import torch, fastnode\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    for _ in range(3):\n"
+        "        fastnode.odeint(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]))\n"
+        "        assert fastnode.last_stats().backend == 'torch'\n"
+        "msgs = [str(x.message) for x in w if 'fastnode._C' in str(x.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "try:\n"
+        "    fastnode.odeint(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), options={'backend': 'ext'})\n"
+        "except ValueError as e:\n"
+        "    assert \"options['backend']='ext' is not available\" in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('forced ext did not raise')\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FASTNODE_SKIP_EXT"}
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# --- triton ----------------------------------------------------------------------------------------------------------
+
+def _field(t, y):
+    rate = torch.linspace(0.5, 4.0, y.shape[0], dtype=y.dtype, device=y.device).unsqueeze(1)
+    tt = t.reshape(-1, 1).to(y.dtype) if t.dim() else t.to(y.dtype)
+    return -rate * y + torch.sin(3.0 * tt + y)
+
+
+def _y0(dtype, device, B=7, N=3):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(B, N, generator=g, dtype=F64).to(dtype=dtype, device=device)
+
+
+def test_selection_on_cpu(monkeypatch):
+    """auto never picks triton for CPU tensors; a forced triton errs clearly where it cannot run."""
+    assert get_backend("auto", torch.device("cpu")).name in ("ext", "torch")
+    assert kernels.unavailable_reason(torch.device("meta")) == "there are no Triton kernels for meta tensors"
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    assert "TRITON_INTERPRET=1" in kernels.unavailable_reason(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"options\['backend'\]='triton' is not available for cpu tensors"):
+        odeint(_field, _y0(F64, "cpu"), torch.tensor([0.0, 1.0], dtype=F64), options={"backend": "triton"})
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_forced_triton_refuses_to_record_a_graph(device):
+    y0 = _y0(F64, device).requires_grad_(True)
+    with pytest.raises(ValueError, match="computes no gradients by backpropagation"):
+        odeint(_field, y0, torch.tensor([0.0, 0.1], dtype=F64, device=device), options={"backend": "triton"})
+
+
+@pytest.mark.gpu
+@COMPILED
+def test_auto_picks_triton_on_cuda():
+    y0 = _y0(F64, "cuda")
+    with torch.no_grad():
+        odeint(_field, y0, torch.tensor([0.0, 0.1], dtype=F64, device="cuda"))
+    assert last_stats().backend == "triton"
+
+
+# --- the op libraries are leaves -------------------------------------------------------------------------------------
+
+KERNELS = Path(__file__).resolve().parents[2] / "kernels"
+
+
+def _imports(path: Path) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            out.append(node.module or "")
+    return out
+
+
+def test_kernels_import_nothing_from_fastnode():
+    files = sorted(KERNELS.glob("*.py"))
+    assert {"_launch.py", "rk_combine.py", "finish_control.py", "interpolate.py", "step_begin.py",
+            "step_end.py"} <= {p.name for p in files}
+    bad = {p.name: m for p in files for m in _imports(p) if m == "fastnode" or m.startswith("fastnode.")}
+    assert not bad, f"kernels/ imports fastnode: {bad}"
+
+
+def test_no_reference_shims():
+    assert not [n for n in dir(kernels) if n.startswith("reference_")]
+
+
+def test_csrc_one_file_per_op_and_device():
+    """Every schema in csrc/ops.cpp has a CPU implementation in its own file, registered there and only there."""
+    csrc = KERNELS.parent / "csrc"
+    ops = sorted(set(__import__("re").findall(r'm\.def\(\s*"(\w+)\(', (csrc / "ops.cpp").read_text())))
+    assert ops == ["adjoint_weights", "finish_control", "interpolate", "rk_combine", "step_begin", "step_end"]
+    for op in ops:
+        text = (csrc / "cpu" / f"{op}_cpu.cpp").read_text()
+        assert f'm.impl("{op}"' in text and "TORCH_LIBRARY_IMPL(fastnode, CPU, m)" in text
+    for cu in sorted((csrc / "cuda").glob("*_cuda.cu")):
+        op = cu.name[: -len("_cuda.cu")]
+        assert op in ops and f'm.impl("{op}"' in cu.read_text()
