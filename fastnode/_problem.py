@@ -228,7 +228,8 @@ def tolerance_floor(rtol, dtype: torch.dtype):
         if low >= floor:
             return rtol, None
         new = rtol.clamp_min(floor)
-    msg = (f"rtol={low:g} is below the resolution of {str(dtype).replace('torch.', '')} states (eps={torch.finfo(dtype).eps:g}); "
+    name = str(dtype).replace("torch.", "")
+    msg = (f"rtol={low:g} is below the resolution of {name} states (eps={torch.finfo(dtype).eps:g}); "
            f"using rtol={floor:g} where it was smaller")
     return new, msg
 
