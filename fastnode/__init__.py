@@ -10,7 +10,17 @@ Example:
 
 from ._adjoint import odeint_adjoint
 from ._odeint import odeint, odeint_event
-from ._stats import MAX_STEPS, NON_FINITE, STATUS_NAMES, STEP_UNDERFLOW, SUCCESS, SolverError, SolveStats, last_stats
+from ._stats import (
+    MAX_STEPS,
+    NON_FINITE,
+    STATUS_NAMES,
+    STEP_UNDERFLOW,
+    STIFF,
+    SUCCESS,
+    SolverError,
+    SolveStats,
+    last_stats,
+)
 from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, SOLVERS
 
 __all__ = [
@@ -20,6 +30,7 @@ __all__ = [
     "NON_FINITE",
     "SOLVERS",
     "STATUS_NAMES",
+    "STIFF",
     "STEP_UNDERFLOW",
     "SUCCESS",
     "SolveStats",

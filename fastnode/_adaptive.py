@@ -25,6 +25,7 @@ import torch
 
 from . import _stats as st
 from ._events import EventTracker
+from ._health import HealthCheck
 from ._options import AdaptiveConfig
 from ._problem import FlatFunc, StateSpec
 from ._tableau import ButcherTableau
@@ -110,25 +111,29 @@ class HostPacket:
         self.n += 1
         self.failed, self.running = torch.stack([(status != 0).any(), running.any()]).tolist()
 
-    def fetch(self, end: StepEnd, hooks) -> None:
-        """``end.packet`` plus the jump's flag and the adjoint's questions; sets the fields."""
+    def fetch(self, end: StepEnd, hooks, health_flags: list | None = None) -> list:
+        """``end.packet`` plus the jump's flag, the adjoint's questions and ``health_flags`` (0-d tensors, a watched
+        step's); sets the fields and returns the health flags' values."""
         self.n += 1
-        if end.jumped is None and hooks is None:
+        if end.jumped is None and hooks is None and not health_flags:
             self.running, self.failed, self.max_crossed = end.packet.tolist()
-            return
-        extra = [] if end.jumped is None else [end.jumped.any()]
+            return []
+        health_flags = health_flags or []
+        extra = list(health_flags) + ([] if end.jumped is None else [end.jumped.any()])
         if hooks is not None:
             # Does any group that landed on an output time keep running (its derivative must be re-evaluated
             # there), plus the parameter quadrature's flags.
             extra += [((end.crossed > 0) & end.running).any()] + hooks.packet_flags()
         got = torch.cat([end.packet, torch.stack(extra).to(torch.int64)]).tolist()
         self.running, self.failed, self.max_crossed = got[0], got[1], got[2]
-        rest = got[3:]
+        nh = len(health_flags)
+        health, rest = got[3 : 3 + nh], got[3 + nh :]
         if end.jumped is not None:
             self.jumped, rest = rest[0], rest[1:]
         if hooks is not None:
             self.landed_running = rest[0]
             hooks.after_fetch(rest[1:])
+        return health
 
     def must_stop(self, on_failure: str) -> bool:
         """Nothing runs, or something failed and failures raise."""
@@ -184,14 +189,17 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
     events = None if event_fn is None else EventTracker(event_fn, problem.tableau)
     packet = HostPacket()
     s, ops = _start(f, problem, ops, grid, hooks, events, packet, stats)
-    step = _stepper(f, ops, problem, grid, hooks, events)
+    health = HealthCheck(problem.tableau, problem.config.on_stiff, s.t.shape[0], s.t.device, s.t.dtype,
+                         event_fn is not None)
+    step = _stepper(f, ops, problem, grid, hooks, events, health)
     raise_on_failure = problem.config.on_failure == "raise"
     iterations = 0
     while packet.running and not (packet.failed and raise_on_failure):
         iterations += 1
+        watch = health.watching(iterations)
         s_old = s
-        s, plan, K, fin, end = step(s)
-        packet.fetch(end, hooks)
+        s, plan, K, fin, end = step(s, watch)
+        health.after_fetch(packet.fetch(end, hooks, health.packet_flags() if watch else None))
         n_cross = packet.max_crossed
         if n_cross:
             if out is not None:
@@ -203,7 +211,7 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
             _restart_after_jump(f, s, end.jumped, hooks)
     stats.n_host_syncs += packet.n + (f.callbacks.take_syncs() if f.callbacks is not None else 0)
     stats.n_iterations = iterations
-    _finish(f, problem, grid, s, stats)
+    _finish(f, problem, grid, s, stats, health)
     if hooks is not None:
         return s.y
     if events is None:
@@ -262,10 +270,11 @@ def _first_step(f: FlatFunc, problem: AdaptiveProblem, t: torch.Tensor, k1: torc
     return h.clamp(cfg.ctrl.min_step, cfg.ctrl.max_step)
 
 
-def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, hooks, events):
+def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, hooks, events, health: HealthCheck):
     """The step as a function of the state, with the solve's constants bound once (the loop's per-step Python time
-    is the CPU goal): ``step(s) -> (next state, plan, K, fin, end)``, one attempt for every group from ``s`` (set-up,
-    stages, finish, events, bookkeeping, advance), with no host transfer."""
+    is the CPU goal): ``step(s, watch) -> (next state, plan, K, fin, end)``, one attempt for every group from ``s``
+    (set-up, stages, finish, events, bookkeeping, advance), with no host transfer. ``watch``: ``health`` observes
+    this step (its stage inputs, decision) and may end groups (``step_end``'s ``fail``)."""
     tab, cfg = problem.tableau, problem.config
     c, sign, squeeze, to_outputs = tab.c, f.sign, grid.squeeze, grid.to_outputs
     t_out, t_end, stops, jump_t = grid.t_out, grid.t_end, grid.stops, grid.jump_t
@@ -279,10 +288,13 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
     last = tab.num_stages - 1
     cb = f.callbacks  # torchdiffeq's step callbacks of func (fastnode/_callbacks.py), or None
 
-    def step(s: LoopState):
+    keep = () if health.pair is None else health.pair
+
+    def step(s: LoopState, watch: bool = False):
         y = s.y
         if cb is not None:
             cb.step(s.t, y, torch.where(s.running, s.h, 0.0))
+        inputs = {0: y} if watch else None
         plan = step_begin(s.t, s.h, s.running, t_out, t_end, to_outputs, c, sign, y.dtype, squeeze, stops=stops,
                           end_perturb=end_perturb, time_grad=time_grad)
         hy = plan.h_state
@@ -291,6 +303,8 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
         K = set_stage(new_stages(tab, y), 0, s.f)  # stage 0: the previous step's last one (FSAL)
         for i, a_i, at_end in rows:
             yi = rk_combine(y, K, hy, a_i)
+            if watch and i in keep:
+                inputs[i] = yi
             K = set_stage(K, i, f(None, yi, t_user=plan.t_end_stage if at_end else plan.t_stage[i]))
             if hooks is not None:
                 hooks.stage_evaluated(i)
@@ -303,9 +317,10 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
         if cb is not None:
             cb.decided(s.t, y, plan.h_ctl, fin.accept, s.running)
         stop = None if events is None else events.after_step(s, plan, fin, K)  # event crossings end groups
+        fail = health.observe(s, plan, fin, K, inputs, ops, t_end) if watch else None
         end = step_end(fin.accept, fin.h_next, s.h, plan.clipped, s.running, s.t, plan.t_new, t_end, s.n_attempted,
                        s.n_accepted, s.status, s.last_nonfinite, fin.ok, s.next_out, t_out, max_steps, _CODES,
-                       jump_t=jump_t, stop=stop)
+                       jump_t=jump_t, stop=stop, fail=fail)
         if hooks is not None:
             hooks.end_step(fin.accept, end.running, fin.ok | ~s.running)
         # Advance: accepted groups move to the step's end (before the loop's host transfer, so on a GPU these
@@ -340,7 +355,8 @@ def _restart_after_jump(f: FlatFunc, s: LoopState, jumped: torch.Tensor, hooks) 
         hooks.k1_evaluated(jumped, k_far, at_output=torch.zeros_like(jumped))  # not an output time
 
 
-def _finish(f: FlatFunc, problem: AdaptiveProblem, grid: _Grid, s: LoopState, stats: st.SolveStats) -> None:
+def _finish(f: FlatFunc, problem: AdaptiveProblem, grid: _Grid, s: LoopState, stats: st.SolveStats,
+            health: HealthCheck) -> None:
     """Statistics, and the failure report (raised with ``on_failure="raise"``)."""
     stats.h_final = s.h.detach()
     n_rej = s.n_attempted - s.n_accepted
@@ -357,7 +373,7 @@ def _finish(f: FlatFunc, problem: AdaptiveProblem, grid: _Grid, s: LoopState, st
         t_end_user = grid.t_end * f.sign
         cfg = problem.config
         msg, bad, times = _failure_message(problem.spec, s.status, t_user, s.n_attempted, cfg.max_num_steps,
-                                           t_end_user.detach())
+                                           t_end_user.detach(), health)
         stats.messages.append(msg)
         if cfg.on_failure == "raise":
             raise st.SolverError(msg, status=stats.status, samples=bad, times=times)
@@ -386,17 +402,21 @@ def select_initial_step(f: FlatFunc, t0, y0, k0, order: int, rtol, atol, norm: C
 
 
 def _failure_message(spec: StateSpec, status: torch.Tensor, t_user: torch.Tensor, n_att: torch.Tensor,
-                     max_steps: int, t_end_user: torch.Tensor) -> tuple[str, list, list]:
+                     max_steps: int, t_end_user: torch.Tensor, health: HealthCheck) -> tuple[str, list, list]:
     bad = (status != st.SUCCESS).nonzero().flatten().tolist()
     codes = status.tolist()
     n_att = n_att.tolist()
     times = t_user.tolist()
     ends = t_end_user.tolist()
     lines = []
+    facts = health.details()
     for i in bad[:10]:
         who = f"sample {i}" if spec.per_sample else "the solve"
         what = st.STATUS_NAMES[codes[i]]
-        if codes[i] == st.MAX_STEPS:
+        why = health.explain(codes[i], i, facts)
+        if why is not None:
+            what = why
+        elif codes[i] == st.MAX_STEPS:
             what += f" ({max_steps} step attempts; increase options['max_num_steps'])"
         elif codes[i] == st.STEP_UNDERFLOW:
             what += " (the step size became too small to advance; the problem may be stiff or singular there)"

@@ -51,7 +51,7 @@ from ._adaptive import AdaptiveProblem, solve_adaptive
 from ._adjoint_dynamics import AugmentedFunc, BackwardHooks, PerSampleQuadrature, SharedQuadrature
 from ._callbacks import StepCallbacks, callbacks_of
 from ._fixed import check_grid, solve_fixed, step_size_grid
-from ._odeint import Problem, _reroute_event_gradient, prepare, result_to_user, run_adaptive, run_fixed
+from ._odeint import Problem, _reroute_event_gradient, empty_solution, prepare, result_to_user, run_adaptive, run_fixed
 from ._options import AdjointConfig, RMSNorm, make_norm, parse_adjoint_options
 from ._problem import StateSpec
 from .backends import get_backend
@@ -401,8 +401,11 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
         torch.Size([2, 2])
     """
     params = _check_params(func, adjoint_params, adjoint_options)
-    p = prepare(func, y0, t, rtol, atol, method, options, event_fn)
+    p = prepare(func, y0, t, rtol, atol, method, options, event_fn, widen=False)
     cfg = parse_adjoint_options(p, options, adjoint_method, adjoint_options, adjoint_rtol, adjoint_atol)
+    if p.spec.is_empty:
+        st._set_last(p.stats)
+        return empty_solution(p, y0)
     t_req = isinstance(t, torch.Tensor) and t.requires_grad
     plan = _Plan(p, params, cfg, t_req, y0, t)
     st._set_last(p.stats)

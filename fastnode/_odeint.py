@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +24,17 @@ from ._options import (
     parse_fixed_options,
     time_dtype_of,
 )
-from ._problem import FlatFunc, StateSpec, check_func, check_t, check_tol, check_y0
+from ._problem import (
+    LOW_PRECISION,
+    FlatFunc,
+    StateSpec,
+    check_func,
+    check_t,
+    check_tol,
+    check_tol_pair,
+    check_y0,
+    tolerance_floor,
+)
 from .backends import get_backend
 from .solvers import get_solver
 
@@ -53,8 +64,11 @@ class Problem:
         return self.spec.per_sample
 
 
-def prepare(func, y0, t, rtol, atol, method, options, event_fn) -> Problem:
-    """Check every argument of an ``odeint`` call (clear errors naming the argument) and normalise it."""
+def prepare(func, y0, t, rtol, atol, method, options, event_fn, widen: bool = True) -> Problem:
+    """Check every argument of an ``odeint`` call (clear errors naming the argument) and normalise it.
+
+    ``widen``: integrate float16/bfloat16 states in float32 (``StateSpec.work_dtype``); ``odeint_adjoint`` does not.
+    """
     check_func(func)
     solver = get_solver(method)
     method = method or "dopri5"
@@ -69,14 +83,26 @@ def prepare(func, y0, t, rtol, atol, method, options, event_fn) -> Problem:
         raise ValueError("event_fn is not supported with method='scipy_solver' (as in torchdiffeq)")
     spec = check_y0(y0, per_sample)
     event_fn = combine_event_fn(event_fn, spec.batch, per_sample)  # vector event_fn: first crossing of any
+    if widen and spec.dtype in LOW_PRECISION:
+        spec.work_dtype = torch.float32
+    if event_fn is not None and spec.is_empty:
+        raise ValueError("y0 has no elements: an event solve needs a state for event_fn to watch")
     tdt = time_dtype_of(options)
     tau, sign = check_t(t, spec, tdt, event=event_fn is not None)
     rtol_v = check_tol("rtol", rtol, spec)
     atol_v = check_tol("atol", atol, spec)
+    floor_msg = None
+    if solver.adaptive:
+        check_tol_pair(rtol_v, atol_v)
+        rtol_v, floor_msg = tolerance_floor(rtol_v, spec.dtype)
+        if floor_msg is not None:
+            warnings.warn(f"fastnode: {floor_msg}", RuntimeWarning, stacklevel=3)
     ops = get_backend(options.get("backend", "auto"), spec.device)
     f = FlatFunc(func, spec, sign)
     f.callbacks = StepCallbacks.find(func, spec, sign, callbacks_of(solver), method)
     stats = st.SolveStats(method=method, per_sample=per_sample)
+    if floor_msg is not None:
+        stats.messages.append(floor_msg)
     if solver.adaptive:
         config = parse_adaptive_options(options, solver.tableau, sign, tau.dtype, spec.device)
         norm = make_norm(options, spec)
@@ -130,13 +156,25 @@ def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method:
     """
     p = prepare(func, y0, t, rtol, atol, method, options, event_fn)
     st._set_last(p.stats)
+    if p.spec.is_empty:
+        return empty_solution(p, y0)
     try:
         if p.solver.adaptive:
-            res = run_adaptive(p, p.spec.flatten(y0, "y0"))
+            res = run_adaptive(p, p.spec.flatten(y0, "y0").to(p.spec.work))
             return result_to_user(p, res)
-        return result_to_user(p, run_fixed(p, p.spec.flatten(y0, "y0"), y0, t))
+        return result_to_user(p, run_fixed(p, p.spec.flatten(y0, "y0").to(p.spec.work), y0, t))
     finally:
         p.stats.nfe = p.f.nfe
+
+
+def empty_solution(p: Problem, y0):
+    """A state with no elements has nothing to integrate: its (empty) value at every output time; ``func`` is
+    not called."""
+    y0_flat = p.spec.flatten(y0, "y0")
+    G = y0_flat.shape[0]
+    p.stats.status = torch.zeros(G, dtype=torch.int64, device=y0_flat.device)
+    p.stats.backend = "none"
+    return _to_user(p.spec, y0_flat.unsqueeze(0).expand(p.tau.shape[-1], G, 0).clone())
 
 
 def run_adaptive(p: Problem, y0_flat: torch.Tensor):
@@ -151,7 +189,7 @@ def _flat_event(p: Problem):
     spec, f, event_fn = p.spec, p.f, p.event_fn
 
     def flat_event(tau_g, y_flat):
-        v = event_fn(f.user_time(tau_g), spec.unflatten(y_flat))
+        v = event_fn(f.user_time(tau_g), spec.unflatten(y_flat.to(spec.dtype)))
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"event_fn must return a tensor, got {type(v).__name__}")
         if v.numel() != spec.batch:
@@ -173,8 +211,9 @@ def result_to_user(p: Problem, res):
 
 
 def _to_user(spec, out):
-    """[T, G, N] -> [T, *shape] (tuple for tuple states)."""
+    """[T, G, N] -> [T, *shape] (tuple for tuple states), in the state's dtype."""
     T = out.shape[0]
+    out = out.to(spec.dtype)
     return spec.unflatten(out, lead=(T,)) if spec.per_sample else spec.unflatten(out[:, 0], lead=(T,))
 
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._problem import check_tol
+from ._problem import check_tol, check_tol_pair
 from .solvers import get_solver
 
 ADAPTIVE_OPTIONS = {
     "first_step", "safety", "ifactor", "dfactor", "max_num_steps", "step_t", "jump_t", "min_step", "max_step",
-    "norm", "dtype", "per_sample", "backend", "on_failure", "controller", "pi_alpha", "pi_beta",
+    "norm", "dtype", "per_sample", "backend", "on_failure", "controller", "pi_alpha", "pi_beta", "on_stiff",
 }
 FIXED_OPTIONS = {"step_size", "grid_constructor", "interp", "perturb", "dtype", "backend", "per_sample"}
 
@@ -140,7 +140,7 @@ def num(options: dict, key: str, default, *, lo=None, hi=None, lo_open=False, in
             return 2**63 - 1  # no limit
         if int(v) != v:
             raise TypeError(f"options['{key}'] must be an integer, got {v}")
-        return int(v)
+        return min(int(v), 2**63 - 1)  # counters are int64: anything larger is no limit as well
     return float(v)
 
 
@@ -195,9 +195,18 @@ def check_times_option(options: dict, key: str, sign: float, time_dtype, device)
     if v is None:
         return None
     if isinstance(v, (list, tuple)):
-        v = torch.tensor(v, dtype=time_dtype)
+        for x in v:
+            if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor)):
+                raise TypeError(f"options['{key}'] must hold numbers (times), got an element {x!r} of type "
+                                f"{type(x).__name__}")
+        try:
+            v = torch.tensor([float(x) for x in v], dtype=time_dtype)
+        except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a tensor element with several values
+            raise TypeError(f"options['{key}'] must be a sequence of numbers (times): {exc}") from None
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"options['{key}'] must be a 1-D tensor or sequence of times, got {type(v).__name__}")
+    if v.dtype == torch.bool or v.is_complex():
+        raise TypeError(f"options['{key}'] must hold real times, got a tensor of dtype {v.dtype}")
     if v.dim() != 1:
         raise ValueError(f"options['{key}'] must be 1-D, got shape {tuple(v.shape)}")
     if not bool(torch.isfinite(v).all()):
@@ -219,6 +228,7 @@ class AdaptiveConfig:
     on_failure: str
     step_t: torch.Tensor | None  # sorted integration times steps land on
     jump_t: torch.Tensor | None  # sorted integration times of discontinuities
+    on_stiff: str = "raise"  # "raise", "warn" or "ignore": what a stiffness detection does (fastnode._health)
 
     @property
     def has_jumps(self) -> bool:
@@ -262,7 +272,8 @@ def parse_adaptive_options(options: dict, tableau, sign: float, tdt, device) -> 
         if common:
             raise ValueError(f"options['step_t'] and options['jump_t'] both contain the time(s) "
                              f"{sorted(x * sign for x in common)}; a time may be in only one of them")
-    return AdaptiveConfig(ctrl, first_step, max_num_steps, on_failure, step_t, jump_t)
+    on_stiff = choice(options, "on_stiff", "raise", ("raise", "warn", "ignore"))
+    return AdaptiveConfig(ctrl, first_step, max_num_steps, on_failure, step_t, jump_t, on_stiff)
 
 
 @dataclass(frozen=True)
@@ -359,6 +370,8 @@ def parse_adjoint_options(p, options: dict | None, adjoint_method: str | None, a
         perturb = flag(opts, "perturb", False)
     rtol = p.rtol if adjoint_rtol is None else check_tol("adjoint_rtol", adjoint_rtol, p.spec)
     atol = p.atol if adjoint_atol is None else check_tol("adjoint_atol", adjoint_atol, p.spec)
+    if solver.adaptive:
+        check_tol_pair(rtol, atol, ("adjoint_rtol", "adjoint_atol"))
     return AdjointConfig(method, solver, adaptive, step_size, perturb, tdt, opts.get("backend", "auto"), rtol, atol,
                          norm, gc, opts)
 

@@ -32,6 +32,19 @@ class StateSpec:
     def _is_cplx(self, i: int) -> bool:
         return bool(self.cplx) and self.cplx[i]
 
+    # The dtype the solver integrates in: float16/bfloat16 states are integrated in float32 (stage sums, solution,
+    # error estimate, finiteness), func sees and returns ``dtype``. ``odeint_adjoint`` keeps ``dtype``.
+    work_dtype: torch.dtype | None = None
+
+    @property
+    def work(self) -> torch.dtype:
+        return self.dtype if self.work_dtype is None else self.work_dtype
+
+    @property
+    def is_empty(self) -> bool:
+        """The state has no elements (a zero-size tensor, or a tuple of them)."""
+        return self.batch * sum(self.sizes) == 0
+
     @functools.cached_property
     def segments(self) -> list[tuple[int, int]]:
         out, start = [], 0
@@ -58,6 +71,8 @@ class StateSpec:
             want = _complex_of(self.dtype) if self._is_cplx(i) else self.dtype
             if p.dtype != want:
                 raise TypeError(f"{name} has dtype {p.dtype}, expected {want} (the dtype of y0)")
+            if p.device != self.device:
+                raise ValueError(f"{name} is on {p.device}, expected {self.device} (the device of y0)")
             if self._is_cplx(i):
                 p = torch.view_as_real(p.resolve_conj())
             flat.append(p if p.dim() == 2 and p.shape[0] == self.batch else p.reshape(self.batch, -1))
@@ -187,7 +202,7 @@ def check_tol(name: str, tol, spec: StateSpec) -> torch.Tensor | float:
             if x.numel() == 1:
                 return float(x.reshape(()).item())
             try:
-                xb = torch.broadcast_to(x.to(spec.device, spec.dtype), shape)
+                xb = torch.broadcast_to(x.to(spec.device, spec.work), shape)
             except RuntimeError:
                 raise ValueError(f"{label} has shape {tuple(x.shape)}, which does not broadcast to the state "
                                  f"shape {tuple(shape)}") from None
@@ -209,12 +224,49 @@ def check_tol(name: str, tol, spec: StateSpec) -> torch.Tensor | float:
     cols = []
     for i, (v, n) in enumerate(zip(vals, spec.sizes)):
         if isinstance(v, float):
-            cols.append(torch.full((spec.batch, n), v, dtype=spec.dtype, device=spec.device))
+            cols.append(torch.full((spec.batch, n), v, dtype=spec.work, device=spec.device))
         else:
             if spec._is_cplx(i):  # one tolerance for the real and imaginary part of each entry
                 v = v.unsqueeze(-1).expand(*v.shape, 2)
             cols.append(v.reshape(spec.batch, n))
     return torch.cat(cols, dim=1)
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def tolerance_floor(rtol, dtype: torch.dtype):
+    """``(rtol, message)``: ``rtol`` raised to ``eps(dtype) / 4`` where it is below (``message`` None if not):
+    func's values carry a relative rounding of ``eps / 2``, so a smaller rtol asks for accuracy the error
+    estimate cannot see (float32's default ``1e-7`` is above its floor ``3e-8``)."""
+    floor = torch.finfo(dtype).eps / 4
+    if isinstance(rtol, float):
+        if rtol >= floor:
+            return rtol, None
+        low, new = rtol, floor
+    else:
+        low = float(rtol.min())
+        if low >= floor:
+            return rtol, None
+        new = rtol.clamp_min(floor)
+    name = str(dtype).replace("torch.", "")
+    msg = (f"rtol={low:g} is below the resolution of {name} states (eps={torch.finfo(dtype).eps:g}); "
+           f"using rtol={floor:g} where it was smaller")
+    return new, msg
+
+
+def check_tol_pair(rtol, atol, names: tuple[str, str] = ("rtol", "atol")) -> None:
+    """Raise if some component has ``rtol == atol == 0``: its error test ``|err| <= atol + rtol * |y|`` can never
+    pass (any rounding is an error), so the solve could only shrink the step until it underflows."""
+    if isinstance(rtol, float) and isinstance(atol, float):
+        both = rtol == 0.0 and atol == 0.0
+    else:
+        r = rtol if isinstance(rtol, torch.Tensor) else torch.tensor(rtol)
+        a = atol if isinstance(atol, torch.Tensor) else torch.tensor(atol)
+        both = bool(((r.to(a.device) == 0) & (a == 0)).any())
+    if both:
+        raise ValueError(f"{names[0]} and {names[1]} are both 0 (for some component of the state): no step can meet "
+                         "an error tolerance of 0; give a positive rtol or atol")
 
 
 class FlatFunc:
@@ -235,6 +287,8 @@ class FlatFunc:
         # as [G, N] with no further checks (anything else goes through spec.flatten and its clear errors).
         self._shape = None if spec.is_tuple else torch.Size(spec.shapes[0])
         self._flat = (spec.batch, spec.sizes[0]) if not spec.is_tuple else None
+        self._device = spec.device
+        self._wide = spec.work if spec.work != spec.dtype else None
 
     def user_time(self, tau: torch.Tensor, perturb: int = 0) -> torch.Tensor:
         """tau: [..., G] -> what func receives: [...] (shared) or [..., B] (per-sample), in the state dtype.
@@ -255,11 +309,16 @@ class FlatFunc:
         self.nfe += 1
         if t_user is None:
             t_user = self.user_time(tau, perturb)
+        if self._wide is not None:
+            y = y.to(self.spec.dtype)
         out = self.func(t_user, self.spec.unflatten(y))
-        if type(out) is torch.Tensor and out.shape == self._shape and out.dtype == self.spec.dtype:
+        if (type(out) is torch.Tensor and out.shape == self._shape and out.dtype == self.spec.dtype
+                and out.device == self._device):
             flat = out.view(self._flat) if out.is_contiguous() else out.reshape(self._flat)
         else:
             flat = self.spec.flatten(out, "func")
+        if self._wide is not None:
+            flat = flat.to(self._wide)
         return flat if self.sign > 0 else -flat
 
     def probe(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,10 @@ MAX_STEPS = 1
 STEP_UNDERFLOW = 2
 NON_FINITE = 3
 TIME_OVERFLOW = 4
+STIFF = 5
 STATUS_NAMES = {SUCCESS: "success", MAX_STEPS: "max_num_steps exceeded", STEP_UNDERFLOW: "step size underflow",
-                NON_FINITE: "non-finite values (NaN/inf) from func", TIME_OVERFLOW: "time overflowed to infinity"}
+                NON_FINITE: "non-finite values (NaN/inf) from func", TIME_OVERFLOW: "time overflowed to infinity",
+                STIFF: "problem appears stiff"}
 
 IntOrTensor = int | torch.Tensor
 

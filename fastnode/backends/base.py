@@ -134,7 +134,7 @@ class StepOps:
         raise NotImplementedError
 
     def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
-                 new_ok, next_idx, t_out, max_num_steps: int, codes, *, jump_t=None, stop=None) -> StepEnd:
+                 new_ok, next_idx, t_out, max_num_steps: int, codes, *, jump_t=None, stop=None, fail=None) -> StepEnd:
         """A step's bookkeeping for every group, after the controller decided.
 
         Args:
@@ -145,6 +145,9 @@ class StepOps:
             codes: the status codes ``(non_finite, step_underflow, time_overflow, max_steps)``.
             jump_t: optional sorted [J] jump times: ``StepEnd.jumped`` marks the groups that landed on one.
             stop: optional [G] bool, groups that end here (an event fired): not running afterwards.
+            fail: optional [G] int8 status codes of failures found outside the op (``fastnode._health``; 0: none):
+                a running group with a code fails here with it (stuck, not running afterwards) unless the step
+                failed for one of its own reasons.
         """
         raise NotImplementedError
 

@@ -160,11 +160,11 @@ class ExtStepOps(TorchStepOps):
         return as_named(StepPlan, (h_ctl, h_ctl, clipped, t_new, hs, ts, te))
 
     def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
-                 new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None):
-        if jump_t is not None or stop is not None or not t.is_cpu or t.dtype != torch.float64:
+                 new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None, fail=None):
+        if jump_t is not None or stop is not None or fail is not None or not t.is_cpu or t.dtype != torch.float64:
             return super().step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
                                     last_nonfinite, new_ok, next_idx, t_out, max_num_steps, codes, jump_t=jump_t,
-                                    stop=stop)
+                                    stop=stop, fail=fail)
         return as_named(StepEnd, self._ops.step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc,
                                                   status, last_nonfinite, new_ok, next_idx, t_out, int(max_num_steps),
                                                   codes) + (None,))

@@ -114,9 +114,9 @@ class TorchStepOps(StepOps):
         y_new, x = self.step_error(tableau, y, K, h, rtol, atol)
         with torch.no_grad():
             ratio = norm(x)
-            # One pass flags a non-finite new state or derivative (the sum is non-finite iff either is,
-            # barring overflow of the sum itself, which is as good as non-finite here).
-            ok = torch.isfinite(y_new + self.stage(K, tableau.num_stages - 1)).all(dim=1)
+            # One pass flags a non-finite new state or derivative: the half-sum is non-finite iff either is, and
+            # cannot overflow (y_new + k_last could, for finite values near the dtype's max).
+            ok = torch.isfinite((y_new * 0.5).add_(self.stage(K, tableau.num_stages - 1), alpha=0.5)).all(dim=1)
             if adjust is not None:
                 ratio = adjust(ratio)
             if ratio_floor is not None:
@@ -160,7 +160,8 @@ class TorchStepOps(StepOps):
         return as_named(StepPlan, (h_ctl, h_eff, clipped, t_new, h_eff.to(state_dtype), ts, te))
 
     def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
-                 new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None):
+                 new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None, fail=None):
+        fail_here = fail
         graph = t.requires_grad or t_new.requires_grad
         with torch.no_grad():
             t_d, t_new_d = (t.detach(), t_new.detach()) if graph else (t, t_new)
@@ -180,6 +181,11 @@ class TorchStepOps(StepOps):
             nf, uf, to, ms = _const(tuple(codes), torch.int8, t.device).unbind()
             fail = torch.where(no_move, torch.where(last_nonfinite, nf, uf), torch.where(inf_try, to, ms))
             status = torch.where(stuck, fail, status)
+            if fail_here is not None:
+                # Failures found outside this op (fastnode._health): their code, unless the step failed already.
+                extra = running & (fail_here != 0) & ~stuck
+                status = torch.where(extra, fail_here.to(status.dtype), status)
+                stuck = stuck | extra
             n_le = torch.searchsorted(t_out, t_new_d.unsqueeze(1), right=True).squeeze(1)
             crossed = torch.where(accept, n_le - next_idx, 0)
             running_next = running & (t_fut < t_end) & ~stuck

@@ -147,12 +147,12 @@ class TritonStepOps(TorchStepOps):
         return as_named(StepPlan, (h_ctl, h_ctl, clipped, t_new, hs, ts, te))
 
     def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
-                 new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None):
-        if (jump_t is not None or stop is not None or t.dtype != torch.float64 or t.dim() != 1
+                 new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None, fail=None):
+        if (jump_t is not None or stop is not None or fail is not None or t.dtype != torch.float64 or t.dim() != 1
                 or t_out.dtype != torch.float64 or t_out.dim() != 2 or t_out.shape[0] != t.shape[0] or t.numel() == 0):
             return super().step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
                                     last_nonfinite, new_ok, next_idx, t_out, max_num_steps, codes, jump_t=jump_t,
-                                    stop=stop)
+                                    stop=stop, fail=fail)
         G, dev, f64 = t.shape[0], t.device, torch.float64
         cd = device_constants(tuple(int(v) for v in codes), torch.int8, dev)
         b, i64 = torch.bool, torch.int64
