@@ -6,8 +6,8 @@ controller memory and status). All per-group decisions are tensors combined with
 
 The loop owns only the order of events; the backend owns the semantics of each op (``backends.base``). One
 iteration is the step made by ``_stepper`` (state -> next state, no host transfer: set-up, stages, finish,
-events, bookkeeping), then the host part: the one packet fetch (``HostPacket``), dense output at the output times the step passed
-(``DenseOutput``), the adjoint's landing on output times (``hooks``) and the restart past a jump.
+events, bookkeeping), then the host part: the one packet fetch (``HostPacket``), dense output at the output times
+the step passed (``DenseOutput``), the adjoint's landing on output times (``hooks``) and the restart past a jump.
 
 Host syncs: exactly one device-to-host transfer per iteration, a small packet holding "is any group still
 running", "did anything fail", "how many output times did the step pass" (and the jump's and the adjoint's

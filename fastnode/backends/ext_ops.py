@@ -88,8 +88,8 @@ if _LOAD_ERROR is None:
         G, S = t.shape[0], len(c)
         ts = t.new_empty((S,) if squeeze else (S, G), dtype=state_dtype)
         te = t.new_empty(() if squeeze else (G,), dtype=state_dtype)
-        return (torch.empty_like(t), torch.empty_like(running), torch.empty_like(t), t.new_empty((G,), dtype=state_dtype),
-                ts, te)
+        return (torch.empty_like(t), torch.empty_like(running), torch.empty_like(t),
+                t.new_empty((G,), dtype=state_dtype), ts, te)
 
     @torch.library.register_fake("fastnode::step_end")
     def _step_end_fake(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,

@@ -3,9 +3,9 @@
 Shapes: the solver works on a flattened state ``y: [G, N]`` where ``G`` is the number of independently
 controlled groups (1 in shared mode, the batch size ``B`` in per-sample mode). Stages are kept in a stage
 store (here a list of ``[G, N]`` tensors, so autograd can track each one); ``h: [G]`` holds the step sizes
-in the state dtype (the controller works on them in the time dtype). Everything that only steers the step-size control (error ratio, controller) runs
-without autograd: gradients flow through the stages, the solution and the interpolation, never through
-the choice of step size.
+in the state dtype (the controller works on them in the time dtype). Everything that only steers the step-size
+control (error ratio, controller) runs without autograd: gradients flow through the stages, the solution and the
+interpolation, never through the choice of step size.
 """
 
 from __future__ import annotations
