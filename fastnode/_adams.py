@@ -162,7 +162,7 @@ def solve_adams(f: FlatFunc, y0: torch.Tensor, tau: torch.Tensor, grid: torch.Te
     Outputs between grid points are interpolated as in ``solve_fixed`` (linear, or cubic Hermite with one extra
     evaluation at the step's end).
     """
-    from ._fixed import _hermite  # here: the registry imports this module, and _fixed imports the backends
+    from ._fixed import outputs_between  # here: the registry imports this module, and _fixed imports the backends
 
     implicit, max_order, max_iters = parse_adams_options(options, implicit)
     stepper = AdamsStepper(f, implicit, max_order, max_iters, rtol, atol, perturb)
@@ -181,20 +181,7 @@ def solve_adams(f: FlatFunc, y0: torch.Tensor, tau: torch.Tensor, grid: torch.Te
             f.callbacks.step(t0, y, t1 - t0)
         y1, f0 = stepper.step(t0, t1, y)
         stats.n_accepted += 1
-        f1 = None
-        while j < T and tau_v[j] <= grid_v[s + 1]:
-            if tau_v[j] == grid_v[s + 1]:
-                outs.append(y1)
-            else:
-                h = t1 - t0
-                theta = ((tau[j] - t0) / h).to(y.dtype)
-                if interp == "linear":
-                    outs.append(y + theta * (y1 - y))
-                else:
-                    if f1 is None:
-                        f1 = f(t1, y1)
-                    outs.append(_hermite(y, f0, y1, f1, h.to(y.dtype), theta))
-            j += 1
+        j = outputs_between(f, interp, outs, tau, tau_v, j, grid_v[s + 1], t0, t1, t1 - t0, y, f0, y1)
         y = y1
     stats.n_steps = stats.n_accepted
     stats.backend = "torch"

@@ -63,7 +63,7 @@ def solve_fixed(f: FlatFunc, y0: torch.Tensor, tau: torch.Tensor, grid: torch.Te
                 y1 = hooks.land(torch.full((1,), j, dtype=torch.int64, device=y.device), one, y1)
                 j += 1
         else:
-            j = _outputs(f, ops, interp, outs, tau, tau_v, j, grid_v[s + 1], t0, t1, h, y, K, y1)
+            j = outputs_between(f, interp, outs, tau, tau_v, j, grid_v[s + 1], t0, t1, h, y, ops.stage(K, 0), y1)
         y = y1
     stats.n_steps = stats.n_accepted
     if hooks is not None:
@@ -93,9 +93,10 @@ def _step(f: FlatFunc, ops: StepOps, tableau: ButcherTableau, y, k0, t0, t1, h, 
     return K, y1
 
 
-def _outputs(f: FlatFunc, ops: StepOps, interp: str, outs: list, tau, tau_v: list, j: int, t1_v: float, t0, t1, h,
-             y, K, y1) -> int:
-    """Append the outputs at ``tau[j:]`` up to ``t1`` (linear or cubic Hermite between grid points); the next ``j``."""
+def outputs_between(f: FlatFunc, interp: str, outs: list, tau, tau_v: list, j: int, t1_v: float, t0, t1, h, y, f0,
+                    y1) -> int:
+    """Append the outputs at ``tau[j:]`` up to ``t1`` (linear, or cubic Hermite through ``(y, f0)`` and ``(y1,
+    f(t1, y1))``, evaluated once, between grid points); the next ``j``. Shared by the Runge-Kutta and Adams grids."""
     T = len(tau_v)
     f1 = None
     while j < T and tau_v[j] <= t1_v:
@@ -108,7 +109,7 @@ def _outputs(f: FlatFunc, ops: StepOps, interp: str, outs: list, tau, tau_v: lis
             else:
                 if f1 is None:
                     f1 = f(t1, y1)
-                outs.append(_hermite(y, ops.stage(K, 0), y1, f1, h.to(y.dtype), theta))
+                outs.append(_hermite(y, f0, y1, f1, h.to(y.dtype), theta))
         j += 1
     return j
 
