@@ -13,6 +13,19 @@ from fastnode import kernels
 COMPILED = pytest.mark.skipif(kernels.INTERPRETED, reason="needs the compiled kernels (FASTNODE_TEST_CUDA=1)")
 
 
+def field(t, y):
+    """Rows decay at different rates (per-sample steps differ) and are driven by t ([B] per-sample, 0-d shared)."""
+    rate = torch.linspace(0.5, 4.0, y.shape[0], dtype=y.dtype, device=y.device).unsqueeze(1)
+    tt = t.reshape(-1, 1).to(y.dtype) if t.dim() else t.to(y.dtype)
+    return -rate * y + torch.sin(3.0 * tt + y)
+
+
+def y0(dtype, device, B=7, N=3):
+    """A fixed random initial state [B, N] (drawn in float64, then cast)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(B, N, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
 def kernel_devices() -> list:
     """``cpu`` (the interpreter) and ``cuda`` (marked gpu), each skipped where the kernels cannot run."""
     out = []

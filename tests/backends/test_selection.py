@@ -14,7 +14,7 @@ import torch
 from fastnode import kernels, last_stats, odeint
 from fastnode.backends import ext_ops, get_backend
 
-from .conftest import COMPILED, kernel_devices
+from .conftest import COMPILED, field as _field, kernel_devices, y0 as _y0
 
 F64 = torch.float64
 needs_ext = pytest.mark.skipif(not ext_ops.available(), reason="fastnode._C is not built (FASTNODE_SKIP_EXT=1)")
@@ -82,17 +82,6 @@ def test_package_runs_without_the_extension_and_says_so_once():
 
 
 # --- triton ----------------------------------------------------------------------------------------------------------
-
-def _field(t, y):
-    rate = torch.linspace(0.5, 4.0, y.shape[0], dtype=y.dtype, device=y.device).unsqueeze(1)
-    tt = t.reshape(-1, 1).to(y.dtype) if t.dim() else t.to(y.dtype)
-    return -rate * y + torch.sin(3.0 * tt + y)
-
-
-def _y0(dtype, device, B=7, N=3):
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(B, N, generator=g, dtype=F64).to(dtype=dtype, device=device)
-
 
 def test_selection_on_cpu(monkeypatch):
     """auto never picks triton for CPU tensors; a forced triton errs clearly where it cannot run."""

@@ -21,7 +21,7 @@ from fastnode.solvers import SOLVERS
 
 from tests.ops._calls import SHAPE_IDS, SHAPES, assert_rounding_close, combo_bound, stages, state, steps
 
-from .conftest import COMPILED, kernel_devices
+from .conftest import COMPILED, field as _field, kernel_devices, y0 as _y0
 
 # The Triton StepOps backend: the one import of it here.
 TRITON_STEP_OPS_MODULE = "fastnode.backends.triton_ops"
@@ -31,18 +31,6 @@ F64, F32 = torch.float64, torch.float32
 # Outputs: the two backends round the same arithmetic differently in a few places (the float64 sum of squares of the
 # error norm, exp/log for pow in the controller, FMA on GPUs), so trajectories agree to a few ulp per step.
 SOLVE_TOL = {F64: {"rtol": 1e-12, "atol": 1e-13}, F32: {"rtol": 2e-5, "atol": 2e-6}}
-
-
-def _field(t, y):
-    """Rows decay at different rates (per-sample steps differ) and are driven by t ([B] per-sample, 0-d shared)."""
-    rate = torch.linspace(0.5, 4.0, y.shape[0], dtype=y.dtype, device=y.device).unsqueeze(1)
-    tt = t.reshape(-1, 1).to(y.dtype) if t.dim() else t.to(y.dtype)
-    return -rate * y + torch.sin(3.0 * tt + y)
-
-
-def _y0(dtype, device, B=7, N=3):
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(B, N, generator=g, dtype=F64).to(dtype=dtype, device=device)
 
 
 def _stats_equal(a, b):
