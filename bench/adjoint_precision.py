@@ -52,6 +52,7 @@ from report import write_markdown
 from torch import nn
 
 import fastnode
+import fastnode._adaptive
 import fastnode._adjoint
 from fastnode import last_stats
 from fastnode.models.image import ImageODEFunc, _conv_stem
@@ -193,11 +194,38 @@ def _probe_first_step(cfg, stats_f):
     return None if cfg.adaptive is None else cfg.adaptive.first_step
 
 
+_FIRST_STEP = fastnode._adjoint._first_step
+
+
+def _min_first_step():
+    """Patches for a backward first step ``min(forward's last step, the initial-step probe's estimate)``."""
+    held = {}
+    select = fastnode._adaptive.select_initial_step
+
+    def first_step(cfg, stats_f):
+        if cfg.adaptive is None or cfg.adaptive.first_step is not None:
+            return _FIRST_STEP(cfg, stats_f)
+        held["h"] = _FIRST_STEP(cfg, stats_f)  # the forward's last step (or None)
+        return None  # -> the probe, then select_min
+
+    def select_min(*args, **kwargs):
+        h = select(*args, **kwargs)
+        hf = held.pop("h", None)
+        return h if hf is None or not isinstance(hf, torch.Tensor) else torch.minimum(h, hf.to(h))
+
+    return first_step, select_min
+
+
 def run_adjoint(case: Case, provider: str, rtol: float) -> tuple[int, int, float, tuple[torch.Tensor, torch.Tensor]]:
     """One forward + backward: ``(forward NFE, backward NFE, backward thread CPU s, (dL/dy0, dL/dtheta))``."""
     if provider.startswith("fastnode-probe"):  # A/B of the backward's first step (not in the default providers)
         with mock.patch.object(fastnode._adjoint, "_first_step", _probe_first_step):
             return run_adjoint(case, provider.replace("-probe", ""), rtol)
+    if provider.startswith("fastnode-min"):  # A/B: the smaller of the forward's last step and the probe's
+        first_step, select_min = _min_first_step()
+        with mock.patch.object(fastnode._adjoint, "_first_step", first_step), \
+                mock.patch.object(fastnode._adaptive, "select_initial_step", select_min):
+            return run_adjoint(case, provider.replace("-min", ""), rtol)
     solve = fastnode.odeint_adjoint if provider.startswith("fastnode") else torchdiffeq.odeint_adjoint
     aopt = {"norm": "seminorm"} if provider.endswith("seminorm") else {}
     case.func.zero_grad(set_to_none=True)
@@ -286,7 +314,7 @@ def add_ratios(case: Case) -> None:
     for norm in ("", "-seminorm"):
         td = [(r["err"], r["nfe_b"]) for r in case.rows if r["provider"] == f"torchdiffeq{norm}" and "err" in r]
         for r in case.rows:
-            if r["provider"] in (f"fastnode{norm}", f"fastnode-probe{norm}") and "err" in r:
+            if r["provider"] in (f"fastnode{norm}", f"fastnode-probe{norm}", f"fastnode-min{norm}") and "err" in r:
                 n_td = nfe_at_error(td, r["err"])
                 r["ratio"] = "-" if n_td is None else f"{r['nfe_b'] / n_td:.2f}"
 
@@ -341,7 +369,7 @@ def plot(cases: list[Case], path: Path) -> str:
     fig, axes = plt.subplots(len(cases), 2, figsize=(11, 3.6 * len(cases)), squeeze=False)
     style = {"fastnode": ("C0", "-o"), "fastnode-seminorm": ("C0", "--s"), "torchdiffeq": ("C3", "-o"),
              "torchdiffeq-seminorm": ("C3", "--s"), "fastnode-probe": ("C2", "-^"), "fastnode-probe-seminorm":
-             ("C2", "--v")}
+             ("C2", "--v"), "fastnode-min": ("C1", "-d"), "fastnode-min-seminorm": ("C1", "--d")}
     for row_axes, case in zip(axes, cases):
         for prov in dict.fromkeys(r["provider"] for r in case.rows):
             rows = [r for r in case.rows if r["provider"] == prov and "err" in r]
@@ -372,7 +400,8 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=None, help="default: bench/results/<device>/")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--providers", default=",".join(PROVIDERS),
-                    help="comma-separated; also fastnode-probe[-seminorm]: the backward's first step chosen afresh")
+                    help="comma-separated; also fastnode-probe[-seminorm] (the backward's first step afresh) and "
+                    "fastnode-min[-seminorm] (the smaller of that and the forward's last step)")
     args = ap.parse_args()
     if args.reps < 1:
         ap.error("--reps must be at least 1")
