@@ -83,7 +83,16 @@ def _builders(cfg: dict, data: dict) -> dict:
     }
 
 
-def _train_one(name: str, build, seed: int, cfg: dict, data: dict, info: DistInfo):
+def _training_backends(model) -> dict | None:
+    """The step backends of the ODE block's latest training solves (forward and, with the adjoint, backward)."""
+    st = getattr(getattr(model, "block", None), "_stats", None)
+    if st is None:
+        return None
+    back = st.backward.backend if st.backward is not None else None
+    return {"forward": st.backend or None, "backward": back or None}
+
+
+def _train_one(name: str, build, seed: int, cfg: dict, data: dict, info: DistInfo, on_epoch=None):
     torch.manual_seed(seed)
     model = build().to(info.device)
     net = DDP(model) if info.world > 1 else model
@@ -93,13 +102,17 @@ def _train_one(name: str, build, seed: int, cfg: dict, data: dict, info: DistInf
         r = train_epoch(net, data["x_train"], data["y_train"], opt, F.cross_entropy, batch_size=cfg["batch_size"],
                         epoch=ep, seed=seed, info=info, show_progress=cfg["progress"] and info.is_main,
                         desc=f"{name} seed {seed} epoch {ep + 1}")
+        backends = _training_backends(model)  # before evaluate() replaces the block's statistics
         ev = evaluate(model, data["x_test"], data["y_test"], batch_size=256) if info.is_main else {}
         nf, nb = r["nfe_forward"], r["nfe_backward"]
         epochs.append({"epoch": ep + 1, "train_loss": r["loss"], "test_accuracy": ev.get("accuracy"),
                        "test_nfe_forward": ev.get("nfe"), "nfe_forward": nf, "nfe_backward": nb,
                        "nfe_ratio": nb / nf if nf and nb else None, "epoch_time_s": sum(r["batch_times"]),
                        "epoch_cpu_s": sum(r["batch_cpu_times"]), "nfe_forward_batches": r["nfe_forward_batches"],
-                       "nfe_backward_batches": r["nfe_backward_batches"], "batch_losses": r["batch_losses"]})
+                       "nfe_backward_batches": r["nfe_backward_batches"], "batch_losses": r["batch_losses"],
+                       "backend": backends})
+        if on_epoch is not None and info.is_main:
+            on_epoch(name, {"seed": seed, "epochs": epochs})
         if info.is_main:
             print(f"[{NAME}] {name} seed {seed} epoch {ep + 1}: loss {r['loss']:.4f} test acc {ev['accuracy']:.4f} "
                   f"NFE-F {nf} NFE-B {nb} ({sum(r['batch_cpu_times']):.0f} CPU s)", flush=True)
@@ -224,7 +237,8 @@ def _run(cfg: dict, info: DistInfo) -> dict:
     for i, seed in enumerate(cfg["seeds"]):
         trained = {}
         for name, build in builders.items():
-            trained[name], r = _train_one(name, build, seed, cfg, data, info)
+            trained[name], r = _train_one(name, build, seed, cfg, data, info,
+                                          on_epoch=functools.partial(_save_partial, cfg, results))
             runs[name].append(r)
         for name, model in trained.items():
             entry = results["models"].setdefault(name, {"parameters": count_parameters(model)})
@@ -240,6 +254,23 @@ def _run(cfg: dict, info: DistInfo) -> dict:
             results["seeds_done"] = i + 1
             _write(cfg, results)
     return results
+
+
+def _save_partial(cfg: dict, results: dict, name: str, run: dict) -> None:
+    """After every epoch: ``partial.json`` holds the finished seeds' results plus the run in progress.
+
+    The report is written only after a seed's models are both trained; this file keeps a long run's finished
+    epochs (a run stopped early loses at most the epoch in progress).
+    """
+    import json
+
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"commit": results["commit"], "config": results["config"], "seeds_done": results.get("seeds_done", 0),
+               "models": results["models"], "in_progress": {"model": name, **run}}
+    tmp = out / "partial.json.tmp"
+    tmp.write_text(json.dumps(payload, default=float))
+    tmp.replace(out / "partial.json")
 
 
 def _ratio(sweep: list[dict], bs: int, key: str) -> float | None:
