@@ -468,6 +468,52 @@ def test_seeds_in_separate_processes_merge_to_the_joint_run(tmp_path):
         merge(tmp_path / "bad", [tmp_path / "s0", tmp_path / "lr"])
 
 
+def test_merged_report_describes_the_runs_not_the_merge(tmp_path):
+    """The merged header carries the runs' thread count (not the merging process's), and the backend note names the
+    training solves' backends even when no run had a sweep (it said "solver backend None")."""
+    import fastnode
+    from fastnode.models import ImageODENet
+    from fastnode.studies.resnet_vs_odenet import merge
+
+    kw = {"quick": True, "epochs": 2, "train_size": 32, "test_size": 16, "timing_rounds": 1, "sweep_batch_sizes": ()}
+    for seed in (0, 1):
+        run_study("resnet-vs-odenet", out=tmp_path / f"s{seed}", seeds=(seed,), threads=1, **kw)
+    # The backend a default ODENet's solves pick here, found independently of the study's record.
+    with torch.no_grad():
+        ImageODENet(1, 10, width=16, rtol=1e-2, atol=1e-2)(torch.randn(2, 1, 16, 16))
+    expected = fastnode.last_stats().backend
+    assert expected
+    run0 = json.loads((tmp_path / "s0" / "resnet-vs-odenet.json").read_text())
+    assert run0["environment"]["threads"] == 1
+    partial = json.loads((tmp_path / "s0" / "partial.json").read_text())  # the last epoch written as it finished
+    for name, e in run0["models"].items():  # both models, epoch by epoch in turn
+        assert partial["in_progress"][name]["epochs"] == e["runs"][0]["epochs"]
+    for ep in run0["models"]["ODENet (adjoint)"]["runs"][0]["epochs"]:
+        assert ep["backend"] == {"forward": expected, "backward": expected}
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # the merging process runs on another thread count than the runs did
+    try:
+        merged = merge(tmp_path / "merged", [tmp_path / "s0", tmp_path / "s1"])
+    finally:
+        torch.set_num_threads(before)
+    assert merged["environment"]["threads"] == 1 and merged["merge_environment"]["threads"] == 3
+    md = (tmp_path / "merged" / "resnet-vs-odenet.md").read_text()
+    assert "(1 threads)" in md and "(3 threads)" not in md
+    assert f"training solves forward {expected}, adjoint backward {expected}" in md
+    assert "no throughput sweep in this run" in md and "backend None" not in md
+    data = json.loads((tmp_path / "merged" / "resnet-vs-odenet.json").read_text())
+    assert data["environment"]["threads"] == 1
+    assert data["training_backends"] == {"forward": [expected], "backward": [expected]}
+    # Runs written before the per-epoch record: the note says so instead of naming a backend.
+    old = tmp_path / "old"
+    old.mkdir()
+    for ep in run0["models"]["ODENet (adjoint)"]["runs"][0]["epochs"]:
+        del ep["backend"]
+    (old / "resnet-vs-odenet.json").write_text(json.dumps(run0))
+    merge(tmp_path / "merged-old", [old])
+    assert "training solves forward not recorded" in (tmp_path / "merged-old" / "resnet-vs-odenet.md").read_text()
+
+
 def test_mnist_run_reports_the_sources_figures(tmp_path):
     data = tmp_path / "mnist"
     data.mkdir()

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..models import ImageODENet, ImageResNet, count_parameters
 from .common import DistInfo, SavedTensorMeter, check_feature_map, evaluate, spread, time_call, train_epoch
 from .data import load_images
-from .report import new_figure, save_figure, write_results
+from .report import environment, new_figure, save_figure, write_results
 
 NAME = "resnet-vs-odenet"
 MODEL_NAMES = ("ResNet-6", "ODENet (adjoint)")
@@ -92,31 +92,47 @@ def _training_backends(model) -> dict | None:
     return {"forward": st.backend or None, "backward": back or None}
 
 
-def _train_one(name: str, build, seed: int, cfg: dict, data: dict, info: DistInfo, on_epoch=None):
-    torch.manual_seed(seed)
-    model = build().to(info.device)
-    net = DDP(model) if info.world > 1 else model
-    opt = torch.optim.SGD(net.parameters(), lr=cfg["lr"], momentum=0.9)
-    epochs = []
+def _train_seed(builders: dict, seed: int, cfg: dict, data: dict, info: DistInfo, on_epoch=None):
+    """Train every model of ``builders`` from ``seed``, epoch by epoch in turn (model A's epoch 1, model B's
+    epoch 1, model A's epoch 2, ...), so that a long run stopped early has the same number of epochs of each.
+
+    Each model is built right after ``torch.manual_seed(seed)`` and its batch order comes from its own generator
+    (``batches``), so the order of the turns changes nothing in the results.
+
+    Returns:
+        ``({name: trained model}, {name: {"seed": seed, "epochs": [...]}})``.
+    """
+    models, opts, runs = {}, {}, {}
+    for name, build in builders.items():
+        torch.manual_seed(seed)
+        models[name] = build().to(info.device)
+        net = DDP(models[name]) if info.world > 1 else models[name]
+        opts[name] = (net, torch.optim.SGD(net.parameters(), lr=cfg["lr"], momentum=0.9))
+        runs[name] = {"seed": seed, "epochs": []}
     for ep in range(cfg["epochs"]):
-        r = train_epoch(net, data["x_train"], data["y_train"], opt, F.cross_entropy, batch_size=cfg["batch_size"],
-                        epoch=ep, seed=seed, info=info, show_progress=cfg["progress"] and info.is_main,
-                        desc=f"{name} seed {seed} epoch {ep + 1}")
-        backends = _training_backends(model)  # before evaluate() replaces the block's statistics
-        ev = evaluate(model, data["x_test"], data["y_test"], batch_size=256) if info.is_main else {}
-        nf, nb = r["nfe_forward"], r["nfe_backward"]
-        epochs.append({"epoch": ep + 1, "train_loss": r["loss"], "test_accuracy": ev.get("accuracy"),
-                       "test_nfe_forward": ev.get("nfe"), "nfe_forward": nf, "nfe_backward": nb,
-                       "nfe_ratio": nb / nf if nf and nb else None, "epoch_time_s": sum(r["batch_times"]),
-                       "epoch_cpu_s": sum(r["batch_cpu_times"]), "nfe_forward_batches": r["nfe_forward_batches"],
-                       "nfe_backward_batches": r["nfe_backward_batches"], "batch_losses": r["batch_losses"],
-                       "backend": backends})
-        if on_epoch is not None and info.is_main:
-            on_epoch(name, {"seed": seed, "epochs": epochs})
-        if info.is_main:
-            print(f"[{NAME}] {name} seed {seed} epoch {ep + 1}: loss {r['loss']:.4f} test acc {ev['accuracy']:.4f} "
-                  f"NFE-F {nf} NFE-B {nb} ({sum(r['batch_cpu_times']):.0f} CPU s)", flush=True)
-    return model, {"seed": seed, "epochs": epochs}
+        for name, model in models.items():
+            runs[name]["epochs"].append(_epoch(name, model, *opts[name], ep, seed, cfg, data, info))
+            if on_epoch is not None and info.is_main:
+                on_epoch(runs)
+    return models, runs
+
+
+def _epoch(name: str, model, net, opt, ep: int, seed: int, cfg: dict, data: dict, info: DistInfo) -> dict:
+    r = train_epoch(net, data["x_train"], data["y_train"], opt, F.cross_entropy, batch_size=cfg["batch_size"],
+                    epoch=ep, seed=seed, info=info, show_progress=cfg["progress"] and info.is_main,
+                    desc=f"{name} seed {seed} epoch {ep + 1}")
+    backends = _training_backends(model)  # before evaluate() replaces the block's statistics
+    ev = evaluate(model, data["x_test"], data["y_test"], batch_size=256) if info.is_main else {}
+    nf, nb = r["nfe_forward"], r["nfe_backward"]
+    if info.is_main:
+        print(f"[{NAME}] {name} seed {seed} epoch {ep + 1}: loss {r['loss']:.4f} test acc {ev['accuracy']:.4f} "
+              f"NFE-F {nf} NFE-B {nb} ({sum(r['batch_cpu_times']):.0f} CPU s)", flush=True)
+    return {"epoch": ep + 1, "train_loss": r["loss"], "test_accuracy": ev.get("accuracy"),
+            "test_nfe_forward": ev.get("nfe"), "nfe_forward": nf, "nfe_backward": nb,
+            "nfe_ratio": nb / nf if nf and nb else None, "epoch_time_s": sum(r["batch_times"]),
+            "epoch_cpu_s": sum(r["batch_cpu_times"]), "nfe_forward_batches": r["nfe_forward_batches"],
+            "nfe_backward_batches": r["nfe_backward_batches"], "batch_losses": r["batch_losses"],
+            "backend": backends}
 
 
 def _seed_summary(runs: list[dict]) -> dict:
@@ -235,10 +251,9 @@ def _run(cfg: dict, info: DistInfo) -> dict:
     builders = _builders(cfg, data)
     runs = {n: [] for n in builders}
     for i, seed in enumerate(cfg["seeds"]):
-        trained = {}
-        for name, build in builders.items():
-            trained[name], r = _train_one(name, build, seed, cfg, data, info,
-                                          on_epoch=functools.partial(_save_partial, cfg, results))
+        trained, seed_runs = _train_seed(builders, seed, cfg, data, info,
+                                         on_epoch=functools.partial(_save_partial, cfg, results))
+        for name, r in seed_runs.items():
             runs[name].append(r)
         for name, model in trained.items():
             entry = results["models"].setdefault(name, {"parameters": count_parameters(model)})
@@ -256,18 +271,18 @@ def _run(cfg: dict, info: DistInfo) -> dict:
     return results
 
 
-def _save_partial(cfg: dict, results: dict, name: str, run: dict) -> None:
-    """After every epoch: ``partial.json`` holds the finished seeds' results plus the run in progress.
+def _save_partial(cfg: dict, results: dict, runs: dict) -> None:
+    """After every epoch: ``partial.json`` holds the finished seeds' results plus the seed in progress.
 
     The report is written only after a seed's models are both trained; this file keeps a long run's finished
-    epochs (a run stopped early loses at most the epoch in progress).
+    epochs (a run stopped early loses at most the epoch in progress). ``in_progress``: ``{model: run}``.
     """
     import json
 
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     payload = {"commit": results["commit"], "config": results["config"], "seeds_done": results.get("seeds_done", 0),
-               "models": results["models"], "in_progress": {"model": name, **run}}
+               "models": results["models"], "in_progress": runs}
     tmp = out / "partial.json.tmp"
     tmp.write_text(json.dumps(payload, default=float))
     tmp.replace(out / "partial.json")
@@ -383,7 +398,7 @@ def _notes(results: dict) -> list[str]:
          f"{c['epochs']} epoch(s), batch {c['batch_size']}, SGD lr {c['lr']} momentum 0.9, width {c['width']}, "
          f"seeds {list(c['seeds'])} (initialisation and batch order; the data split is fixed by seed {c['seed']}). "
          f"ODENet: dopri5 rtol = atol = {c['rtol']}, gradients by the adjoint. {results['world_size']} process(es); "
-         f"commit {results['commit']}, solver backend {results['backend']}."),
+         f"commit {results['commit']}. {_backend_text(results)}"),
         ("Training step = zero_grad + forward + cross-entropy + backward + SGD step; inference = forward under "
          f"no_grad. Each cell: {c['timing_rounds']} rounds after one warm-up round, the two models interleaved "
          f"within every round, torch.set_num_threads({c['threads']}); CPU time is time.thread_time of the calling "
@@ -395,10 +410,43 @@ def _notes(results: dict) -> list[str]:
     ]
 
 
+def training_backends(results: dict) -> dict:
+    """The step backends the ODENet's training solves used, over every epoch of every seed.
+
+    Returns:
+        ``{"forward": [...], "backward": [...]}``: the distinct backends of the forward solves and of the adjoint's
+        backward solves (``"not recorded"`` for epochs of runs that predate the per-epoch record).
+    """
+    found = {"forward": [], "backward": []}
+    for r in results["models"].get(MODEL_NAMES[1], {}).get("runs", []):
+        for ep in r["epochs"]:
+            b = ep.get("backend") or {}
+            for k in found:
+                v = b.get(k) or "not recorded"
+                if v not in found[k]:
+                    found[k].append(v)
+    return found
+
+
+def _backend_text(results: dict) -> str:
+    tb = training_backends(results)
+    train = (f"Solver backends (fastnode.last_stats().backend): training solves forward "
+             f"{', '.join(tb['forward']) or 'n/a'}, adjoint backward {', '.join(tb['backward']) or 'n/a'} "
+             "(every epoch of every seed)")
+    sweep = (f"throughput sweep {results['backend']}" if results["sweep"] else "no throughput sweep in this run")
+    return f"{train}; {sweep}."
+
+
 def _write(cfg: dict, results: dict) -> None:
     out = cfg["out"]
+    results["training_backends"] = training_backends(results)
     notes = _notes(results) + (_source_notes(results) if results["config"]["dataset"] == "mnist" else [])
-    write_results(out, NAME, results, _tables(results), notes)
+    if results.get("merged_from"):
+        env = results["environment"]
+        notes.append(f"Merged from {len(results['merged_from'])} runs (separate processes); the header's device, "
+                     f"thread count ({env.get('threads')}) and versions are the runs' own, as recorded in their "
+                     "JSON files, not those of the process that merged them.")
+    write_results(out, NAME, results, _tables(results), notes, env=results.get("environment"))
     _write_csv(Path(out) / f"{NAME}.csv", results)
     _plot(results, f"{out}/{NAME}.png")
 
@@ -452,6 +500,16 @@ def _plot(results: dict, path: str) -> None:
     save_figure(fig, path)
 
 
+def _runs_environment(loaded: list[dict]) -> dict:
+    """The runs' recorded environments as one: a value the runs share as it is, differing values joined by " / "."""
+    envs = [r.get("environment") or {} for r in loaded]
+    out = {}
+    for k in dict.fromkeys(k for e in envs for k in e):
+        vals = list(dict.fromkeys(e.get(k, "unknown") for e in envs))
+        out[k] = vals[0] if len(vals) == 1 else " / ".join(str(v) for v in vals)
+    return out
+
+
 _MERGE_FREE = ("seeds", "sweep_batch_sizes", "timing_rounds", "progress", "quick")
 
 
@@ -487,6 +545,8 @@ def merge(out, inputs) -> dict:
     merged["models"], merged["sweep"] = {}, []
     merged["commit"] = sorted({r.get("commit") or "unknown" for r in loaded})
     merged["merged_from"] = [str(p) for p in paths]
+    merged["environment"] = _runs_environment(loaded)
+    merged["merge_environment"] = environment()
     seen = []
     for r in loaded:
         seen += list(r["config"]["seeds"])[: r.get("seeds_done", len(r["config"]["seeds"]))]
