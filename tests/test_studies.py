@@ -514,6 +514,40 @@ def test_merged_report_describes_the_runs_not_the_merge(tmp_path):
     assert "training solves forward not recorded" in (tmp_path / "merged-old" / "resnet-vs-odenet.md").read_text()
 
 
+def test_merge_takes_a_stopped_run_cut_to_the_common_epochs(tmp_path):
+    """A seed stopped mid-run leaves partial.json (written after every epoch, the models in turn); the merge takes
+    the epochs both of its models finished and cuts every run to the epochs all runs have."""
+    from fastnode.studies.resnet_vs_odenet import merge
+
+    kw = {"quick": True, "epochs": 2, "train_size": 32, "test_size": 16, "timing_rounds": 1, "sweep_batch_sizes": ()}
+    full = {s: run_study("resnet-vs-odenet", out=tmp_path / f"s{s}", seeds=(s,), **kw) for s in (0, 1)}
+    part = json.loads((tmp_path / "s1" / "partial.json").read_text())
+    assert [len(r["epochs"]) for r in part["in_progress"].values()] == [2, 2]
+    # Seed 1 as it stood when stopped during the ODENet's epoch 2: the ResNet's epoch 2 saved, the ODENet's not.
+    part["in_progress"]["ODENet (adjoint)"]["epochs"] = part["in_progress"]["ODENet (adjoint)"]["epochs"][:1]
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "partial.json").write_text(json.dumps(part))
+    merged = merge(tmp_path / "merged", [tmp_path / "s0", stopped])
+    assert merged["config"]["epochs"] == 1 and merged["epochs_planned"] == 2 and merged["config"]["seeds"] == [0, 1]
+    assert merged["n_train"] == full[0]["n_train"] and merged["n_test"] == full[0]["n_test"]
+    for name, e in merged["models"].items():
+        assert e["parameters"] == full[0]["models"][name]["parameters"]
+        assert [len(r["epochs"]) for r in e["runs"]] == [1, 1]
+        first = [full[s]["models"][name]["runs"][0]["epochs"][0]["test_accuracy"] for s in (0, 1)]
+        assert [r["epochs"][0]["test_accuracy"] for r in e["runs"]] == first
+        assert e["seeds"]["test_accuracy"]["mean"] == pytest.approx(np.mean(first))
+    md = (tmp_path / "merged" / "resnet-vs-odenet.md").read_text()
+    assert "Stopped early: 2 epochs were planned" in md
+    part["in_progress"]["ODENet (adjoint)"]["epochs"] = []
+    (stopped / "partial.json").write_text(json.dumps(part))
+    with pytest.raises(ValueError, match="no epoch finished by both models"):
+        merge(tmp_path / "bad", [stopped])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither"):
+        merge(tmp_path / "bad", [tmp_path / "empty"])
+
+
 def test_mnist_run_reports_the_sources_figures(tmp_path):
     data = tmp_path / "mnist"
     data.mkdir()

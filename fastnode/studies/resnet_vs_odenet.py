@@ -282,7 +282,8 @@ def _save_partial(cfg: dict, results: dict, runs: dict) -> None:
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     payload = {"commit": results["commit"], "config": results["config"], "seeds_done": results.get("seeds_done", 0),
-               "models": results["models"], "in_progress": runs}
+               "world_size": results["world_size"], "environment": environment(), "models": results["models"],
+               "in_progress": runs}
     tmp = out / "partial.json.tmp"
     tmp.write_text(json.dumps(payload, default=float))
     tmp.replace(out / "partial.json")
@@ -441,6 +442,10 @@ def _write(cfg: dict, results: dict) -> None:
     out = cfg["out"]
     results["training_backends"] = training_backends(results)
     notes = _notes(results) + (_source_notes(results) if results["config"]["dataset"] == "mnist" else [])
+    if results.get("epochs_planned"):
+        notes.append(f"Stopped early: {results['epochs_planned']} epochs were planned; every run is reported over "
+                     f"the {results['config']['epochs']} epoch(s) all of them finished (runs stopped mid-seed "
+                     "contribute the epochs their partial.json recorded).")
     if results.get("merged_from"):
         env = results["environment"]
         notes.append(f"Merged from {len(results['merged_from'])} runs (separate processes); the header's device, "
@@ -510,6 +515,59 @@ def _runs_environment(loaded: list[dict]) -> dict:
     return out
 
 
+def _results_file(p: Path) -> Path:
+    if not p.is_dir():
+        return p
+    for name in (f"{NAME}.json", "partial.json"):
+        if (p / name).is_file():
+            return p / name
+    raise FileNotFoundError(f"{str(p)!r} holds neither {NAME}.json nor partial.json")
+
+
+def _load_run(path: Path, r: dict) -> dict:
+    """A run's results; a ``partial.json`` becomes a finished run of the epochs both models completed.
+
+    ``partial.json`` holds the configuration, not the data's description: that (source, counts, channels for the
+    parameter counts) is rebuilt from the configuration by loading the data set again.
+    """
+    if "in_progress" not in r:
+        return r
+    runs, c = r["in_progress"], r["config"]
+    done = min((len(v["epochs"]) for v in runs.values()), default=0)
+    if len(runs) < len(MODEL_NAMES) or done == 0:
+        raise ValueError(f"{str(path)!r}: no epoch finished by both models yet")
+    data = load_images(c["dataset"], data_dir=c.get("data_dir"), image_size=c["image_size"],
+                       train_size=c["train_size"], test_size=c["test_size"], seed=c["seed"])
+    builders = _builders(c, data)
+    out = {k: v for k, v in r.items() if k != "in_progress"}
+    out["models"] = {}
+    for name, run in runs.items():
+        before = r["models"].get(name, {}).get("runs", [])
+        out["models"][name] = {"parameters": count_parameters(builders[name]()),
+                               "runs": before + [{**run, "epochs": run["epochs"][:done]}]}
+    out.update(seeds_done=r.get("seeds_done", 0) + 1, data=data["source"], n_train=len(data["y_train"]),
+               n_test=len(data["y_test"]), partial=str(path))
+    # partial.json of commits fcfb110/611f8a5 has no environment: the merging process's (the same machine and
+    # virtual environment is the use case) with the thread count the run's configuration set.
+    out.setdefault("environment", {**environment(), "threads": c["threads"]})
+    out.setdefault("world_size", 1)
+    out.setdefault("sweep", [])
+    out.setdefault("backend", None)
+    return out
+
+
+def _common_epochs(merged: dict) -> None:
+    """Cut every run to the epochs all runs have (runs stopped early), recording the planned number."""
+    runs = [r for m in merged["models"].values() for r in m["runs"]]
+    done = min(len(r["epochs"]) for r in runs)
+    planned = merged["config"]["epochs"]
+    if done < planned:
+        for r in runs:
+            r["epochs"] = r["epochs"][:done]
+        merged["epochs_planned"] = planned
+        merged["config"] = {**merged["config"], "epochs": done}
+
+
 _MERGE_FREE = ("seeds", "sweep_batch_sizes", "timing_rounds", "progress", "quick")
 
 
@@ -521,7 +579,10 @@ def merge(out, inputs) -> dict:
 
     Args:
         out: folder for the merged ``resnet-vs-odenet.{json,md,csv,png}``.
-        inputs: the runs' ``resnet-vs-odenet.json`` files (or their folders).
+        inputs: the runs' ``resnet-vs-odenet.json`` files, or their folders. A folder without that file (a run
+            stopped before its seed finished) contributes its ``partial.json``: the epochs both models finished.
+            When runs reached different epochs, every run is cut to the epochs all of them have, and the report
+            says so (``epochs_planned``).
 
     Returns:
         The merged results.
@@ -531,10 +592,10 @@ def merge(out, inputs) -> dict:
     """
     import json
 
-    paths = [Path(p) / f"{NAME}.json" if Path(p).is_dir() else Path(p) for p in inputs]
+    paths = [_results_file(Path(p)) for p in inputs]
     if not paths:
         raise ValueError("inputs must name at least one results file")
-    loaded = [json.loads(p.read_text()) for p in paths]
+    loaded = [_load_run(p, json.loads(p.read_text())) for p in paths]
     base = loaded[0]
     same = lambda c: {k: v for k, v in c.items() if k not in _MERGE_FREE}
     for p, r in zip(paths, loaded):
@@ -559,6 +620,7 @@ def merge(out, inputs) -> dict:
             m["runs"] += e["runs"]
     if len(set(seen)) != len(seen):
         raise ValueError(f"seeds repeat across {[str(p) for p in paths]}: {seen}")
+    _common_epochs(merged)
     for m in merged["models"].values():
         m["runs"].sort(key=lambda r: r["seed"])
         m["seeds"] = _seed_summary(m["runs"])
