@@ -417,7 +417,8 @@ def test_resnet_vs_odenet_seeds_sweep_csv(tmp_path):
     res = run_study("resnet-vs-odenet", out=tmp_path, quick=True, seeds=(0, 1), epochs=1, train_size=128,
                     test_size=64, sweep_batch_sizes=(4, 8), timing_rounds=2)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == [f"resnet-vs-odenet.{e}" for e in ("csv", "json", "md", "png")]
+    # partial.json: the state after the latest finished epoch (a stopped run's record; see the merge test)
+    assert names == ["partial.json"] + [f"resnet-vs-odenet.{e}" for e in ("csv", "json", "md", "png")]
     data = json.loads((tmp_path / "resnet-vs-odenet.json").read_text())
     assert data["commit"] and data["backend"] and data["seeds_done"] == 2
     for e in data["models"].values():
@@ -511,7 +512,7 @@ def test_merged_report_describes_the_runs_not_the_merge(tmp_path):
         del ep["backend"]
     (old / "resnet-vs-odenet.json").write_text(json.dumps(run0))
     merge(tmp_path / "merged-old", [old])
-    assert "training solves forward not recorded" in (tmp_path / "merged-old" / "resnet-vs-odenet.md").read_text()
+    assert "training solves' backend was not recorded" in (tmp_path / "merged-old" / "resnet-vs-odenet.md").read_text()
 
 
 def test_merge_takes_a_stopped_run_cut_to_the_common_epochs(tmp_path):
@@ -538,7 +539,22 @@ def test_merge_takes_a_stopped_run_cut_to_the_common_epochs(tmp_path):
         assert [r["epochs"][0]["test_accuracy"] for r in e["runs"]] == first
         assert e["seeds"]["test_accuracy"]["mean"] == pytest.approx(np.mean(first))
     md = (tmp_path / "merged" / "resnet-vs-odenet.md").read_text()
+    # The per-epoch table over seeds: the mean of the seeds' epoch-1 accuracies, to the report's 4 digits.
+    row = next(line for line in md.splitlines() if line.startswith("| ODENet (adjoint) | 1 | 2 |"))
+    first = [full[s]["models"]["ODENet (adjoint)"]["runs"][0]["epochs"][0]["test_accuracy"] for s in (0, 1)]
+    assert row.split("|")[4].strip().startswith(f"{np.mean(first):.4g}")
     assert "Stopped early: 2 epochs were planned" in md
+    # The sweep of a run trained otherwise (fewer images, one epoch), named in the report.
+    short = run_study("resnet-vs-odenet", out=tmp_path / "short", seeds=(0,),
+                      **{**kw, "epochs": 1, "train_size": 16, "sweep_batch_sizes": (4, 8)})
+    with_sweep = merge(tmp_path / "with-sweep", [tmp_path / "s0", tmp_path / "s1"], sweep_from=tmp_path / "short")
+    assert with_sweep["sweep"] == json.loads(json.dumps(short["sweep"]))
+    assert with_sweep["sweep_source"]["n_train"] == 16 and with_sweep["config"]["sweep_batch_sizes"] == [4, 8]
+    md = (tmp_path / "with-sweep" / "resnet-vs-odenet.md").read_text()
+    assert "The throughput sweep comes from another run" in md and "for 1 epoch(s) of 16 images" in md
+    assert "no throughput sweep in this run" not in md and f"throughput sweep {short['backend']}" in md
+    with pytest.raises(ValueError, match="has no throughput sweep"):
+        merge(tmp_path / "bad", [tmp_path / "s0"], sweep_from=tmp_path / "s1")
     part["in_progress"]["ODENet (adjoint)"]["epochs"] = []
     (stopped / "partial.json").write_text(json.dumps(part))
     with pytest.raises(ValueError, match="no epoch finished by both models"):

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..models import ImageODENet, ImageResNet, count_parameters
 from .common import DistInfo, SavedTensorMeter, check_feature_map, evaluate, spread, time_call, train_epoch
 from .data import load_images
-from .report import environment, new_figure, save_figure, write_results
+from .report import _json_default, environment, new_figure, save_figure, write_results
 
 NAME = "resnet-vs-odenet"
 MODEL_NAMES = ("ResNet-6", "ODENet (adjoint)")
@@ -285,7 +285,7 @@ def _save_partial(cfg: dict, results: dict, runs: dict) -> None:
                "world_size": results["world_size"], "environment": environment(), "models": results["models"],
                "in_progress": runs}
     tmp = out / "partial.json.tmp"
-    tmp.write_text(json.dumps(payload, default=float))
+    tmp.write_text(json.dumps(payload, default=_json_default))
     tmp.replace(out / "partial.json")
 
 
@@ -340,16 +340,34 @@ def _tables(results: dict) -> list:
           "saved MB", "NFE-F", "NFE-B"], sweep_rows),
         ("ODENet time per sample / ResNet time per sample (ratio of median throughputs)",
          ["batch", "train, CPU time", "train, wall", "inference, CPU time", "inference, wall"], ratio_rows),
+        ("Per epoch over seeds (mean ± sample std [min, max]; CPU s: thread CPU time of the epoch's training steps)",
+         ["model", "epoch", "seeds", "test accuracy", "NFE-F", "NFE-B", "CPU s"], _epoch_spread_rows(results)),
         ("Per seed and epoch (NFE-F first/last 10%: mean over the epoch's first/last tenth of batches)",
          ["model", "seed", "epoch", "train loss", "test acc", "NFE-F", "NFE-F first 10%", "NFE-F last 10%",
           "NFE-B", "NFE-B/NFE-F", "CPU s", "wall s"], epoch_rows),
     ]
 
 
+def _column(eps: list[dict], key: str) -> dict | None:
+    vals = [ep[key] for ep in eps]
+    return spread(vals) if all(v is not None for v in vals) else None
+
+
+def _epoch_spread_rows(results: dict) -> list[list]:
+    rows = []
+    for name, e in results["models"].items():
+        for i in range(min(len(r["epochs"]) for r in e["runs"])):
+            eps = [r["epochs"][i] for r in e["runs"]]
+            rows.append([name, i + 1, len(eps), _pm(_column(eps, "test_accuracy")),
+                         _pm(_column(eps, "nfe_forward"), digits=3), _pm(_column(eps, "nfe_backward"), digits=3),
+                         _pm(_column(eps, "epoch_cpu_s"), digits=3)])
+    return rows
+
+
 # The source documents' figures (DESIGN.md section 5; seeds/ in Portuguese). "paper": the ODENets course paper
 # (000_...): MNIST accuracy of its ODENet. "thesis": Chen et al.'s MNIST table as the thesis quotes it (test
-# error of ODE-Net and ResNet), and the thesis's own CPU timing (Table 4.5: UFPR-AMR meter digits at 28x28, 3
-# channels; "Batch Time Avg" 21.96 s ODENet vs 4.89 s ResNet).
+# error of ODE-Net and ResNet), and the thesis's own timing (Table 4.5: UFPR-AMR meter digits at 28x28, 3 channels;
+# "Batch Time Avg" 21.96 s ODENet vs 4.89 s ResNet; its text names neither the hardware nor the batch size).
 SOURCE_FIGURES = {"odenet_accuracy_pct": 99.17, "odenet_error_pct": 0.42, "resnet_error_pct": 0.41,
                   "train_time_ratio": 21.96 / 4.89}
 
@@ -364,7 +382,7 @@ def _source_rows(results: dict) -> list[list]:
         ["ODENet test error %", "0.42 (Chen et al., quoted by the thesis)", _pm(ode["test_error_pct"], digits=3)],
         ["ResNet test error %", "0.41 (Chen et al., quoted by the thesis)", _pm(res["test_error_pct"], digits=3)],
         ["ODENet / ResNet training time per sample",
-         "4.5x (thesis Table 4.5: 21.96 s / 4.89 s per batch, CPU, UFPR-AMR digits)",
+         "4.5x (thesis Table 4.5: 21.96 s / 4.89 s per batch, UFPR-AMR digits, hardware not stated)",
          (ratios + " (thread CPU time)") if ratios else "n/a (no sweep)"],
     ]
 
@@ -381,13 +399,13 @@ def _source_notes(results: dict) -> list[str]:
         (f"Why the figures differ from the sources'. Training budget: Chen et al.'s odenet_mnist.py trains 160 "
          f"epochs of all 60,000 images, batch 128, SGD lr 0.1 decayed tenfold at epochs 60, 100 and 140, with "
          f"random-crop augmentation (padding 4); this run trained {c['epochs']} epoch(s) of {results['n_train']} "
-         f"images at a fixed lr {c['lr']} without augmentation (a 2-core machine shared by several jobs, the run "
-         "at nice 19), so its error is that of an early point on the sources' learning curves, not of a converged "
-         "model. The test set is the official 10,000-image one in both."),
-        ("Timing: the thesis's 4.5x is a mean wall-clock batch time on its own CPU, on 3-channel UFPR-AMR digits "
-         "(28x28), batch size not stated; here it is the median thread CPU time per sample of a training step on "
-         "MNIST (1 channel), per batch size (the sweep), on one thread. The ratio depends on the batch size and on "
-         "the ODENet's NFE, which grows as training goes on (the sources' NFE-F grows over 160 epochs)."),
+         f"images at a fixed lr {c['lr']} without augmentation (a 2-core machine shared by several jobs), "
+         "so its error is that of an early point on the sources' learning curves, not of a converged model. "
+         "The test set is the official 10,000-image one in both."),
+        ("Timing: the thesis's 4.5x is a 'Batch Time Avg' (wall clock) on 3-channel UFPR-AMR digits (28x28), on "
+         "hardware and at a batch size its text does not state; here it is the median thread CPU time per sample "
+         "of a training step on MNIST (1 channel), per batch size (the sweep), on one thread. The ratio depends on "
+         "the batch size and on the ODENet's NFE, which the thesis saw grow over its training epochs (Fig. 4.4)."),
     ]
 
 
@@ -431,9 +449,13 @@ def training_backends(results: dict) -> dict:
 
 def _backend_text(results: dict) -> str:
     tb = training_backends(results)
-    train = (f"Solver backends (fastnode.last_stats().backend): training solves forward "
-             f"{', '.join(tb['forward']) or 'n/a'}, adjoint backward {', '.join(tb['backward']) or 'n/a'} "
-             "(every epoch of every seed)")
+    if tb["forward"] + tb["backward"] == ["not recorded"] * 2:
+        train = ("Solver backends: the training solves' backend was not recorded (runs made before the per-epoch "
+                 "record of fastnode.last_stats().backend; the ODE block ran with backend='auto')")
+    else:
+        train = (f"Solver backends (fastnode.last_stats().backend): training solves forward "
+                 f"{', '.join(tb['forward']) or 'n/a'}, adjoint backward {', '.join(tb['backward']) or 'n/a'} "
+                 "(every epoch of every seed)")
     sweep = (f"throughput sweep {results['backend']}" if results["sweep"] else "no throughput sweep in this run")
     return f"{train}; {sweep}."
 
@@ -442,6 +464,12 @@ def _write(cfg: dict, results: dict) -> None:
     out = cfg["out"]
     results["training_backends"] = training_backends(results)
     notes = _notes(results) + (_source_notes(results) if results["config"]["dataset"] == "mnist" else [])
+    if results.get("sweep_source"):
+        w = results["sweep_source"]
+        notes.append(f"The throughput sweep comes from another run ({w['path']}, commit {w['commit']}): its models "
+                     f"(seed {w['seed']}) were trained there for {w['epochs']} epoch(s) of {w['n_train']} images at "
+                     f"batch {w['batch_size']}, not taken from the runs above; its NFE columns show how far their "
+                     "solves match the runs' last-epoch NFE.")
     if results.get("epochs_planned"):
         notes.append(f"Stopped early: {results['epochs_planned']} epochs were planned; every run is reported over "
                      f"the {results['config']['epochs']} epoch(s) all of them finished (runs stopped mid-seed "
@@ -556,6 +584,22 @@ def _load_run(path: Path, r: dict) -> dict:
     return out
 
 
+def _take_sweep(merged: dict, path: Path) -> None:
+    import json
+
+    r = json.loads(path.read_text())
+    if not r.get("sweep"):
+        raise ValueError(f"sweep_from {str(path)!r} has no throughput sweep")
+    if merged["sweep"]:
+        raise ValueError(f"sweep_from {str(path)!r} given, but one of the runs has its own sweep")
+    c = r["config"]
+    merged["sweep"], merged["backend"] = r["sweep"], r["backend"]
+    merged["sweep_source"] = {"path": str(path), "commit": r.get("commit"), "seed": c["seeds"][0],
+                              "n_train": r["n_train"], "epochs": c["epochs"], "batch_size": c["batch_size"]}
+    merged["config"] = {**merged["config"], "sweep_batch_sizes": c["sweep_batch_sizes"],
+                        "timing_rounds": c["timing_rounds"]}
+
+
 def _common_epochs(merged: dict) -> None:
     """Cut every run to the epochs all runs have (runs stopped early), recording the planned number."""
     runs = [r for m in merged["models"].values() for r in m["runs"]]
@@ -571,7 +615,7 @@ def _common_epochs(merged: dict) -> None:
 _MERGE_FREE = ("seeds", "sweep_batch_sizes", "timing_rounds", "progress", "quick")
 
 
-def merge(out, inputs) -> dict:
+def merge(out, inputs, sweep_from=None) -> dict:
     """Combine runs of this study that differ only in their seeds (and in which one ran the sweep) into one report.
 
     Seeds can run as separate processes (``--set seeds=1 --set sweep_batch_sizes=``); this joins their JSON
@@ -583,6 +627,8 @@ def merge(out, inputs) -> dict:
             stopped before its seed finished) contributes its ``partial.json``: the epochs both models finished.
             When runs reached different epochs, every run is cut to the epochs all of them have, and the report
             says so (``epochs_planned``).
+        sweep_from: a run (file or folder) whose throughput sweep the report takes, though its training differed
+            (e.g. a short run made only for the sweep); the report names it and how its models were trained.
 
     Returns:
         The merged results.
@@ -620,6 +666,8 @@ def merge(out, inputs) -> dict:
             m["runs"] += e["runs"]
     if len(set(seen)) != len(seen):
         raise ValueError(f"seeds repeat across {[str(p) for p in paths]}: {seen}")
+    if sweep_from is not None:
+        _take_sweep(merged, _results_file(Path(sweep_from)))
     _common_epochs(merged)
     for m in merged["models"].values():
         m["runs"].sort(key=lambda r: r["seed"])
@@ -633,7 +681,15 @@ def merge(out, inputs) -> dict:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) < 4 or sys.argv[1] != "merge":
-        sys.exit("usage: python -m fastnode.studies.resnet_vs_odenet merge OUT RUN [RUN ...]")
-    merge(sys.argv[2], sys.argv[3:])
-    print(f"merged into {sys.argv[2]}/")
+    args = sys.argv[1:]
+    sweep = None
+    if "--sweep-from" in args:
+        i = args.index("--sweep-from")
+        if i + 1 >= len(args):
+            sys.exit("--sweep-from needs a RUN")
+        sweep = args[i + 1]
+        del args[i:i + 2]
+    if len(args) < 3 or args[0] != "merge":
+        sys.exit("usage: python -m fastnode.studies.resnet_vs_odenet merge OUT RUN [RUN ...] [--sweep-from RUN]")
+    merge(args[1], args[2:], sweep_from=sweep)
+    print(f"merged into {args[1]}/")
