@@ -10,7 +10,7 @@ from torch.autograd import gradcheck
 from . import _calls as C
 from ._calls import ADAPTIVE, F64, state, steps, tableau
 
-OP = "interpolate"
+OP = "interpolate_backward"
 
 
 def _dense(tab):
