@@ -26,11 +26,28 @@ TORCH_LIBRARY(fastnode, m) {
       "finish_control(Tensor y, Tensor[] K, Tensor h, float[] b, float[] e, Tensor? rtol_t, float rtol, "
       "Tensor? atol_t, float atol, int[] segments, Tensor h_ctl, Tensor prev_ratio, Tensor running, "
       "Tensor? ratio_floor, float[] ctrl) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The gradients of rk_combine's out (and of finish_control's y_new) in one pass: one [G, N] tensor per nonzero
+  // weight, (h * grad) * w_j, in the order of the weights; and when need_h the step's [G] gradient
+  // sum_n grad * sum_j w_j K_j (else an empty tensor; K is read only then and may be [] otherwise).
+  m.def("rk_combine_backward(Tensor grad, Tensor[] K, Tensor h, float[] w, bool need_h) -> (Tensor[], Tensor)");
   // Dense output y + h * sum_j w_j(theta) K_j with w_j(theta) = sum_p dense[j, p] theta^(p+1); dense is [S, P].
   m.def("interpolate(Tensor y, Tensor[] K, Tensor h, Tensor theta, float[] dense, int P) -> Tensor");
+  // The gradients of interpolate's out in one pass: one [G, N] tensor (h * grad) * w_j(theta) per stage with a
+  // nonzero dense row, in stage order; when need_ht the [G] gradients of h and theta (else empty tensors).
+  m.def(
+      "interpolate_backward(Tensor grad, Tensor[] K, Tensor h, Tensor theta, float[] dense, int P, bool need_ht) -> "
+      "(Tensor[], Tensor, Tensor)");
   // The adjoint's per-sample quadrature weights [S, G]: h_g * b_j where the group's step was accepted, else 0
   // (folded into the cotangent of the parameter adjoint's vector-Jacobian product).
   m.def("adjoint_weights(Tensor h, Tensor accept, float[] b) -> Tensor");
+  // The starting step (Hairer-Norsett-Wanner) around its probe evaluation k1 = f(t0 + h0, y1) of func: the probe's
+  // (h0 [G] float64, y1 [G, N], d1 [G] float64), then the step [G] float64 (csrc/cpu/initial_step_cpu.cpp).
+  m.def(
+      "initial_step_probe(Tensor y0, Tensor k0, Tensor? rtol_t, float rtol, Tensor? atol_t, float atol, "
+      "int[] segments) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "initial_step_finish(Tensor y0, Tensor k0, Tensor k1, Tensor h0, Tensor d1, Tensor? rtol_t, float rtol, "
+      "Tensor? atol_t, float atol, int[] segments, float order) -> Tensor");
   // A step's set-up per group (no time gradients, no stops besides the output times): the step clipped to the next
   // stop (0 where not running), whether it was clipped, the time it reaches, the step in the state dtype, and
   // every stage's time as func sees it (sign applied; [S] and 0-d when squeeze, else [S, G] and [G]).

@@ -241,7 +241,7 @@ def _start(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, grid: _Grid, hoo
     if events is not None:
         running = events.start(t, y0, running)
     packet.fetch_start(status, running)
-    h = _first_step(f, problem, t, k1, packet)
+    h = _first_step(f, problem, ops, t, k1, packet)
     G, dev = y0.shape[0], y0.device
     s = LoopState(t=t, h=h, y=y0, f=k1, running=running, status=status,
                   n_attempted=torch.zeros(G, dtype=torch.int64, device=dev),
@@ -252,7 +252,7 @@ def _start(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, grid: _Grid, hoo
     return s, ops
 
 
-def _first_step(f: FlatFunc, problem: AdaptiveProblem, t: torch.Tensor, k1: torch.Tensor,
+def _first_step(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, t: torch.Tensor, k1: torch.Tensor,
                 packet: HostPacket) -> torch.Tensor:
     """[G] the first proposal: ``first_step`` or the Hairer-Norsett-Wanner estimate (0 when nothing runs)."""
     cfg, y0 = problem.config, problem.y0
@@ -265,8 +265,8 @@ def _first_step(f: FlatFunc, problem: AdaptiveProblem, t: torch.Tensor, k1: torc
     elif first is not None:
         h = torch.full((G,), float(first), dtype=tdt, device=dev)
     else:
-        h = select_initial_step(f, t.detach(), y0.detach(), k1.detach(), cfg.ctrl.order, problem.rtol, problem.atol,
-                                problem.norm)
+        h = ops.initial_step(f.probe, t.detach(), y0.detach(), k1.detach(), cfg.ctrl.order, problem.rtol,
+                             problem.atol, problem.norm)
     return h.clamp(cfg.ctrl.min_step, cfg.ctrl.max_step)
 
 
@@ -377,28 +377,6 @@ def _finish(f: FlatFunc, problem: AdaptiveProblem, grid: _Grid, s: LoopState, st
         stats.messages.append(msg)
         if cfg.on_failure == "raise":
             raise st.SolverError(msg, status=stats.status, samples=bad, times=times)
-
-
-@torch.no_grad()
-def select_initial_step(f: FlatFunc, t0, y0, k0, order: int, rtol, atol, norm: Callable) -> torch.Tensor:
-    """Hairer, Norsett & Wanner (Solving ODEs I, II.4) starting step, per group, with no host sync. [G]."""
-    scale = atol + y0.abs() * rtol
-    d0 = norm(y0 / scale).to(t0.dtype)
-    d1 = norm(k0 / scale).to(t0.dtype)
-    small = (d0 < 1e-5) | (d1 < 1e-5)
-    h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300))
-    y1 = y0 + h0.to(y0.dtype).unsqueeze(1) * k0
-    k1 = f.probe(t0 + h0, y1)
-    d2 = norm((k1 - k0) / scale).to(t0.dtype) / h0
-    dmax = torch.maximum(d1, d2)
-    h1 = torch.where(
-        dmax <= 1e-15,
-        torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
-        (0.01 / dmax.clamp_min(1e-300)) ** (1.0 / order),
-    )
-    h = torch.minimum(100 * h0, h1)
-    # A non-finite estimate (func blew up at the probe point) falls back to a tiny step the controller can grow.
-    return torch.where(torch.isfinite(h) & (h > 0), h, torch.full_like(h, 1e-6))
 
 
 def _failure_message(spec: StateSpec, status: torch.Tensor, t_user: torch.Tensor, n_att: torch.Tensor,

@@ -12,7 +12,10 @@ are opaque ``custom_op`` s, see ``_launch.register_op``):
 - ``step_begin`` (``step_begin.py``): a step's set-up (clip to the next stop, stage times), one launch;
 - ``step_end`` (``step_end.py``): a step's bookkeeping (counters, status, output times crossed, the loop's
   host-transfer packet), one launch;
-- ``interpolate`` (``interpolate.py``): dense output at per-row ``theta`` inside a step.
+- ``interpolate`` (``interpolate.py``): dense output at per-row ``theta`` inside a step;
+- ``rk_combine_backward`` (``rk_combine_backward.py``) and ``interpolate_backward`` (``interpolate_backward.py``):
+  the gradients of a combination (or a solution) and of the dense output, every stage's at once (their autograd
+  registrations for the value-carrying ops live in ``_autograd.py``).
 
 This package is a leaf: it imports nothing from ``fastnode``. ``fastnode.backends.triton_ops.TritonStepOps`` (the
 ``triton`` backend) plugs the ops into the solver loop through the StepOps interface; the reference each op is
@@ -27,10 +30,13 @@ from __future__ import annotations
 
 import torch
 
+from . import _autograd  # noqa: F401  (registers the autograd formulas)
 from ._launch import INTERPRETED
 from .finish_control import finish_control, step_error
 from .interpolate import interpolate
+from .interpolate_backward import interpolate_backward
 from .rk_combine import rk_combine
+from .rk_combine_backward import rk_combine_backward
 from .step_begin import step_begin
 from .step_end import step_end
 
@@ -60,7 +66,9 @@ __all__ = [
     "INTERPRETED",
     "finish_control",
     "interpolate",
+    "interpolate_backward",
     "rk_combine",
+    "rk_combine_backward",
     "step_begin",
     "step_end",
     "step_error",

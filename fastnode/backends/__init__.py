@@ -32,14 +32,18 @@ StepOps method       ``fastnode::`` (C++)       ``fastnode_triton::``       ABI 
 ``step_end``         ``step_end``               ``step_end``                Triton takes ``codes`` as a tensor.
                                                                             Falls back: ``jump_t``, ``stop`` (events)
 ``adjoint_weights``  ``adjoint_weights``        (none: reference)           C++: ``b`` as a list
+``initial_step``     ``initial_step_probe`` +   (none: reference)           C++: around the probe evaluation of func.
+                     ``initial_step_finish``                                Falls back: a user norm, float32 time
 ``controller``       (inside finish_control)    (inside finish_control)     reference only (the unfused finish)
 ===================  =========================  ==========================  ===========================================
 
 ``backend="auto"`` picks triton for CUDA tensors when triton is importable and the extension for CPU tensors
-when it is built; otherwise torch. Fast backends compute no gradients by backpropagation through the solver
-(``supports_autograd = False``): when a solve records an autograd graph, ``auto`` runs it on torch and a
-forced fast backend raises. ``odeint_adjoint``'s forward and backward solves record no graph, so they run
-fast. Each solve's ``SolveStats.backend`` names the backend that ran it.
+when it is built; otherwise torch. Backpropagation through the solver runs on the fast backends too:
+``rk_combine``, ``finish_control``'s solution and ``interpolate`` carry autograd formulas whose backwards are fused
+ops (``rk_combine_backward``, ``interpolate_backward``: ``ext_autograd`` for ``fastnode::``, ``kernels/_autograd.py``
+for ``fastnode_triton::``); the controller's outputs carry no gradient, as on torch. ``initial_step`` (the starting
+step) is fused around its probe evaluation on ext (``initial_step_probe``/``initial_step_finish``). Each solve's
+``SolveStats.backend`` names the backend that ran it.
 """
 
 from __future__ import annotations
@@ -106,7 +110,8 @@ def for_recording(ops: StepOps, recording: bool) -> StepOps:
     """The backend a solve runs on once it is known whether it records an autograd graph.
 
     ``recording``: grad mode is on and the state, a stage or a time tensor requires grad (backpropagation
-    through the solver). Fast backends do not record graphs: ``auto`` falls back to torch, a forced one raises.
+    through the solver). A backend without autograd formulas (``supports_autograd = False``) does not record
+    graphs: ``auto`` falls back to torch, a forced one raises.
     """
     if not recording or ops.supports_autograd:
         return ops

@@ -151,6 +151,16 @@ class StepOps:
         """
         raise NotImplementedError
 
+    def initial_step(self, probe: Callable, t0, y0, k0, order: int, rtol, atol, norm: Callable) -> torch.Tensor:
+        """The Hairer-Norsett-Wanner starting step (Solving ODEs I, II.4) per group, with no host sync. [G].
+
+        Args:
+            probe: ``probe(t [G], y [G, N]) -> [G, N]``, one evaluation of func (no graph).
+            t0: [G] start times (time dtype); ``y0``, ``k0``: [G, N] the state and its derivative there.
+            order: the method's order; ``rtol``, ``atol``: floats or [R, N] tensors; ``norm``: the error norm.
+        """
+        raise NotImplementedError
+
     def adjoint_weights(self, h: torch.Tensor, accept: torch.Tensor, b) -> torch.Tensor:
         """The adjoint's per-sample quadrature weights [S, G]: ``h_g * b_j`` where group g's step was accepted,
         else 0. ``h``: [G]; ``b``: the tableau's [S] solution weights."""

@@ -2,9 +2,10 @@
 
 Each op is registered with ``torch.library`` (schemas in ``csrc/step_ops.cpp``, CPU in ``csrc/cpu``, CUDA in
 ``csrc/cuda``) and gets a fake (meta) implementation here, so ``torch.compile`` and ``torch.library.opcheck``
-see them. The ops cover the solver's arithmetic with no autograd: stage inputs and solutions (``rk_combine``),
+see them. The ops cover the solver's arithmetic: stage inputs and solutions (``rk_combine``),
 a step's whole finish with the built-in norm and the controller (``finish_control``), dense output
-(``interpolate``) and the adjoint's per-sample quadrature weights (``adjoint_weights``). Anything they do not
+(``interpolate``) and the adjoint's per-sample quadrature weights (``adjoint_weights``); the first three have
+autograd formulas whose backwards are fused ops too (``ext_autograd``). Anything they do not
 cover (a user norm, a custom adjoint norm, float16/bfloat16, a float32 time dtype) runs on the torch reference,
 op by op, inside the same solve.
 
@@ -24,6 +25,7 @@ import warnings
 import torch
 
 from .._options import RMSNorm
+from . import ext_autograd
 from .base import StepEnd, StepPlan, StepResult, as_named
 from .torch_ops import TorchStepOps
 
@@ -98,9 +100,20 @@ if _LOAD_ERROR is None:
                 torch.empty_like(status), torch.empty_like(last_nonfinite), torch.empty_like(running),
                 torch.empty_like(next_idx), torch.empty_like(running), next_idx.new_empty((3,)))
 
+    @torch.library.register_fake("fastnode::initial_step_probe")
+    def _initial_step_probe_fake(y0, k0, rtol_t, rtol, atol_t, atol, segments):
+        d = y0.new_empty((y0.shape[0],), dtype=torch.float64)
+        return d, torch.empty_like(y0), torch.empty_like(d)
+
+    @torch.library.register_fake("fastnode::initial_step_finish")
+    def _initial_step_finish_fake(y0, k0, k1, h0, d1, rtol_t, rtol, atol_t, atol, segments, order):
+        return y0.new_empty((y0.shape[0],), dtype=torch.float64)
+
     @torch.library.register_fake("fastnode::adjoint_weights")
     def _adjoint_weights_fake(h, accept, b):
         return h.new_empty((len(b), h.shape[0]))
+
+    ext_autograd.register()
 
 
 def tol_args(tol, y: torch.Tensor):
@@ -111,10 +124,15 @@ def tol_args(tol, y: torch.Tensor):
 
 
 class ExtStepOps(TorchStepOps):
-    """StepOps on ``fastnode._C``; falls back to the torch reference op by op where an op does not apply."""
+    """StepOps on ``fastnode._C``; falls back to the torch reference op by op where an op does not apply.
+
+    Backpropagation through the solver: ``rk_combine``, ``finish_control``'s solution and ``interpolate`` carry
+    autograd formulas (``ext_autograd``); ``step_begin``/``step_end`` run on the reference when the times carry a
+    graph (time gradients).
+    """
 
     name = "ext"
-    supports_autograd = False
+    supports_autograd = True
 
     def __init__(self, forced: bool = False):
         self.forced = forced
@@ -126,6 +144,8 @@ class ExtStepOps(TorchStepOps):
     def rk_combine(self, y, K, h, weights):
         if y.dtype not in _FLOATS or y.ndim != 2:
             return super().rk_combine(y, K, h, weights)
+        if torch.is_grad_enabled() and (y.requires_grad or h.requires_grad or any(k.requires_grad for k in K)):
+            return ext_autograd.RkCombineFunction.apply(y, h, weights, *K[: len(weights)])
         return self._ops.rk_combine(y, K, h, weights)  # the op reads the first len(weights) stages
 
     def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
@@ -137,16 +157,22 @@ class ExtStepOps(TorchStepOps):
         rt, rs = (None, float(rtol)) if not isinstance(rtol, torch.Tensor) else tol_args(rtol, y)
         at, as_ = (None, float(atol)) if not isinstance(atol, torch.Tensor) else tol_args(atol, y)
         floor = None if ratio_floor is None else ratio_floor.to(torch.float64).reshape(-1).expand(y.shape[0])
-        return as_named(StepResult, self._ops.finish_control(y, K, h, tableau.b, tableau.e, rt, rs, at, as_,
-                                                    norm.bounds(y.shape[1]), h_ctl, prev_ratio, running, floor,
-                                                    cfg.as_floats()))
+        args = (tableau.b, tableau.e, rt, rs, at, as_, norm.bounds(y.shape[1]), h_ctl, prev_ratio, running, floor,
+                cfg.as_floats())
+        if torch.is_grad_enabled() and (y.requires_grad or h.requires_grad or any(k.requires_grad for k in K)):
+            return as_named(StepResult, ext_autograd.FinishControlFunction.apply(y, h, args, *K))
+        return as_named(StepResult, self._ops.finish_control(y, K, h, *args))
 
     def interpolate(self, tableau, y, K, h, theta):
         if y.dtype not in _FLOATS or y.ndim != 2 or not y.is_cpu:
             return super().interpolate(tableau, y, K, h, theta)
         dense = _dense_flat(tableau)
         P = len(tableau.dense[0])
-        return self._ops.interpolate(y, list(K), h, theta.to(y.dtype).expand(y.shape[0]).contiguous(), dense, P)
+        th = theta.to(y.dtype).expand(y.shape[0]).contiguous()
+        if torch.is_grad_enabled() and (y.requires_grad or h.requires_grad or th.requires_grad
+                                        or any(k.requires_grad for k in K)):
+            return ext_autograd.InterpolateFunction.apply(y, h, th, dense, P, *K)
+        return self._ops.interpolate(y, list(K), h, th, dense, P)
 
     def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze, *, stops=None,
                    end_perturb=0, time_grad=False):
@@ -161,13 +187,26 @@ class ExtStepOps(TorchStepOps):
 
     def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
                  new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None, fail=None):
-        if jump_t is not None or stop is not None or fail is not None or not t.is_cpu or t.dtype != torch.float64:
+        if (jump_t is not None or stop is not None or fail is not None or not t.is_cpu or t.dtype != torch.float64
+                or t.requires_grad or t_new.requires_grad):  # the times' graph (time gradients): the reference keeps it
             return super().step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
                                     last_nonfinite, new_ok, next_idx, t_out, max_num_steps, codes, jump_t=jump_t,
                                     stop=stop, fail=fail)
         return as_named(StepEnd, self._ops.step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc,
                                                   status, last_nonfinite, new_ok, next_idx, t_out, int(max_num_steps),
                                                   codes) + (None,))
+
+    @torch.no_grad()
+    def initial_step(self, probe, t0, y0, k0, order, rtol, atol, norm):
+        if (not isinstance(norm, RMSNorm) or y0.dtype not in _FLOATS or y0.ndim != 2 or not y0.is_cpu
+                or t0.dtype != torch.float64 or k0.dtype != y0.dtype or y0.numel() == 0):
+            return super().initial_step(probe, t0, y0, k0, order, rtol, atol, norm)
+        rt, rs = tol_args(rtol, y0)
+        at, as_ = tol_args(atol, y0)
+        seg = norm.bounds(y0.shape[1])
+        h0, y1, d1 = self._ops.initial_step_probe(y0, k0, rt, rs, at, as_, seg)
+        k1 = probe(t0 + h0, y1)
+        return self._ops.initial_step_finish(y0, k0, k1.to(y0.dtype), h0, d1, rt, rs, at, as_, seg, float(order))
 
     def adjoint_weights(self, h: torch.Tensor, accept: torch.Tensor, b) -> torch.Tensor:
         """[S, G]: ``h_g * b_j`` where group g's step was accepted, else 0."""

@@ -203,9 +203,34 @@ class TorchStepOps(StepOps):
                                   packet, jumped))
 
     @torch.no_grad()
+    def initial_step(self, probe, t0, y0, k0, order, rtol, atol, norm):
+        scale = atol + y0.abs() * rtol
+        d0 = norm(y0 / scale).to(t0.dtype)
+        d1 = norm(k0 / scale).to(t0.dtype)
+        small = (d0 < 1e-5) | (d1 < 1e-5)
+        h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300))
+        y1 = y0 + h0.to(y0.dtype).unsqueeze(1) * k0
+        k1 = probe(t0 + h0, y1)
+        d2 = norm((k1 - k0) / scale).to(t0.dtype) / h0
+        return _initial_step_end(h0, d1, d2, order)
+
+    @torch.no_grad()
     def adjoint_weights(self, h, accept, b):
         hb = torch.where(accept, h, 0.0)
         return hb.unsqueeze(0) * _const(tuple(float(v) for v in b), h.dtype, h.device).unsqueeze(1)
+
+
+def _initial_step_end(h0: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, order: int) -> torch.Tensor:
+    """The starting step from the probe's estimates (time dtype, [G])."""
+    dmax = torch.maximum(d1, d2)
+    h1 = torch.where(
+        dmax <= 1e-15,
+        torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
+        (0.01 / dmax.clamp_min(1e-300)) ** (1.0 / order),
+    )
+    h = torch.minimum(100 * h0, h1)
+    # A non-finite estimate (func blew up at the probe point) falls back to a tiny step the controller can grow.
+    return torch.where(torch.isfinite(h) & (h > 0), h, torch.full_like(h, 1e-6))
 
 
 _DENSE_CACHE: dict = {}

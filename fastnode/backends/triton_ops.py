@@ -77,7 +77,7 @@ class TritonStepOps(TorchStepOps):
     """StepOps on Triton kernels; falls back to the torch reference op by op where an op does not apply."""
 
     name = "triton"
-    supports_autograd = False
+    supports_autograd = True  # rk_combine, the finish's solution and interpolate have formulas (kernels/_autograd.py)
 
     def __init__(self, forced: bool = False):
         self.forced = forced
@@ -149,6 +149,7 @@ class TritonStepOps(TorchStepOps):
     def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
                  new_ok, next_idx, t_out, max_num_steps, codes, *, jump_t=None, stop=None, fail=None):
         if (jump_t is not None or stop is not None or fail is not None or t.dtype != torch.float64 or t.dim() != 1
+                or t.requires_grad or t_new.requires_grad  # the times' graph (time gradients): the reference keeps it
                 or t_out.dtype != torch.float64 or t_out.dim() != 2 or t_out.shape[0] != t.shape[0] or t.numel() == 0):
             return super().step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
                                     last_nonfinite, new_ok, next_idx, t_out, max_num_steps, codes, jump_t=jump_t,

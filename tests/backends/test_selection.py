@@ -29,10 +29,10 @@ def test_extension_is_built():
 
 
 @needs_ext
-def test_backprop_through_the_solver_runs_on_torch_under_auto():
+def test_backprop_through_the_solver_runs_on_ext_under_auto():
     y0 = torch.ones(2, 3, dtype=F64, requires_grad=True)
     ys = odeint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=F64), options={"backend": "auto"})
-    assert last_stats().backend == "torch"
+    assert last_stats().backend == "ext"
     ys.sum().backward()
     torch.testing.assert_close(y0.grad, torch.full_like(y0, 1 + math.exp(-1)), rtol=1e-6, atol=0)
     with torch.no_grad():
@@ -41,14 +41,19 @@ def test_backprop_through_the_solver_runs_on_torch_under_auto():
 
 
 @needs_ext
-def test_forced_ext_refuses_to_record_a_graph():
+def test_forced_ext_records_a_graph():
+    """Forced ext backpropagates (adaptive and fixed grids) with the reference's gradients."""
     lin = torch.nn.Linear(3, 3).double()
-    with pytest.raises(ValueError, match=r"backend'\]='ext' computes no gradients by backpropagation"):
-        odeint(lambda t, y: lin(y), torch.ones(2, 3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
-               options={"backend": "ext"})
-    with pytest.raises(ValueError, match=r"backend'\]='ext' computes no gradients"):
-        odeint(lambda t, y: lin(y), torch.ones(2, 3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
-               method="rk4", options={"backend": "ext", "step_size": 0.25})
+    for kw in ({}, {"method": "rk4", "options": {"step_size": 0.25}}):
+        grads = []
+        for backend in ("ext", "torch"):
+            opts = dict(kw.get("options", {}), backend=backend)
+            ys = odeint(lambda t, y: lin(y), torch.ones(2, 3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                        method=kw.get("method"), options=opts)
+            assert last_stats().backend == backend
+            grads.append(torch.autograd.grad(ys.sum(), list(lin.parameters())))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_package_runs_without_the_extension_and_says_so_once():
@@ -95,10 +100,15 @@ def test_selection_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
-def test_forced_triton_refuses_to_record_a_graph(device):
-    y0 = _y0(F64, device).requires_grad_(True)
-    with pytest.raises(ValueError, match="computes no gradients by backpropagation"):
-        odeint(_field, y0, torch.tensor([0.0, 0.1], dtype=F64, device=device), options={"backend": "triton"})
+def test_forced_triton_records_a_graph(device):
+    """Forced triton backpropagates through the solver, with the torch reference's gradients."""
+    grads = []
+    for backend in ("triton", "torch"):
+        y0 = _y0(F64, device).requires_grad_(True)
+        ys = odeint(_field, y0, torch.tensor([0.0, 0.1], dtype=F64, device=device), options={"backend": backend})
+        assert last_stats().backend == backend
+        grads.append(torch.autograd.grad((ys * ys).sum(), y0)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.gpu
@@ -127,8 +137,8 @@ def _imports(path: Path) -> list[str]:
 
 def test_kernels_import_nothing_from_fastnode():
     files = sorted(KERNELS.glob("*.py"))
-    assert {"_launch.py", "rk_combine.py", "finish_control.py", "interpolate.py", "step_begin.py",
-            "step_end.py"} <= {p.name for p in files}
+    assert {"_launch.py", "_autograd.py", "rk_combine.py", "rk_combine_backward.py", "finish_control.py",
+            "interpolate.py", "interpolate_backward.py", "step_begin.py", "step_end.py"} <= {p.name for p in files}
     bad = {p.name: m for p in files for m in _imports(p) if m == "fastnode" or m.startswith("fastnode.")}
     assert not bad, f"kernels/ imports fastnode: {bad}"
 
@@ -141,7 +151,8 @@ def test_csrc_one_file_per_op_and_device():
     """Every schema in csrc/ops.cpp has a CPU implementation in its own file, registered there and only there."""
     csrc = KERNELS.parent / "csrc"
     ops = sorted(set(__import__("re").findall(r'm\.def\(\s*"(\w+)\(', (csrc / "ops.cpp").read_text())))
-    assert ops == ["adjoint_weights", "finish_control", "interpolate", "rk_combine", "step_begin", "step_end"]
+    assert ops == ["adjoint_weights", "finish_control", "initial_step_finish", "initial_step_probe", "interpolate",
+                   "interpolate_backward", "rk_combine", "rk_combine_backward", "step_begin", "step_end"]
     for op in ops:
         text = (csrc / "cpu" / f"{op}_cpu.cpp").read_text()
         assert f'm.impl("{op}"' in text and "TORCH_LIBRARY_IMPL(fastnode, CPU, m)" in text

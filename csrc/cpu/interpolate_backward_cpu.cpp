@@ -1,0 +1,130 @@
+// fastnode::interpolate_backward on CPU: the gradients of the dense output out = y + h * sum_j w_j(theta) K[j],
+// w_j(theta) = sum_p dense[j, p] theta^(p+1), in one pass over memory: every used stage's gradient
+// (h * grad) * w_j(theta) at once and, when asked, the gradients of h and theta per row
+// (sum_n grad * sum_j w_j K[j] and h * sum_n grad * sum_j w_j'(theta) K[j]).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../common.h"
+#include "tiles.h"
+
+namespace fastnode {
+namespace {
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> interpolate_backward_cpu(
+    const at::Tensor& grad_in, at::TensorList K, const at::Tensor& h_in, const at::Tensor& theta_in,
+    at::ArrayRef<double> dense, int64_t P, bool need_ht) {
+  const char* op = "interpolate_backward";
+  check_stages(grad_in, K, 0, op);
+  const int64_t S = static_cast<int64_t>(K.size()), D = static_cast<int64_t>(dense.size());
+  TORCH_CHECK(P >= 1 && (S == 0 ? D == 0 : (D % S == 0 && D / S == P)), "fastnode.interpolate_backward: dense "
+              "must hold S * P = ", K.size(), " * ", P, " values, got ", dense.size());
+  check_rows(h_in, grad_in, grad_in.scalar_type(), "h", op);
+  check_rows(theta_in, grad_in, grad_in.scalar_type(), "theta", op);
+  auto g = grad_in.contiguous();
+  auto h = h_in.contiguous();
+  auto th = theta_in.contiguous();
+  std::vector<int64_t> used;
+  for (int64_t j = 0; j < S; ++j) {
+    bool any = false;
+    for (int64_t p = 0; p < P; ++p) any = any || dense[j * P + p] != 0.0;
+    if (any) used.push_back(j);
+  }
+  const size_t U = used.size();
+  std::vector<at::Tensor> gk;
+  for (size_t u = 0; u < U; ++u) gk.push_back(at::empty_like(g));
+  const int64_t G = g.size(0), N = g.size(1);
+  auto gh = need_ht ? at::zeros({G}, g.options()) : at::empty({0}, g.options());
+  auto gt = need_ht ? at::zeros({G}, g.options()) : at::empty({0}, g.options());
+  if (G * N == 0) return {gk, gh, gt};
+  std::vector<at::Tensor> Kc;
+  if (need_ht)
+    for (auto j : used) Kc.push_back(K[j].contiguous());
+  Tiles tl(G, N);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "interpolate_backward_cpu", [&] {
+    using T = scalar_t;
+    // Per-row weights and their theta-derivatives, in the state dtype (the forward's weights, same formula).
+    std::vector<T> W(static_cast<size_t>(G) * U), dW(W.size());
+    const T* thp = th.data_ptr<T>();
+    for (int64_t r = 0; r < G; ++r) {
+      for (size_t u = 0; u < U; ++u) {
+        T acc = 0, dacc = 0, pw = thp[r], dpw = 1;
+        for (int64_t p = 0; p < P; ++p) {
+          const T d = static_cast<T>(dense[used[u] * P + p]);
+          const T term = pw * d;
+          acc = p == 0 ? term : acc + term;
+          dacc = dacc + static_cast<T>(p + 1) * d * dpw;
+          pw = pw * thp[r];
+          dpw = dpw * thp[r];
+        }
+        W[r * U + u] = acc;
+        dW[r * U + u] = dacc;
+      }
+    }
+    std::vector<T*> gp(U);
+    std::vector<const T*> kp(Kc.size());
+    for (size_t u = 0; u < U; ++u) {
+      gp[u] = gk[u].data_ptr<T>();
+      if (need_ht) kp[u] = Kc[u].data_ptr<T>();
+    }
+    const T* gr = g.data_ptr<T>();
+    const T* hp = h.data_ptr<T>();
+    std::vector<T> part_h(need_ht ? static_cast<size_t>(tl.n) : 0, T(0)), part_t(part_h.size(), T(0));
+    at::parallel_for(0, tl.n, tl.grain, [&](int64_t b, int64_t e) {
+      const size_t L = static_cast<size_t>(std::min(N, kChunk));
+      std::vector<T> hg(L), a(need_ht ? L : 0), da(a.size()), wr(U), dwr(U);
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t r = tl.row(t), base = r * N + tl.lo(t), len = tl.hi(t) - tl.lo(t);
+        const T hr = hp[r];
+        const T* gv = gr + base;
+        for (size_t u = 0; u < U; ++u) {
+          wr[u] = W[r * U + u];
+          dwr[u] = dW[r * U + u];
+        }
+        // The reference's rounding: autograd forms h * grad once (addcmul's backward), then each stage's w_j * it.
+        for (int64_t c = 0; c < len; ++c) hg[c] = hr * gv[c];
+        for (size_t u = 0; u < U; ++u) {
+          T* o = gp[u] + base;
+          const T wu = wr[u];
+          for (int64_t c = 0; c < len; ++c) o[c] = hg[c] * wu;
+        }
+        if (need_ht) {
+          lincomb_tile<T>(kp, wr, base, len, a.data());
+          lincomb_tile<T>(kp, dwr, base, len, da.data());
+          T sh = 0, st = 0;
+          for (int64_t c = 0; c < len; ++c) {
+            sh += gv[c] * a[c];
+            st += gv[c] * da[c];
+          }
+          part_h[t] = sh;
+          part_t[t] = st;
+        }
+      }
+    });
+    if (need_ht) {
+      T* ghp = gh.data_ptr<T>();
+      T* gtp = gt.data_ptr<T>();
+      for (int64_t r = 0; r < G; ++r) {
+        T sh = 0, st = 0;
+        for (int64_t c = 0; c < tl.chunks; ++c) {
+          sh += part_h[r * tl.chunks + c];
+          st += part_t[r * tl.chunks + c];
+        }
+        ghp[r] = sh;
+        gtp[r] = hp[r] * st;
+      }
+    }
+  });
+  return {gk, gh, gt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastnode, CPU, m) { m.impl("interpolate_backward", &interpolate_backward_cpu); }
+
+}  // namespace fastnode
