@@ -10,7 +10,8 @@ and every update is masked with ``torch.where``), so no Python control flow depe
 
 The host runs the compiled step ``k`` times back to back and only then reads one packet (any running, any failed,
 iterations in which something ran, the slowest group's progress): one host transfer per ``k`` steps instead of
-one per step. ``k`` is ``options['steps_per_sync']``, or adaptive: the remaining iterations are estimated from the
+one per step. ``k`` is ``options['steps_per_sync']``; by default 1 on CPU (the read is a plain copy there, and an
+overshooting round would waste whole steps) and adaptive on CUDA: the remaining iterations are estimated from the
 progress so far and a round takes about half of them (at most ``MAX_STEPS_PER_SYNC``), so the steps a round runs
 after every group has finished (``stats.n_idle_steps``, work that is wasted) stay few while the transfers grow
 only like the logarithm of the iterations.
@@ -40,7 +41,8 @@ from .backends.torch_ops import TorchStepOps, _dense_tensor
 
 _CODES = (st.NON_FINITE, st.STEP_UNDERFLOW, st.TIME_OVERFLOW, st.MAX_STEPS)
 MAX_STEPS_PER_SYNC = 16  # adaptive k's cap: an overshoot wastes at most this many steps minus one
-FIRST_ROUND = 2  # adaptive k's first round, before any progress is known
+FIRST_ROUND = 1  # adaptive k's first round, before any progress is known
+ADAPTIVE_ON_CPU = False  # the adaptive k on CPU too (tests set it; by default CPU solves read the packet every step)
 CACHE_SIZE = 32  # compiled programs kept (least recently used dropped); each holds its func alive
 _programs: OrderedDict = OrderedDict()
 _warned: set = set()
@@ -211,7 +213,12 @@ class CompiledLoop:
         self.prog = _program_for(f, problem, grid)
         self.f, self.stats = f, stats
         self.evals = problem.tableau.num_stages - 1  # func calls per step (FSAL)
+        # NOTE: on CPU reading the packet is a copy, no device sync, while an overshooting round wastes whole
+        # steps: one step per read there unless steps_per_sync says otherwise. On CUDA the read waits for the
+        # queue to drain, so rounds grow with the estimated remaining iterations (unverified here: no GPU ran it).
         self.k = problem.config.steps_per_sync
+        if self.k is None and problem.y0.device.type == "cpu" and not ADAPTIVE_ON_CPU:
+            self.k = 1
         self.raise_on_failure = problem.config.on_failure == "raise"
         self.consts = (grid.t_out, grid.t_end, grid.t_out[:, 0], grid.stops, problem.rtol, problem.atol)
         if self.prog.failed is not None:
@@ -229,8 +236,10 @@ class CompiledLoop:
         budget = health.unwatched(iterations)
         if budget <= 0 or self.prog.failed is not None:
             return s, iterations, False
-        x = (s.t, s.h, s.y, s.f, s.running, s.status, s.n_attempted, s.n_accepted, s.prev_ratio, s.last_nonfinite,
-             s.next_out, out.out, torch.zeros((), dtype=torch.int64, device=s.t.device))
+        # NOTE: s.t may be a view of t_out at the start (shared mode); a clone keeps dynamo from specialising a
+        # second graph on that aliasing.
+        x = (s.t.clone(), s.h, s.y, s.f, s.running, s.status, s.n_attempted, s.n_accepted, s.prev_ratio,
+             s.last_nonfinite, s.next_out, out.out, torch.zeros((), dtype=torch.int64, device=s.t.device))
         executed, pk, got, broken = 0, None, None, False
         while budget > 0 and not broken:
             k = min(self._round(iterations, got), budget)

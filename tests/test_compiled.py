@@ -190,7 +190,8 @@ def test_one_transfer_per_k_steps(graph, k):
     _close(yc, ye)
 
 
-def test_adaptive_steps_per_sync(graph):
+def test_adaptive_steps_per_sync(graph, monkeypatch):
+    monkeypatch.setattr(C, "ADAPTIVE_ON_CPU", True)  # the CUDA default, checked on CPU
     t = torch.linspace(0.0, 20.0, 3, dtype=F64)
     ye, se = _solve(vdp, Y0, False, t=t)
     yc, sc = _solve(vdp, Y0, True, t=t)
