@@ -43,6 +43,10 @@ _CODES = (st.NON_FINITE, st.STEP_UNDERFLOW, st.TIME_OVERFLOW, st.MAX_STEPS)
 MAX_STEPS_PER_SYNC = 16  # adaptive k's cap: an overshoot wastes at most this many steps minus one
 FIRST_ROUND = 1  # adaptive k's first round, before any progress is known
 ADAPTIVE_ON_CPU = False  # the adaptive k on CPU too (tests set it; by default CPU solves read the packet every step)
+# Graphs per grad mode before a program counts as uncapturable: a first step whose inputs differ in requires_grad
+# from the later ones legitimately needs two; a func whose Python state changes every call (a counter attribute)
+# makes dynamo recompile at every step, and is better run eager at once than after dynamo's limit of 8 compiles.
+MAX_GRAPHS_PER_MODE = 2
 CACHE_SIZE = 32  # compiled programs kept (least recently used dropped); each holds its func alive
 _programs: OrderedDict = OrderedDict()
 _warned: set = set()
@@ -55,10 +59,11 @@ compiles = 0  # programs compiled (or recompiled by dynamo) in this process: the
 class _Program:
     """One cached compiled step; ``failed`` holds dynamo's reason once capture failed (then the key runs eager)."""
 
-    __slots__ = ("fn", "func", "failed")
+    __slots__ = ("compiled", "fn", "func", "failed")
 
     def __init__(self, fn, func):
         self.fn, self.func, self.failed = fn, func, None
+        self.compiled = {}  # grad mode -> graphs dynamo compiled for it
 
 
 def unsupported_reason(f, problem, grid, hooks, events) -> str | None:
@@ -279,6 +284,8 @@ class CompiledLoop:
     def _call(self, x):
         """One compiled step; None when dynamo or Inductor failed (then this key runs eager from now on)."""
         global compiles
+        if self.prog.failed is not None:
+            return None
         before = _dynamo_graphs()
         t0 = time.perf_counter()
         try:
@@ -289,6 +296,11 @@ class CompiledLoop:
         if _dynamo_graphs() != before:  # this call compiled (first use, or a recompile: e.g. grad mode changed)
             compiles += 1
             self.stats.compile_seconds += time.perf_counter() - t0
+            mode = torch.is_grad_enabled()
+            n = self.prog.compiled[mode] = self.prog.compiled.get(mode, 0) + 1
+            if n > MAX_GRAPHS_PER_MODE:  # this result is right; the next steps run eager
+                self._fail(RuntimeError("dynamo recompiles at every step (func's Python state changes between "
+                                        "calls, e.g. a counter attribute)"))
         return res
 
     def _fail(self, exc: Exception) -> None:

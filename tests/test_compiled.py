@@ -272,3 +272,26 @@ def test_inductor_per_sample():
     yc, sc = _solve(vdp, Y0, True, per_sample=True)
     _same_steps(se, sc)
     _close(yc, ye)
+
+
+class Counting(torch.nn.Module):
+    """A func with Python state that changes at every call (dynamo would recompile at every step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, t, y):
+        self.calls += 1
+        return -y
+
+
+def test_recompiling_func_falls_back_soon(graph):
+    func, y0 = Counting(), torch.tensor([0.5, -0.25], dtype=F64)
+    ye, se = _solve(func, y0, False)
+    before = C.compiles
+    with pytest.warns(RuntimeWarning, match="recompiles at every step"):
+        yc, sc = _solve(func, y0, True)
+    assert C.compiles - before == C.MAX_GRAPHS_PER_MODE + 1 and "recompiles" in sc.compile_fallback
+    assert sc.n_accepted == se.n_accepted and sc.nfe == se.nfe
+    _close(yc, ye)
