@@ -68,9 +68,11 @@ REPLAY = ReplayClock()
 
 # fastnode = backend "auto" (the compiled extension on CPU, Triton on CUDA; backpropagation through the solver runs
 # on the torch reference); the -torch providers pin the reference backend.
-FWD_PROVIDERS = ("fastnode", "fastnode-torch", "fastnode-per-sample", "torchdiffeq", "torchode")
-FULL_PROVIDERS = ("fastnode", "fastnode-per-sample", "torchdiffeq", "fastnode-adjoint", "fastnode-adjoint-torch",
-                  "torchdiffeq-adjoint")
+# -compiled: options['compile'] (the step with func as one torch.compile'd program; compiled in the warm-up run).
+FWD_PROVIDERS = ("fastnode", "fastnode-torch", "fastnode-per-sample", "fastnode-compiled",
+                 "fastnode-per-sample-compiled", "torchdiffeq", "torchode")
+FULL_PROVIDERS = ("fastnode", "fastnode-per-sample", "fastnode-compiled", "torchdiffeq", "fastnode-adjoint",
+                  "fastnode-adjoint-torch", "torchdiffeq-adjoint")
 
 
 def _cases() -> list:

@@ -162,7 +162,7 @@ class FastnodeProvider(Provider):
     name = "fastnode"
 
     def __init__(self, problem: Problem, tol: Tolerance, device: torch.device, per_sample: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", compile: bool = False):
         super().__init__(problem, tol, device)
         try:
             from fastnode import last_stats, odeint
@@ -182,6 +182,10 @@ class FastnodeProvider(Provider):
                 raise ProviderUnavailable(str(exc)) from exc
             self.options["backend"] = backend
         self.name = "fastnode" + ("-per-sample" if per_sample else "") + ("" if backend == "auto" else f"-{backend}")
+        if compile:
+            # The whole step, func included, compiled once (in the warm-up run) and replayed (fastnode._compiled).
+            self.options["compile"] = True
+            self.name += "-compiled"
 
     def solve(self, func: nn.Module, y0: torch.Tensor) -> torch.Tensor:
         return self._odeint(
@@ -190,7 +194,10 @@ class FastnodeProvider(Provider):
 
     def native_stats(self) -> dict[str, Any]:
         s = self._last_stats()
-        return {k: getattr(s, k, None) for k in ("nfe", "n_steps", "n_accepted", "n_rejected", "backend")}
+        keys = ("nfe", "n_steps", "n_accepted", "n_rejected", "backend")
+        if "compile" in self.options:
+            keys += ("compiled", "compile_seconds", "compile_fallback")
+        return {k: getattr(s, k, None) for k in keys}
 
 
 class FastnodeAdjointProvider(FastnodeProvider):
@@ -302,6 +309,8 @@ PROVIDERS: dict[str, Callable[..., Provider]] = {
     "fastnode-per-sample-torch": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=True, backend="torch"),
     "fastnode-per-sample-triton": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=True,
                                                                        backend="triton"),
+    "fastnode-compiled": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=False, compile=True),
+    "fastnode-per-sample-compiled": lambda p, tol, dev: FastnodeProvider(p, tol, dev, per_sample=True, compile=True),
     "torchdiffeq": TorchdiffeqProvider,
     "torchdiffeq-adjoint": TorchdiffeqAdjointProvider,
     "torchode": TorchodeProvider,

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from . import _stats as st
+from ._compiled import compiled_loop
 from ._events import EventTracker
 from ._health import HealthCheck
 from ._options import AdaptiveConfig
@@ -194,7 +195,12 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
     step = _stepper(f, ops, problem, grid, hooks, events, health)
     raise_on_failure = problem.config.on_failure == "raise"
     iterations = 0
+    fast = None if problem.config.compile is None else compiled_loop(f, problem, grid, hooks, events, stats)
     while packet.running and not (packet.failed and raise_on_failure):
+        if fast is not None:  # options['compile']: unwatched iterations run compiled, k per host transfer
+            s, iterations, ran = fast.run(s, out, packet, health, iterations)
+            if ran:
+                continue
         iterations += 1
         watch = health.watching(iterations)
         s_old = s

@@ -105,6 +105,14 @@ class HealthCheck:
         self.left = max(self.left - 1, 0)
         return watched
 
+    def unwatched(self, it: int) -> int:
+        """How many iterations after iteration ``it`` (the last one run) ``watching`` would not watch (host only):
+        a compiled loop may run them without this check (``fastnode._compiled``)."""
+        if self.left > 0 or (self.stiff_open and self.pair is not None):
+            return 0
+        nxt = 256 if it < 256 else 512 if it < 512 else (it // 1024 + 1) * 1024
+        return nxt - it - 1
+
     def observe(self, s, plan, fin, K, stage_inputs: dict, ops, t_end: torch.Tensor) -> torch.Tensor:
         """[G] int8 failure codes for this watched step (0: none), from the step's stages and decision."""
         running = s.running

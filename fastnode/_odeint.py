@@ -136,7 +136,10 @@ def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method:
             ``step_size``, ``grid_constructor``, ``interp``, ``perturb``; Adams: also ``max_order``, ``max_iters``;
             ``scipy_solver``: ``solver``, ``min_step``, ``max_step``) plus ``per_sample`` (bool),
             ``on_failure`` (``"raise"``/``"return"``), ``controller`` (``"i"``/``"pi"``), ``pi_alpha``,
-            ``pi_beta`` and ``backend`` (``"auto"``/``"torch"``). Unknown options raise ``ValueError``.
+            ``pi_beta``, ``backend`` (``"auto"``/``"torch"``), and for adaptive methods ``compile`` (``True`` or a
+            ``torch.compile`` mode: the whole step, ``func`` included, runs as one compiled program; see
+            ``fastnode._compiled``) with ``steps_per_sync`` (compiled steps per host transfer; default adaptive).
+            Unknown options raise ``ValueError``.
         event_fn: ``event_fn(t, y)``; the solve stops where it crosses zero (only ``t[0]`` is used). Several
             values (per sample: ``[B, K]``): at the first crossing of any, as torchdiffeq combines them.
             Fixed-grid methods step by ``options["step_size"]`` (required) until the crossing.

@@ -21,7 +21,10 @@ from .solvers import get_solver
 ADAPTIVE_OPTIONS = {
     "first_step", "safety", "ifactor", "dfactor", "max_num_steps", "step_t", "jump_t", "min_step", "max_step",
     "norm", "dtype", "per_sample", "backend", "on_failure", "controller", "pi_alpha", "pi_beta", "on_stiff",
+    "compile", "steps_per_sync",
 }
+# options['compile']: True means torch.compile's default mode; a string is passed on as torch.compile's mode.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 FIXED_OPTIONS = {"step_size", "grid_constructor", "interp", "perturb", "dtype", "backend", "per_sample"}
 
 
@@ -229,6 +232,8 @@ class AdaptiveConfig:
     step_t: torch.Tensor | None  # sorted integration times steps land on
     jump_t: torch.Tensor | None  # sorted integration times of discontinuities
     on_stiff: str = "raise"  # "raise", "warn" or "ignore": what a stiffness detection does (fastnode._health)
+    compile: str | None = None  # torch.compile mode of the compiled step (fastnode._compiled); None: eager
+    steps_per_sync: int | None = None  # compiled steps per host transfer; None: adaptive
 
     @property
     def has_jumps(self) -> bool:
@@ -273,7 +278,35 @@ def parse_adaptive_options(options: dict, tableau, sign: float, tdt, device) -> 
             raise ValueError(f"options['step_t'] and options['jump_t'] both contain the time(s) "
                              f"{sorted(x * sign for x in common)}; a time may be in only one of them")
     on_stiff = choice(options, "on_stiff", "raise", ("raise", "warn", "ignore"))
-    return AdaptiveConfig(ctrl, first_step, max_num_steps, on_failure, step_t, jump_t, on_stiff)
+    mode, per_sync = parse_compile_options(options)
+    return AdaptiveConfig(ctrl, first_step, max_num_steps, on_failure, step_t, jump_t, on_stiff, mode, per_sync)
+
+
+def parse_compile_options(options: dict) -> tuple[str | None, int | None]:
+    """``options['compile']`` (False/None, True, or a ``torch.compile`` mode) and ``options['steps_per_sync']``
+    (a positive integer, or ``None``/``"auto"`` for the adaptive choice) -> ``(mode or None, k or None)``."""
+    v = options.get("compile", False)
+    if v is None or v is False:
+        mode = None
+    elif v is True:
+        mode = "default"
+    elif isinstance(v, str):
+        if v not in COMPILE_MODES:
+            raise ValueError(f"options['compile'] must be True, False or one of {COMPILE_MODES}, got {v!r}")
+        mode = v
+    else:
+        raise TypeError(f"options['compile'] must be True, False or a torch.compile mode string, got "
+                        f"{type(v).__name__}")
+    k = options.get("steps_per_sync")
+    if k is None or k == "auto":
+        return mode, None
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"options['steps_per_sync'] must be a positive integer or 'auto', got {k!r}")
+    if k < 1:
+        raise ValueError(f"options['steps_per_sync'] must be a positive integer or 'auto', got {k}")
+    if mode is None:
+        raise ValueError("options['steps_per_sync'] applies to compiled solves only; set options['compile'] too")
+    return mode, int(k)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,14 @@ class SolveStats:
     messages: list = field(default_factory=list)
     backend: str = ""  # the StepOps backend that ran the solve ("torch", "ext", "triton")
     h_final: torch.Tensor | None = None  # [G] the step size the controller proposed last (integration time)
+    # Compiled steps (options['compile'], fastnode._compiled): whether steps ran compiled, the seconds spent
+    # compiling in this call (0.0 when the cached program was reused), why a requested compiled solve ran eager
+    # (None: it did not), and the steps the compiled unit ran after every group had finished (a round of
+    # steps_per_sync steps overshoots the end; their func evaluations are not counted in nfe).
+    compiled: bool = False
+    compile_seconds: float = 0.0
+    compile_fallback: str | None = None
+    n_idle_steps: int = 0
     # Backward-pass counters, filled by odeint_adjoint's backward (added up over repeated backward calls).
     nfe_backward: int = 0
     n_accepted_backward: IntOrTensor = 0
