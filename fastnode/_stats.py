@@ -50,7 +50,7 @@ class SolveStats:
     status: torch.Tensor | None = None
     t_reached: torch.Tensor | None = None
     messages: list = field(default_factory=list)
-    backend: str = ""  # the StepOps backend that ran the solve ("torch", "ext", "triton")
+    backend: str = ""  # the StepOps backend that ran the solve ("torch", "ext", "triton", "ext+triton")
     h_final: torch.Tensor | None = None  # [G] the step size the controller proposed last (integration time)
     # Backward-pass counters, filled by odeint_adjoint's backward (added up over repeated backward calls).
     nfe_backward: int = 0
