@@ -12,7 +12,7 @@ BENCH_OUT ?= bench/results/cpu
 # The compiled extension is rebuilt when its sources change (the editable install does not watch them).
 EXT_SRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: test bench venv deps deps-bench cuda-check clean
+.PHONY: test bench venv deps deps-bench cuda-check gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,15 @@ bench: deps-bench
 # Compile-only check of the CUDA sources with nvcc (no GPU needed; nothing is linked or run).
 cuda-check: $(PY)
 	./csrc/cuda_compile_check.sh $(PY)
+
+# On a machine with a CUDA GPU (python3 holding a CUDA torch; no network needed): builds the package with its CUDA
+# extension in build/gpu-venv, runs every CUDA test twin and the GPU benchmarks, each stage under a time limit, and
+# writes bench/results/<device>/ (or GPU_OUT). Without a GPU it says so and exits 0. See bench/gpu_check.py.
+GPU_PYTHON ?= python3
+GPU_OUT ?=
+GPU_BUDGET ?= 450
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py --budget $(GPU_BUDGET) $(if $(GPU_OUT),--out $(GPU_OUT))
 
 clean:
 	rm -rf $(VENV) build *.egg-info

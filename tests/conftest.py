@@ -64,3 +64,12 @@ def pytest_collection_modifyitems(config, items):
         # The marker, not item.keywords: keywords also hold the names of the parent folders (a checkout named gpu).
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+def pytest_configure(config):
+    # FASTNODE_RECORD_LAUNCHES=<file>: every distinct Triton launch of the run, for tests/backends/replay_sm90.py.
+    path = os.environ.get("FASTNODE_RECORD_LAUNCHES")
+    if path and os.environ.get("TRITON_INTERPRET") == "1":
+        from tests.backends.replay_sm90 import install_recorder
+
+        install_recorder(path)
