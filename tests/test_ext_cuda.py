@@ -109,19 +109,21 @@ def test_finish_control_every_row_and_column(dtype, G, N):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_finish_control_strided_inputs_and_tolerances(dtype):
-    """Non-contiguous state, stages, step and per-row tolerances; two norm segments; a non-finite last stage."""
+@pytest.mark.parametrize("N", [301, 45], ids=["block-per-row", "warp-per-row"])
+def test_finish_control_strided_inputs_and_tolerances(dtype, N):
+    """Non-contiguous state, stages, step and per-row tolerances; two norm segments; a non-finite last stage; rows
+    wider than 256 columns (a block per row) and narrower (a warp per row)."""
     tab = SOLVERS["tsit5"].tableau
-    G, N = 37, 301
+    G = 37
     y = _randn(G, N, dtype=dtype, seed=2, strided=True)
     K = [_randn(G, N, dtype=dtype, seed=20 + j, strided=True) for j in range(tab.num_stages)]
-    K[-1][5, 300] = float("inf")  # row 5 fails, the others do not
+    K[-1][5, N - 1] = float("inf")  # row 5 fails, the others do not
     h_ctl = _steps(2 * G, F64)[::2]
     hy = h_ctl.to(dtype)
     rtol = _randn(G, N, dtype=dtype, seed=3, strided=True).abs() * 1e-3
     atol = torch.full((1, N), 1e-5, dtype=dtype, device="cuda")
     assert not (y.is_contiguous() or K[0].is_contiguous() or h_ctl.is_contiguous() or rtol.is_contiguous())
-    args = _finish_args(tab, y, K, hy, h_ctl, rtol, atol, RMSNorm([(0, 100), (100, N)]))
+    args = _finish_args(tab, y, K, hy, h_ctl, rtol, atol, RMSNorm([(0, N // 3), (N // 3, N)]))
     got, ref = _ext_finish(*args), REF.finish_control(*args)
     _check_finish(got, ref, y, K, hy, tab, dtype)
     assert not bool(got[2][5]) and bool(got[2].sum() == G - 1)
