@@ -7,7 +7,8 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # The CPU build of torch lies on local disk; pinning it keeps pip from pulling a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.7.1
-BENCH_OUT ?= bench/results/cpu
+# make bench writes here (untracked); BENCH_OUT=bench/results/cpu refreshes the committed results deliberately.
+BENCH_OUT ?= bench/out
 
 # The compiled extension is rebuilt when its sources change (the editable install does not watch them).
 EXT_SRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
@@ -23,8 +24,11 @@ $(VENV)/.deps-test: $(PY) pyproject.toml setup.py $(EXT_SRC)
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 	touch $@
 
+# Only the bench extras' packages: reinstalling the package itself (-e ".[bench]") would rebuild the extension
+# that .deps-test has just built (about 80 s). The list is read from pyproject.toml, so it stays in one place.
 $(VENV)/.deps-bench: $(VENV)/.deps-test
-	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	$(PY) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["bench"]))' > $(VENV)/bench-requirements.txt
+	$(PIP) install -q -r $(VENV)/bench-requirements.txt
 	touch $@
 
 deps: $(VENV)/.deps-test

@@ -5,7 +5,9 @@ The top-level pyproject keeps pytest's default ``python_files`` (``test_*.py``),
 ``bench_*.py`` itself; it works for ``pytest bench`` run from the repository root.
 
 Environment:
-    FASTNODE_BENCH_THREADS: torch intra-op threads (default: torch's own choice, usually the core count).
+    FASTNODE_BENCH_THREADS: torch intra-op threads (default 1). The benchmarks time this thread's CPU time
+        (``time.thread_time``): with one thread that is the solve's whole CPU cost, and a shared machine's other
+        processes do not inflate it. With more threads it misses the other threads' work (wall time still counts).
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ import os
 
 import torch
 
-if "FASTNODE_BENCH_THREADS" in os.environ:
-    torch.set_num_threads(int(os.environ["FASTNODE_BENCH_THREADS"]))
+torch.set_num_threads(int(os.environ.get("FASTNODE_BENCH_THREADS", "1")))
 
 
 def pytest_collect_file(file_path, parent):

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import statistics
 import time
@@ -360,8 +361,9 @@ def solve_stats(provider: Provider, func: nn.Module, y0: torch.Tensor) -> tuple[
     return ys, stats
 
 
-def time_func(func: nn.Module, t: torch.Tensor, y: torch.Tensor, backward: bool, budget_s: float = 1.0) -> float:
-    """Median wall time (s) of one call of ``func`` (plus its backward when ``backward``).
+def time_func(func: nn.Module, t: torch.Tensor, y: torch.Tensor, backward: bool, budget_s: float = 1.0,
+              clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median time (s) of one call of ``func`` (plus its backward when ``backward``) on ``clock``.
 
     Times blocks of calls sized to about a millisecond or more each (single calls of a small MLP are near the timer's
     resolution) and returns the median per-call time over the blocks.
@@ -371,7 +373,9 @@ def time_func(func: nn.Module, t: torch.Tensor, y: torch.Tensor, backward: bool,
         t: Time argument as the solver passes it (0-d or ``[B]``).
         y: ``[B, N]`` state.
         backward: Also backpropagate a ones cotangent to ``y`` and the parameters (the ``full`` mode's unit cost).
-        budget_s: Rough total time to spend.
+        budget_s: Rough total time to spend (wall).
+        clock: ``time.perf_counter`` (wall) or ``time.thread_time`` (this thread's CPU time; with one torch thread
+            it is the whole CPU cost, and other processes on the machine do not inflate it).
     """
     params = [p for p in func.parameters() if p.requires_grad]
 
@@ -395,12 +399,130 @@ def time_func(func: nn.Module, t: torch.Tensor, y: torch.Tensor, backward: bool,
     n_blocks = max(5, min(50, int(budget_s / (once * per_block))))
     samples = []
     for _ in range(n_blocks):
-        start = time.perf_counter()
+        start = clock()
         for _ in range(per_block):
             call()
         _sync(y.device)
-        samples.append((time.perf_counter() - start) / per_block)
+        samples.append((clock() - start) / per_block)
     return statistics.median(samples)
+
+
+# Rounds whose spread (interquartile range over median) exceeds this are flagged: their median is not to be trusted.
+SPREAD_LIMIT = 0.20
+
+
+class Rounds:
+    """One provider's timings over interleaved rounds: thread CPU time and wall time (s), one entry per round.
+
+    Args:
+        cpu: ``time.thread_time`` per round.
+        wall: ``time.perf_counter`` per round.
+    """
+
+    def __init__(self, cpu: list[float] | None = None, wall: list[float] | None = None):
+        self.cpu = list(cpu or [])
+        self.wall = list(wall or [])
+
+    @property
+    def cpu_median(self) -> float:
+        """Median thread CPU time (s)."""
+        return statistics.median(self.cpu)
+
+    @property
+    def wall_median(self) -> float:
+        """Median wall time (s)."""
+        return statistics.median(self.wall)
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range of the CPU-time rounds over their median: how much the rounds disagree."""
+        return relative_spread(self.cpu)
+
+
+def relative_spread(samples: list[float]) -> float:
+    """Interquartile range over median of ``samples`` (0 for fewer than two samples).
+
+    The interquartile range rather than max - min: one round hit by a page fault or a collection should not flag a
+    row whose other rounds agree.
+
+    Example:
+        >>> relative_spread([1.0, 1.0, 1.0, 1.0])
+        0.0
+    """
+    if len(samples) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    med = statistics.median(samples)
+    return (q3 - q1) / med if med > 0 else 0.0
+
+
+def interleaved_rounds(runs: dict[str, Callable[[], None]], target_s: float, min_rounds: int = 5,
+                       max_rounds: int = 50) -> dict[str, Rounds]:
+    """Times several callables in interleaved rounds: each round runs every callable once, in a rotating order.
+
+    Interleaving spreads a slow phase of a shared machine (another process's burst, frequency changes) over all
+    providers instead of charging it to whichever ran then; thread CPU time (``time.thread_time``) leaves out the
+    time this thread waited for a core. Each callable runs once untimed first (warm-up; it also sizes the rounds).
+
+    Args:
+        runs: ``name -> run()``; each call does the complete timed work (and any device sync).
+        target_s: Approximate seconds each callable should spend in timed rounds (the slowest sets the count).
+        min_rounds, max_rounds: Bounds on the number of rounds.
+
+    Returns:
+        ``name -> Rounds`` with one entry per round.
+    """
+    names = list(runs)
+    slowest = 0.0
+    for name in names:
+        start = time.perf_counter()
+        runs[name]()
+        slowest = max(slowest, time.perf_counter() - start)
+    n = max(min_rounds, min(max_rounds, math.ceil(target_s / max(slowest, 1e-6))))
+    out = {name: Rounds() for name in names}
+    for r in range(n):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            c0, w0 = time.thread_time(), time.perf_counter()
+            runs[name]()
+            w1, c1 = time.perf_counter(), time.thread_time()
+            out[name].cpu.append(c1 - c0)
+            out[name].wall.append(w1 - w0)
+    return out
+
+
+class ReplayClock:
+    """A clock for pytest-benchmark that replays durations measured elsewhere (by :func:`interleaved_rounds`).
+
+    pytest-benchmark times one benchmark at a time; interleaved rounds time a whole group together. To keep its
+    JSON, terminal table and statistics, the benchmark is given this clock as its timer and :meth:`advance` as the
+    target: each round the clock moves by the next recorded duration, so pytest-benchmark's statistics are those of
+    the recorded rounds.
+
+    Example:
+        >>> clock = ReplayClock()
+        >>> clock.load([0.5, 0.25])
+        >>> t0 = clock(); clock.advance(); clock() - t0
+        0.5
+    """
+
+    __name__ = "thread_time_interleaved"
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._queue: list[float] = []
+
+    def load(self, durations: list[float]) -> None:
+        """Queues the durations the next rounds will take."""
+        self._queue = list(durations)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self) -> None:
+        """The benchmark's target: one round, as long as the next queued duration."""
+        if not self._queue:
+            raise RuntimeError("ReplayClock: more rounds than recorded durations")
+        self.now += self._queue.pop(0)
 
 
 class ForeignCPU:
