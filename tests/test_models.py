@@ -204,6 +204,28 @@ def test_docstring_examples(name):
     assert res.attempted > 0 and res.failed == 0
 
 
+def test_image_odenet_below_14x14_is_degenerate_as_its_warning_says():
+    """What the guard is for: under 14x14 inputs the ODE block's map falls below 3x3. At 1x1 (8x8 inputs) with 32
+    channels or fewer every GroupNorm group holds one value, the norm outputs its bias whatever the input, and the
+    network gives every image the same logits; at 14x14 (3x3 map) the logits depend on the image."""
+    torch.manual_seed(0)
+    net = ImageODENet(1, 10, width=16, method="rk4", options={"step_size": 0.25}).double()
+    with torch.no_grad():
+        for p in net.parameters():  # a trained-looking net: the GroupNorm affine parameters off their 1/0 start
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(4, 1, 14, 14, dtype=torch.float64)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match=r"ODENet: input of \(8, 8\) leaves a \(1, 1\) feature map.*1 value"):
+            small = net(x[..., :8, :8])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            full = net(x)
+        with pytest.warns(UserWarning, match=r"\(13, 13\) leaves a \(2, 2\) feature map"):
+            ImageODENet(1, 10, width=16).double()(x[..., :13, :13])
+    torch.testing.assert_close(small, small[:1].expand_as(small), rtol=0, atol=1e-12)
+    assert float((full - full[:1]).abs().max()) > 1e-3
+
+
 @pytest.mark.parametrize("net_cls", [ImageODENet, ImageResNet], ids=["odenet", "resnet"])
 def test_feature_map_size_and_small_map_warning(net_cls):
     net = net_cls(1, 10, width=8)

@@ -417,7 +417,8 @@ def test_resnet_vs_odenet_seeds_sweep_csv(tmp_path):
     res = run_study("resnet-vs-odenet", out=tmp_path, quick=True, seeds=(0, 1), epochs=1, train_size=128,
                     test_size=64, sweep_batch_sizes=(4, 8), timing_rounds=2)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == [f"resnet-vs-odenet.{e}" for e in ("csv", "json", "md", "png")]
+    # partial.json: the state after the latest finished epoch (a stopped run's record; see the merge test)
+    assert names == ["partial.json"] + [f"resnet-vs-odenet.{e}" for e in ("csv", "json", "md", "png")]
     data = json.loads((tmp_path / "resnet-vs-odenet.json").read_text())
     assert data["commit"] and data["backend"] and data["seeds_done"] == 2
     for e in data["models"].values():
@@ -466,6 +467,101 @@ def test_seeds_in_separate_processes_merge_to_the_joint_run(tmp_path):
     run_study("resnet-vs-odenet", out=tmp_path / "lr", seeds=(2,), sweep_batch_sizes=(), lr=0.2, **kw)
     with pytest.raises(ValueError, match="lr"):
         merge(tmp_path / "bad", [tmp_path / "s0", tmp_path / "lr"])
+
+
+def test_merged_report_describes_the_runs_not_the_merge(tmp_path):
+    """The merged header carries the runs' thread count (not the merging process's), and the backend note names the
+    training solves' backends even when no run had a sweep (it said "solver backend None")."""
+    import fastnode
+    from fastnode.models import ImageODENet
+    from fastnode.studies.resnet_vs_odenet import merge
+
+    kw = {"quick": True, "epochs": 2, "train_size": 32, "test_size": 16, "timing_rounds": 1, "sweep_batch_sizes": ()}
+    for seed in (0, 1):
+        run_study("resnet-vs-odenet", out=tmp_path / f"s{seed}", seeds=(seed,), threads=1, **kw)
+    # The backend a default ODENet's solves pick here, found independently of the study's record.
+    with torch.no_grad():
+        ImageODENet(1, 10, width=16, rtol=1e-2, atol=1e-2)(torch.randn(2, 1, 16, 16))
+    expected = fastnode.last_stats().backend
+    assert expected
+    run0 = json.loads((tmp_path / "s0" / "resnet-vs-odenet.json").read_text())
+    assert run0["environment"]["threads"] == 1
+    partial = json.loads((tmp_path / "s0" / "partial.json").read_text())  # the last epoch written as it finished
+    for name, e in run0["models"].items():  # both models, epoch by epoch in turn
+        assert partial["in_progress"][name]["epochs"] == e["runs"][0]["epochs"]
+    for ep in run0["models"]["ODENet (adjoint)"]["runs"][0]["epochs"]:
+        assert ep["backend"] == {"forward": expected, "backward": expected}
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # the merging process runs on another thread count than the runs did
+    try:
+        merged = merge(tmp_path / "merged", [tmp_path / "s0", tmp_path / "s1"])
+    finally:
+        torch.set_num_threads(before)
+    assert merged["environment"]["threads"] == 1 and merged["merge_environment"]["threads"] == 3
+    md = (tmp_path / "merged" / "resnet-vs-odenet.md").read_text()
+    assert "(1 threads)" in md and "(3 threads)" not in md
+    assert f"training solves forward {expected}, adjoint backward {expected}" in md
+    assert "no throughput sweep in this run" in md and "backend None" not in md
+    data = json.loads((tmp_path / "merged" / "resnet-vs-odenet.json").read_text())
+    assert data["environment"]["threads"] == 1
+    assert data["training_backends"] == {"forward": [expected], "backward": [expected]}
+    # Runs written before the per-epoch record: the note says so instead of naming a backend.
+    old = tmp_path / "old"
+    old.mkdir()
+    for ep in run0["models"]["ODENet (adjoint)"]["runs"][0]["epochs"]:
+        del ep["backend"]
+    (old / "resnet-vs-odenet.json").write_text(json.dumps(run0))
+    merge(tmp_path / "merged-old", [old])
+    assert "training solves' backend was not recorded" in (tmp_path / "merged-old" / "resnet-vs-odenet.md").read_text()
+
+
+def test_merge_takes_a_stopped_run_cut_to_the_common_epochs(tmp_path):
+    """A seed stopped mid-run leaves partial.json (written after every epoch, the models in turn); the merge takes
+    the epochs both of its models finished and cuts every run to the epochs all runs have."""
+    from fastnode.studies.resnet_vs_odenet import merge
+
+    kw = {"quick": True, "epochs": 2, "train_size": 32, "test_size": 16, "timing_rounds": 1, "sweep_batch_sizes": ()}
+    full = {s: run_study("resnet-vs-odenet", out=tmp_path / f"s{s}", seeds=(s,), **kw) for s in (0, 1)}
+    part = json.loads((tmp_path / "s1" / "partial.json").read_text())
+    assert [len(r["epochs"]) for r in part["in_progress"].values()] == [2, 2]
+    # Seed 1 as it stood when stopped during the ODENet's epoch 2: the ResNet's epoch 2 saved, the ODENet's not.
+    part["in_progress"]["ODENet (adjoint)"]["epochs"] = part["in_progress"]["ODENet (adjoint)"]["epochs"][:1]
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "partial.json").write_text(json.dumps(part))
+    merged = merge(tmp_path / "merged", [tmp_path / "s0", stopped])
+    assert merged["config"]["epochs"] == 1 and merged["epochs_planned"] == 2 and merged["config"]["seeds"] == [0, 1]
+    assert merged["n_train"] == full[0]["n_train"] and merged["n_test"] == full[0]["n_test"]
+    for name, e in merged["models"].items():
+        assert e["parameters"] == full[0]["models"][name]["parameters"]
+        assert [len(r["epochs"]) for r in e["runs"]] == [1, 1]
+        first = [full[s]["models"][name]["runs"][0]["epochs"][0]["test_accuracy"] for s in (0, 1)]
+        assert [r["epochs"][0]["test_accuracy"] for r in e["runs"]] == first
+        assert e["seeds"]["test_accuracy"]["mean"] == pytest.approx(np.mean(first))
+    md = (tmp_path / "merged" / "resnet-vs-odenet.md").read_text()
+    # The per-epoch table over seeds: the mean of the seeds' epoch-1 accuracies, to the report's 4 digits.
+    row = next(line for line in md.splitlines() if line.startswith("| ODENet (adjoint) | 1 | 2 |"))
+    first = [full[s]["models"]["ODENet (adjoint)"]["runs"][0]["epochs"][0]["test_accuracy"] for s in (0, 1)]
+    assert row.split("|")[4].strip().startswith(f"{np.mean(first):.4g}")
+    assert "Stopped early: 2 epochs were planned" in md
+    # The sweep of a run trained otherwise (fewer images, one epoch), named in the report.
+    short = run_study("resnet-vs-odenet", out=tmp_path / "short", seeds=(0,),
+                      **{**kw, "epochs": 1, "train_size": 16, "sweep_batch_sizes": (4, 8)})
+    with_sweep = merge(tmp_path / "with-sweep", [tmp_path / "s0", tmp_path / "s1"], sweep_from=tmp_path / "short")
+    assert with_sweep["sweep"] == json.loads(json.dumps(short["sweep"]))
+    assert with_sweep["sweep_source"]["n_train"] == 16 and with_sweep["config"]["sweep_batch_sizes"] == [4, 8]
+    md = (tmp_path / "with-sweep" / "resnet-vs-odenet.md").read_text()
+    assert "The throughput sweep comes from another run" in md and "for 1 epoch(s) of 16 images" in md
+    assert "no throughput sweep in this run" not in md and f"throughput sweep {short['backend']}" in md
+    with pytest.raises(ValueError, match="has no throughput sweep"):
+        merge(tmp_path / "bad", [tmp_path / "s0"], sweep_from=tmp_path / "s1")
+    part["in_progress"]["ODENet (adjoint)"]["epochs"] = []
+    (stopped / "partial.json").write_text(json.dumps(part))
+    with pytest.raises(ValueError, match="no epoch finished by both models"):
+        merge(tmp_path / "bad", [stopped])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither"):
+        merge(tmp_path / "bad", [tmp_path / "empty"])
 
 
 def test_mnist_run_reports_the_sources_figures(tmp_path):

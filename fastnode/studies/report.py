@@ -83,7 +83,7 @@ def _cpu_name() -> str:
 
 
 def write_results(out_dir, name: str, results: dict, tables: list[tuple[str, list[str], list[list]]],
-                  notes: list[str] | None = None) -> dict[str, Path]:
+                  notes: list[str] | None = None, env: dict | None = None) -> dict[str, Path]:
     """Write ``<out_dir>/<name>.json`` (``results`` plus the environment) and ``<out_dir>/<name>.md``.
 
     Args:
@@ -92,6 +92,9 @@ def write_results(out_dir, name: str, results: dict, tables: list[tuple[str, lis
         results: JSON-serialisable dict.
         tables: ``(title, headers, rows)`` per Markdown table.
         notes: paragraphs printed under the tables (what was measured, how).
+        env: the environment the results were measured in (``environment()``'s keys); ``None``: this process's.
+            A report assembled from other processes' results (a merge) passes theirs, so that the header's
+            device and thread count describe the runs, not the process that wrote the file.
 
     Returns:
         ``{"json": path, "md": path}``.
@@ -105,7 +108,8 @@ def write_results(out_dir, name: str, results: dict, tables: list[tuple[str, lis
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"study": name, "environment": environment(), **results}
+    payload = {"study": name, "environment": env if env is not None else environment(),
+               **{k: v for k, v in results.items() if k != "environment"}}
     jpath = out / f"{name}.json"
     jpath.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
     parts = [f"# {name}\n"]

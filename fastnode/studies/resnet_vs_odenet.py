@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..models import ImageODENet, ImageResNet, count_parameters
 from .common import DistInfo, SavedTensorMeter, check_feature_map, evaluate, spread, time_call, train_epoch
 from .data import load_images
-from .report import new_figure, save_figure, write_results
+from .report import _json_default, environment, new_figure, save_figure, write_results
 
 NAME = "resnet-vs-odenet"
 MODEL_NAMES = ("ResNet-6", "ODENet (adjoint)")
@@ -83,27 +83,56 @@ def _builders(cfg: dict, data: dict) -> dict:
     }
 
 
-def _train_one(name: str, build, seed: int, cfg: dict, data: dict, info: DistInfo):
-    torch.manual_seed(seed)
-    model = build().to(info.device)
-    net = DDP(model) if info.world > 1 else model
-    opt = torch.optim.SGD(net.parameters(), lr=cfg["lr"], momentum=0.9)
-    epochs = []
+def _training_backends(model) -> dict | None:
+    """The step backends of the ODE block's latest training solves (forward and, with the adjoint, backward)."""
+    st = getattr(getattr(model, "block", None), "_stats", None)
+    if st is None:
+        return None
+    back = st.backward.backend if st.backward is not None else None
+    return {"forward": st.backend or None, "backward": back or None}
+
+
+def _train_seed(builders: dict, seed: int, cfg: dict, data: dict, info: DistInfo, on_epoch=None):
+    """Train every model of ``builders`` from ``seed``, epoch by epoch in turn (model A's epoch 1, model B's
+    epoch 1, model A's epoch 2, ...), so that a long run stopped early has the same number of epochs of each.
+
+    Each model is built right after ``torch.manual_seed(seed)`` and its batch order comes from its own generator
+    (``batches``), so the order of the turns changes nothing in the results.
+
+    Returns:
+        ``({name: trained model}, {name: {"seed": seed, "epochs": [...]}})``.
+    """
+    models, opts, runs = {}, {}, {}
+    for name, build in builders.items():
+        torch.manual_seed(seed)
+        models[name] = build().to(info.device)
+        net = DDP(models[name]) if info.world > 1 else models[name]
+        opts[name] = (net, torch.optim.SGD(net.parameters(), lr=cfg["lr"], momentum=0.9))
+        runs[name] = {"seed": seed, "epochs": []}
     for ep in range(cfg["epochs"]):
-        r = train_epoch(net, data["x_train"], data["y_train"], opt, F.cross_entropy, batch_size=cfg["batch_size"],
-                        epoch=ep, seed=seed, info=info, show_progress=cfg["progress"] and info.is_main,
-                        desc=f"{name} seed {seed} epoch {ep + 1}")
-        ev = evaluate(model, data["x_test"], data["y_test"], batch_size=256) if info.is_main else {}
-        nf, nb = r["nfe_forward"], r["nfe_backward"]
-        epochs.append({"epoch": ep + 1, "train_loss": r["loss"], "test_accuracy": ev.get("accuracy"),
-                       "test_nfe_forward": ev.get("nfe"), "nfe_forward": nf, "nfe_backward": nb,
-                       "nfe_ratio": nb / nf if nf and nb else None, "epoch_time_s": sum(r["batch_times"]),
-                       "epoch_cpu_s": sum(r["batch_cpu_times"]), "nfe_forward_batches": r["nfe_forward_batches"],
-                       "nfe_backward_batches": r["nfe_backward_batches"], "batch_losses": r["batch_losses"]})
-        if info.is_main:
-            print(f"[{NAME}] {name} seed {seed} epoch {ep + 1}: loss {r['loss']:.4f} test acc {ev['accuracy']:.4f} "
-                  f"NFE-F {nf} NFE-B {nb} ({sum(r['batch_cpu_times']):.0f} CPU s)", flush=True)
-    return model, {"seed": seed, "epochs": epochs}
+        for name, model in models.items():
+            runs[name]["epochs"].append(_epoch(name, model, *opts[name], ep, seed, cfg, data, info))
+            if on_epoch is not None and info.is_main:
+                on_epoch(runs)
+    return models, runs
+
+
+def _epoch(name: str, model, net, opt, ep: int, seed: int, cfg: dict, data: dict, info: DistInfo) -> dict:
+    r = train_epoch(net, data["x_train"], data["y_train"], opt, F.cross_entropy, batch_size=cfg["batch_size"],
+                    epoch=ep, seed=seed, info=info, show_progress=cfg["progress"] and info.is_main,
+                    desc=f"{name} seed {seed} epoch {ep + 1}")
+    backends = _training_backends(model)  # before evaluate() replaces the block's statistics
+    ev = evaluate(model, data["x_test"], data["y_test"], batch_size=256) if info.is_main else {}
+    nf, nb = r["nfe_forward"], r["nfe_backward"]
+    if info.is_main:
+        print(f"[{NAME}] {name} seed {seed} epoch {ep + 1}: loss {r['loss']:.4f} test acc {ev['accuracy']:.4f} "
+              f"NFE-F {nf} NFE-B {nb} ({sum(r['batch_cpu_times']):.0f} CPU s)", flush=True)
+    return {"epoch": ep + 1, "train_loss": r["loss"], "test_accuracy": ev.get("accuracy"),
+            "test_nfe_forward": ev.get("nfe"), "nfe_forward": nf, "nfe_backward": nb,
+            "nfe_ratio": nb / nf if nf and nb else None, "epoch_time_s": sum(r["batch_times"]),
+            "epoch_cpu_s": sum(r["batch_cpu_times"]), "nfe_forward_batches": r["nfe_forward_batches"],
+            "nfe_backward_batches": r["nfe_backward_batches"], "batch_losses": r["batch_losses"],
+            "backend": backends}
 
 
 def _seed_summary(runs: list[dict]) -> dict:
@@ -222,9 +251,9 @@ def _run(cfg: dict, info: DistInfo) -> dict:
     builders = _builders(cfg, data)
     runs = {n: [] for n in builders}
     for i, seed in enumerate(cfg["seeds"]):
-        trained = {}
-        for name, build in builders.items():
-            trained[name], r = _train_one(name, build, seed, cfg, data, info)
+        trained, seed_runs = _train_seed(builders, seed, cfg, data, info,
+                                         on_epoch=functools.partial(_save_partial, cfg, results))
+        for name, r in seed_runs.items():
             runs[name].append(r)
         for name, model in trained.items():
             entry = results["models"].setdefault(name, {"parameters": count_parameters(model)})
@@ -240,6 +269,24 @@ def _run(cfg: dict, info: DistInfo) -> dict:
             results["seeds_done"] = i + 1
             _write(cfg, results)
     return results
+
+
+def _save_partial(cfg: dict, results: dict, runs: dict) -> None:
+    """After every epoch: ``partial.json`` holds the finished seeds' results plus the seed in progress.
+
+    The report is written only after a seed's models are both trained; this file keeps a long run's finished
+    epochs (a run stopped early loses at most the epoch in progress). ``in_progress``: ``{model: run}``.
+    """
+    import json
+
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"commit": results["commit"], "config": results["config"], "seeds_done": results.get("seeds_done", 0),
+               "world_size": results["world_size"], "environment": environment(), "models": results["models"],
+               "in_progress": runs}
+    tmp = out / "partial.json.tmp"
+    tmp.write_text(json.dumps(payload, default=_json_default))
+    tmp.replace(out / "partial.json")
 
 
 def _ratio(sweep: list[dict], bs: int, key: str) -> float | None:
@@ -293,16 +340,34 @@ def _tables(results: dict) -> list:
           "saved MB", "NFE-F", "NFE-B"], sweep_rows),
         ("ODENet time per sample / ResNet time per sample (ratio of median throughputs)",
          ["batch", "train, CPU time", "train, wall", "inference, CPU time", "inference, wall"], ratio_rows),
+        ("Per epoch over seeds (mean ± sample std [min, max]; CPU s: thread CPU time of the epoch's training steps)",
+         ["model", "epoch", "seeds", "test accuracy", "NFE-F", "NFE-B", "CPU s"], _epoch_spread_rows(results)),
         ("Per seed and epoch (NFE-F first/last 10%: mean over the epoch's first/last tenth of batches)",
          ["model", "seed", "epoch", "train loss", "test acc", "NFE-F", "NFE-F first 10%", "NFE-F last 10%",
           "NFE-B", "NFE-B/NFE-F", "CPU s", "wall s"], epoch_rows),
     ]
 
 
+def _column(eps: list[dict], key: str) -> dict | None:
+    vals = [ep[key] for ep in eps]
+    return spread(vals) if all(v is not None for v in vals) else None
+
+
+def _epoch_spread_rows(results: dict) -> list[list]:
+    rows = []
+    for name, e in results["models"].items():
+        for i in range(min(len(r["epochs"]) for r in e["runs"])):
+            eps = [r["epochs"][i] for r in e["runs"]]
+            rows.append([name, i + 1, len(eps), _pm(_column(eps, "test_accuracy")),
+                         _pm(_column(eps, "nfe_forward"), digits=3), _pm(_column(eps, "nfe_backward"), digits=3),
+                         _pm(_column(eps, "epoch_cpu_s"), digits=3)])
+    return rows
+
+
 # The source documents' figures (DESIGN.md section 5; seeds/ in Portuguese). "paper": the ODENets course paper
 # (000_...): MNIST accuracy of its ODENet. "thesis": Chen et al.'s MNIST table as the thesis quotes it (test
-# error of ODE-Net and ResNet), and the thesis's own CPU timing (Table 4.5: UFPR-AMR meter digits at 28x28, 3
-# channels; "Batch Time Avg" 21.96 s ODENet vs 4.89 s ResNet).
+# error of ODE-Net and ResNet), and the thesis's own timing (Table 4.5: UFPR-AMR meter digits at 28x28, 3 channels;
+# "Batch Time Avg" 21.96 s ODENet vs 4.89 s ResNet; its text names neither the hardware nor the batch size).
 SOURCE_FIGURES = {"odenet_accuracy_pct": 99.17, "odenet_error_pct": 0.42, "resnet_error_pct": 0.41,
                   "train_time_ratio": 21.96 / 4.89}
 
@@ -317,7 +382,7 @@ def _source_rows(results: dict) -> list[list]:
         ["ODENet test error %", "0.42 (Chen et al., quoted by the thesis)", _pm(ode["test_error_pct"], digits=3)],
         ["ResNet test error %", "0.41 (Chen et al., quoted by the thesis)", _pm(res["test_error_pct"], digits=3)],
         ["ODENet / ResNet training time per sample",
-         "4.5x (thesis Table 4.5: 21.96 s / 4.89 s per batch, CPU, UFPR-AMR digits)",
+         "4.5x (thesis Table 4.5: 21.96 s / 4.89 s per batch, UFPR-AMR digits, hardware not stated)",
          (ratios + " (thread CPU time)") if ratios else "n/a (no sweep)"],
     ]
 
@@ -334,13 +399,13 @@ def _source_notes(results: dict) -> list[str]:
         (f"Why the figures differ from the sources'. Training budget: Chen et al.'s odenet_mnist.py trains 160 "
          f"epochs of all 60,000 images, batch 128, SGD lr 0.1 decayed tenfold at epochs 60, 100 and 140, with "
          f"random-crop augmentation (padding 4); this run trained {c['epochs']} epoch(s) of {results['n_train']} "
-         f"images at a fixed lr {c['lr']} without augmentation (a 2-core machine shared by several jobs, the run "
-         "at nice 19), so its error is that of an early point on the sources' learning curves, not of a converged "
-         "model. The test set is the official 10,000-image one in both."),
-        ("Timing: the thesis's 4.5x is a mean wall-clock batch time on its own CPU, on 3-channel UFPR-AMR digits "
-         "(28x28), batch size not stated; here it is the median thread CPU time per sample of a training step on "
-         "MNIST (1 channel), per batch size (the sweep), on one thread. The ratio depends on the batch size and on "
-         "the ODENet's NFE, which grows as training goes on (the sources' NFE-F grows over 160 epochs)."),
+         f"images at a fixed lr {c['lr']} without augmentation (a 2-core machine shared by several jobs), "
+         "so its error is that of an early point on the sources' learning curves, not of a converged model. "
+         "The test set is the official 10,000-image one in both."),
+        ("Timing: the thesis's 4.5x is a 'Batch Time Avg' (wall clock) on 3-channel UFPR-AMR digits (28x28), on "
+         "hardware and at a batch size its text does not state; here it is the median thread CPU time per sample "
+         "of a training step on MNIST (1 channel), per batch size (the sweep), on one thread. The ratio depends on "
+         "the batch size and on the ODENet's NFE, which the thesis saw grow over its training epochs (Fig. 4.4)."),
     ]
 
 
@@ -352,7 +417,7 @@ def _notes(results: dict) -> list[str]:
          f"{c['epochs']} epoch(s), batch {c['batch_size']}, SGD lr {c['lr']} momentum 0.9, width {c['width']}, "
          f"seeds {list(c['seeds'])} (initialisation and batch order; the data split is fixed by seed {c['seed']}). "
          f"ODENet: dopri5 rtol = atol = {c['rtol']}, gradients by the adjoint. {results['world_size']} process(es); "
-         f"commit {results['commit']}, solver backend {results['backend']}."),
+         f"commit {results['commit']}. {_backend_text(results)}"),
         ("Training step = zero_grad + forward + cross-entropy + backward + SGD step; inference = forward under "
          f"no_grad. Each cell: {c['timing_rounds']} rounds after one warm-up round, the two models interleaved "
          f"within every round, torch.set_num_threads({c['threads']}); CPU time is time.thread_time of the calling "
@@ -364,10 +429,57 @@ def _notes(results: dict) -> list[str]:
     ]
 
 
+def training_backends(results: dict) -> dict:
+    """The step backends the ODENet's training solves used, over every epoch of every seed.
+
+    Returns:
+        ``{"forward": [...], "backward": [...]}``: the distinct backends of the forward solves and of the adjoint's
+        backward solves (``"not recorded"`` for epochs of runs that predate the per-epoch record).
+    """
+    found = {"forward": [], "backward": []}
+    for r in results["models"].get(MODEL_NAMES[1], {}).get("runs", []):
+        for ep in r["epochs"]:
+            b = ep.get("backend") or {}
+            for k in found:
+                v = b.get(k) or "not recorded"
+                if v not in found[k]:
+                    found[k].append(v)
+    return found
+
+
+def _backend_text(results: dict) -> str:
+    tb = training_backends(results)
+    if tb["forward"] + tb["backward"] == ["not recorded"] * 2:
+        train = ("Solver backends: the training solves' backend was not recorded (runs made before the per-epoch "
+                 "record of fastnode.last_stats().backend; the ODE block ran with backend='auto')")
+    else:
+        train = (f"Solver backends (fastnode.last_stats().backend): training solves forward "
+                 f"{', '.join(tb['forward']) or 'n/a'}, adjoint backward {', '.join(tb['backward']) or 'n/a'} "
+                 "(every epoch of every seed)")
+    sweep = (f"throughput sweep {results['backend']}" if results["sweep"] else "no throughput sweep in this run")
+    return f"{train}; {sweep}."
+
+
 def _write(cfg: dict, results: dict) -> None:
     out = cfg["out"]
+    results["training_backends"] = training_backends(results)
     notes = _notes(results) + (_source_notes(results) if results["config"]["dataset"] == "mnist" else [])
-    write_results(out, NAME, results, _tables(results), notes)
+    if results.get("sweep_source"):
+        w = results["sweep_source"]
+        notes.append(f"The throughput sweep comes from another run ({w['path']}, commit {w['commit']}): its models "
+                     f"(seed {w['seed']}) were trained there for {w['epochs']} epoch(s) of {w['n_train']} images at "
+                     f"batch {w['batch_size']}, not taken from the runs above; its NFE columns show how far their "
+                     "solves match the runs' last-epoch NFE.")
+    if results.get("epochs_planned"):
+        notes.append(f"Stopped early: {results['epochs_planned']} epochs were planned; every run is reported over "
+                     f"the {results['config']['epochs']} epoch(s) all of them finished (runs stopped mid-seed "
+                     "contribute the epochs their partial.json recorded).")
+    if results.get("merged_from"):
+        env = results["environment"]
+        notes.append(f"Merged from {len(results['merged_from'])} runs (separate processes); the header's device, "
+                     f"thread count ({env.get('threads')}) and versions are the runs' own, as recorded in their "
+                     "JSON files, not those of the process that merged them.")
+    write_results(out, NAME, results, _tables(results), notes, env=results.get("environment"))
     _write_csv(Path(out) / f"{NAME}.csv", results)
     _plot(results, f"{out}/{NAME}.png")
 
@@ -421,10 +533,89 @@ def _plot(results: dict, path: str) -> None:
     save_figure(fig, path)
 
 
+def _runs_environment(loaded: list[dict]) -> dict:
+    """The runs' recorded environments as one: a value the runs share as it is, differing values joined by " / "."""
+    envs = [r.get("environment") or {} for r in loaded]
+    out = {}
+    for k in dict.fromkeys(k for e in envs for k in e):
+        vals = list(dict.fromkeys(e.get(k, "unknown") for e in envs))
+        out[k] = vals[0] if len(vals) == 1 else " / ".join(str(v) for v in vals)
+    return out
+
+
+def _results_file(p: Path) -> Path:
+    if not p.is_dir():
+        return p
+    for name in (f"{NAME}.json", "partial.json"):
+        if (p / name).is_file():
+            return p / name
+    raise FileNotFoundError(f"{str(p)!r} holds neither {NAME}.json nor partial.json")
+
+
+def _load_run(path: Path, r: dict) -> dict:
+    """A run's results; a ``partial.json`` becomes a finished run of the epochs both models completed.
+
+    ``partial.json`` holds the configuration, not the data's description: that (source, counts, channels for the
+    parameter counts) is rebuilt from the configuration by loading the data set again.
+    """
+    if "in_progress" not in r:
+        return r
+    runs, c = r["in_progress"], r["config"]
+    done = min((len(v["epochs"]) for v in runs.values()), default=0)
+    if len(runs) < len(MODEL_NAMES) or done == 0:
+        raise ValueError(f"{str(path)!r}: no epoch finished by both models yet")
+    data = load_images(c["dataset"], data_dir=c.get("data_dir"), image_size=c["image_size"],
+                       train_size=c["train_size"], test_size=c["test_size"], seed=c["seed"])
+    builders = _builders(c, data)
+    out = {k: v for k, v in r.items() if k != "in_progress"}
+    out["models"] = {}
+    for name, run in runs.items():
+        before = r["models"].get(name, {}).get("runs", [])
+        out["models"][name] = {"parameters": count_parameters(builders[name]()),
+                               "runs": before + [{**run, "epochs": run["epochs"][:done]}]}
+    out.update(seeds_done=r.get("seeds_done", 0) + 1, data=data["source"], n_train=len(data["y_train"]),
+               n_test=len(data["y_test"]), partial=str(path))
+    # partial.json of commits fcfb110/611f8a5 has no environment: the merging process's (the same machine and
+    # virtual environment is the use case) with the thread count the run's configuration set.
+    out.setdefault("environment", {**environment(), "threads": c["threads"]})
+    out.setdefault("world_size", 1)
+    out.setdefault("sweep", [])
+    out.setdefault("backend", None)
+    return out
+
+
+def _take_sweep(merged: dict, path: Path) -> None:
+    import json
+
+    r = json.loads(path.read_text())
+    if not r.get("sweep"):
+        raise ValueError(f"sweep_from {str(path)!r} has no throughput sweep")
+    if merged["sweep"]:
+        raise ValueError(f"sweep_from {str(path)!r} given, but one of the runs has its own sweep")
+    c = r["config"]
+    merged["sweep"], merged["backend"] = r["sweep"], r["backend"]
+    merged["sweep_source"] = {"path": str(path), "commit": r.get("commit"), "seed": c["seeds"][0],
+                              "n_train": r["n_train"], "epochs": c["epochs"], "batch_size": c["batch_size"]}
+    merged["config"] = {**merged["config"], "sweep_batch_sizes": c["sweep_batch_sizes"],
+                        "timing_rounds": c["timing_rounds"]}
+
+
+def _common_epochs(merged: dict) -> None:
+    """Cut every run to the epochs all runs have (runs stopped early), recording the planned number."""
+    runs = [r for m in merged["models"].values() for r in m["runs"]]
+    done = min(len(r["epochs"]) for r in runs)
+    planned = merged["config"]["epochs"]
+    if done < planned:
+        for r in runs:
+            r["epochs"] = r["epochs"][:done]
+        merged["epochs_planned"] = planned
+        merged["config"] = {**merged["config"], "epochs": done}
+
+
 _MERGE_FREE = ("seeds", "sweep_batch_sizes", "timing_rounds", "progress", "quick")
 
 
-def merge(out, inputs) -> dict:
+def merge(out, inputs, sweep_from=None) -> dict:
     """Combine runs of this study that differ only in their seeds (and in which one ran the sweep) into one report.
 
     Seeds can run as separate processes (``--set seeds=1 --set sweep_batch_sizes=``); this joins their JSON
@@ -432,7 +623,12 @@ def merge(out, inputs) -> dict:
 
     Args:
         out: folder for the merged ``resnet-vs-odenet.{json,md,csv,png}``.
-        inputs: the runs' ``resnet-vs-odenet.json`` files (or their folders).
+        inputs: the runs' ``resnet-vs-odenet.json`` files, or their folders. A folder without that file (a run
+            stopped before its seed finished) contributes its ``partial.json``: the epochs both models finished.
+            When runs reached different epochs, every run is cut to the epochs all of them have, and the report
+            says so (``epochs_planned``).
+        sweep_from: a run (file or folder) whose throughput sweep the report takes, though its training differed
+            (e.g. a short run made only for the sweep); the report names it and how its models were trained.
 
     Returns:
         The merged results.
@@ -442,10 +638,10 @@ def merge(out, inputs) -> dict:
     """
     import json
 
-    paths = [Path(p) / f"{NAME}.json" if Path(p).is_dir() else Path(p) for p in inputs]
+    paths = [_results_file(Path(p)) for p in inputs]
     if not paths:
         raise ValueError("inputs must name at least one results file")
-    loaded = [json.loads(p.read_text()) for p in paths]
+    loaded = [_load_run(p, json.loads(p.read_text())) for p in paths]
     base = loaded[0]
     same = lambda c: {k: v for k, v in c.items() if k not in _MERGE_FREE}
     for p, r in zip(paths, loaded):
@@ -456,6 +652,8 @@ def merge(out, inputs) -> dict:
     merged["models"], merged["sweep"] = {}, []
     merged["commit"] = sorted({r.get("commit") or "unknown" for r in loaded})
     merged["merged_from"] = [str(p) for p in paths]
+    merged["environment"] = _runs_environment(loaded)
+    merged["merge_environment"] = environment()
     seen = []
     for r in loaded:
         seen += list(r["config"]["seeds"])[: r.get("seeds_done", len(r["config"]["seeds"]))]
@@ -468,6 +666,9 @@ def merge(out, inputs) -> dict:
             m["runs"] += e["runs"]
     if len(set(seen)) != len(seen):
         raise ValueError(f"seeds repeat across {[str(p) for p in paths]}: {seen}")
+    if sweep_from is not None:
+        _take_sweep(merged, _results_file(Path(sweep_from)))
+    _common_epochs(merged)
     for m in merged["models"].values():
         m["runs"].sort(key=lambda r: r["seed"])
         m["seeds"] = _seed_summary(m["runs"])
@@ -480,7 +681,15 @@ def merge(out, inputs) -> dict:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) < 4 or sys.argv[1] != "merge":
-        sys.exit("usage: python -m fastnode.studies.resnet_vs_odenet merge OUT RUN [RUN ...]")
-    merge(sys.argv[2], sys.argv[3:])
-    print(f"merged into {sys.argv[2]}/")
+    args = sys.argv[1:]
+    sweep = None
+    if "--sweep-from" in args:
+        i = args.index("--sweep-from")
+        if i + 1 >= len(args):
+            sys.exit("--sweep-from needs a RUN")
+        sweep = args[i + 1]
+        del args[i:i + 2]
+    if len(args) < 3 or args[0] != "merge":
+        sys.exit("usage: python -m fastnode.studies.resnet_vs_odenet merge OUT RUN [RUN ...] [--sweep-from RUN]")
+    merge(args[1], args[2:], sweep_from=sweep)
+    print(f"merged into {args[1]}/")
