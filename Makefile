@@ -13,7 +13,7 @@ BENCH_OUT ?= bench/out
 # The compiled extension is rebuilt when its sources change (the editable install does not watch them).
 EXT_SRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: test bench venv deps deps-bench cuda-check clean
+.PHONY: test bench venv deps deps-bench cuda-check gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,17 +34,34 @@ $(VENV)/.deps-bench: $(VENV)/.deps-test
 deps: $(VENV)/.deps-test
 deps-bench: $(VENV)/.deps-bench
 
+# The run also records every distinct Triton launch the tests make (with the launch geometry a GPU would get) in
+# build/launches.jsonl; `make cuda-check` compiles each of them for sm_90 (tests/backends/replay_sm90.py).
+LAUNCHES := build/launches.jsonl
+
 test: deps
-	$(PY) -m pytest -q tests
+	mkdir -p build && rm -f $(LAUNCHES)
+	FASTNODE_RECORD_LAUNCHES=$(LAUNCHES) $(PY) -m pytest -q tests
 
 bench: deps-bench
 	mkdir -p $(BENCH_OUT)
 	$(PY) -m pytest -q bench --benchmark-json=$(BENCH_OUT)/bench.json -p no:cacheprovider
 	$(PY) bench/report.py $(BENCH_OUT)/bench.json --out $(BENCH_OUT)/table.md
 
-# Compile-only check of the CUDA sources with nvcc (no GPU needed; nothing is linked or run).
+# Compile-only check of the CUDA sources with nvcc (no GPU needed; nothing is linked or run), then every Triton launch
+# `make test` recorded, compiled for sm_90 through the runtime's own specialisation (the installed triton).
 cuda-check: $(PY)
 	./csrc/cuda_compile_check.sh $(PY)
+	@if [ -s $(LAUNCHES) ]; then TRITON_INTERPRET=0 $(PY) -m tests.backends.replay_sm90 $(LAUNCHES); \
+	else echo "cuda-check: no $(LAUNCHES) (make test records it): the sm_90 replay of the Triton launches is skipped"; fi
+
+# On a machine with a CUDA GPU (python3 holding a CUDA torch; no network needed): builds the package with its CUDA
+# extension in build/gpu-venv, runs every CUDA test twin and the GPU benchmarks, each stage under a time limit, and
+# writes bench/results/<device>/ (or GPU_OUT). Without a GPU it says so and exits 0. See bench/gpu_check.py.
+GPU_PYTHON ?= python3
+GPU_OUT ?=
+GPU_BUDGET ?= 460
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py --budget $(GPU_BUDGET) $(if $(GPU_OUT),--out $(GPU_OUT))
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -9,12 +9,15 @@ written once) give a bandwidth, compared with ``Tensor.copy_`` moving the same b
 bookkeeping ops (``step_begin``, ``step_end``, ``adjoint_weights``) touch ``[G]`` tensors only: their time is the
 figure that matters (launch or call overhead).
 
-Timing: on CUDA, CUDA events around each call (median after warm-up); on CPU, ``time.perf_counter`` (median).
+Timing: on CUDA, ``reps`` back-to-back calls between one pair of CUDA events (no sync per call), the per-call time
+of the median group; on CPU, ``time.perf_counter`` around each call (median). On a GPU only rows moving >= 1 GiB
+report a bandwidth (HBM; the smaller sizes fit in L2), against a device-to-device copy of the same bytes.
 
 Run from the repository root::
 
     python bench/bench_ops.py --out bench/results/<device>/ops.md          # every backend that can run here
     python bench/bench_ops.py --small --reps 5                              # a quick look
+    python bench/bench_ops.py --budget 40 --out ...                         # stop after 40 s (make gpu-check)
 
 Under ``pytest bench`` (``make bench``) its test runs every case once at a small size on each backend that can run
 here and checks the outputs are finite.
@@ -31,26 +34,36 @@ from pathlib import Path
 
 import torch
 
-# [S, B, N]: large, then smaller ones (and a tall-thin per-sample state). S is dopri5's stage count.
-SIZES = [(7, 4096, 4096), (7, 1024, 1024), (7, 256, 256), (7, 16384, 64)]
+# [S, B, N]: S is dopri5's stage count. The first size moves >= 1 GB per op (0.5 GB per [B, N] float32 state), far
+# above the H100/H200's 50-60 MB L2: only rows moving >= HBM_BYTES report a bandwidth (HBM); the smaller sizes report
+# times (L2-resident, launch-bound: a tall-thin per-sample state).
+SIZES = [(7, 16384, 8192), (7, 1024, 1024), (7, 16384, 64)]
 SMALL = [(7, 256, 256), (7, 16384, 64)]
+HBM_BYTES = 1 << 30
+TARGET = 0.85  # each op's bandwidth against a copy of the same bytes
 DTYPES = [torch.float32, torch.float64]
 
 
-def _median_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
-    """Median time of ``fn()`` in ms: CUDA events on a GPU, ``perf_counter`` on CPU."""
+def _median_ms(fn, device: torch.device, warmup: int, reps: int, groups: int = 5) -> float:
+    """Median time of one ``fn()`` in ms.
+
+    On CUDA: ``reps`` back-to-back calls between one pair of CUDA events, no sync between them (a sync per call
+    would time an idle GPU plus the host's dispatch), per-call time of each of ``groups`` such groups, median. On
+    CPU: ``time.perf_counter`` around each call, median.
+    """
     for _ in range(warmup):
         fn()
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        for _ in range(reps):
+        for _ in range(groups):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(reps):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / reps)
     else:
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -59,12 +72,19 @@ def _median_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
+_COPY_MS: dict = {}
+
+
 def _copy_ms(nbytes: int, device: torch.device, warmup: int, reps: int) -> float:
-    """Median time of copying ``nbytes / 2`` bytes on ``device`` (``nbytes`` moved in total)."""
-    n = max(1, nbytes // 2 // 4)
-    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    return _median_ms(lambda: dst.copy_(src), device, warmup, reps)
+    """Median time of a device-to-device copy of ``nbytes / 2`` bytes (``nbytes`` moved in total), timed as the ops."""
+    key = (nbytes, device, reps)
+    if key not in _COPY_MS:
+        n = max(1, nbytes // 2 // 4)
+        src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+        dst = torch.empty_like(src)
+        _COPY_MS[key] = _median_ms(lambda: dst.copy_(src), device, warmup, reps)
+        del src, dst
+    return _COPY_MS[key]
 
 
 def _ctrl(cfg) -> list[float]:
@@ -169,15 +189,15 @@ def backends_here() -> list[tuple[str, torch.device]]:
     from fastnode.backends import ext_ops
 
     out = []
-    if ext_ops.available():
-        out.append(("ext", torch.device("cpu")))
-        if torch.cuda.is_available() and ext_ops._has_kernel("rk_combine", "CUDA"):
-            out.append(("ext", torch.device("cuda")))
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # first: a run cut short by its time budget has the GPU rows
         from fastnode import kernels
 
         if kernels.unavailable_reason(torch.device("cuda")) is None and not kernels.INTERPRETED:
             out.append(("triton", torch.device("cuda")))
+    if ext_ops.available():
+        if torch.cuda.is_available() and ext_ops._has_kernel("rk_combine", "CUDA"):
+            out.append(("ext", torch.device("cuda")))
+        out.append(("ext", torch.device("cpu")))
     return out
 
 
@@ -192,9 +212,12 @@ def cases(backend: str, S: int, G: int, N: int, dtype: torch.dtype, device: torc
 
 
 def measure(sizes=SIZES, dtypes=DTYPES, pairs=None, warmup: int = 5, reps: int = 30, layouts=("per-sample", "shared"),
-            ops=None) -> list[dict]:
-    """One record per (backend, device, op case, size, dtype, layout): time, and bandwidth against a copy."""
+            ops=None, budget_s: float | None = None) -> list[dict]:
+    """One record per (backend, device, op case, size, dtype, layout): time, and bandwidth against a copy.
+
+    ``budget_s``: stop starting new cases after this many seconds (the rows so far are returned)."""
     rows = []
+    t0 = time.monotonic()
     for backend, dev in pairs if pairs is not None else backends_here():
         for S, B, N in sizes:
             for dtype in dtypes:
@@ -205,26 +228,42 @@ def measure(sizes=SIZES, dtypes=DTYPES, pairs=None, warmup: int = 5, reps: int =
                     for name, fn, nbytes in cases(backend, S, G, NN, dtype, dev):
                         if ops is not None and name.split()[0] not in ops:
                             continue
-                        t = _median_ms(fn, dev, warmup, reps)
-                        row = {"backend": backend, "device": dev.type, "op": name, "S": S, "B": B, "N": N,
-                               "layout": layout, "dtype": str(dtype).removeprefix("torch."), "ms": t, "bytes": nbytes}
-                        if nbytes:
-                            c = _copy_ms(nbytes, dev, warmup, reps)
-                            row.update({"GB/s": nbytes / t / 1e6, "copy GB/s": nbytes / c / 1e6, "of copy": c / t})
-                        rows.append(row)
+                        if budget_s is not None and time.monotonic() - t0 > budget_s:
+                            print(f"bench_ops.py: time budget of {budget_s:.0f} s spent, {len(rows)} rows",
+                                  file=sys.stderr)
+                            return rows
+                        rows.append(_record(backend, dev, name, fn, nbytes, (S, B, N), layout, dtype, warmup, reps))
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
     return rows
+
+
+def _record(backend, dev, name, fn, nbytes, size, layout, dtype, warmup, reps) -> dict:
+    S, B, N = size
+    t = _median_ms(fn, dev, warmup, reps)
+    row = {"backend": backend, "device": dev.type, "op": name, "S": S, "B": B, "N": N, "layout": layout,
+           "dtype": str(dtype).removeprefix("torch."), "ms": t, "bytes": nbytes,
+           "hbm": dev.type == "cuda" and nbytes >= HBM_BYTES}
+    if nbytes:
+        c = _copy_ms(nbytes, dev, warmup, reps)
+        row.update({"GB/s": nbytes / t / 1e6, "copy GB/s": nbytes / c / 1e6, "of copy": c / t})
+    print(row, file=sys.stderr, flush=True)
+    return row
 
 
 def to_markdown(rows: list[dict], title: str) -> str:
     head = ["backend", "device", "op", "[S, B, N]", "layout", "dtype", "time (ms)", "GB/s", "copy GB/s", "of copy"]
     lines = [f"# Op time and bandwidth: {title}", "",
              "Bytes moved: each input read once, each output written once; copy: `Tensor.copy_` of half those bytes "
-             "on the same device. Bookkeeping ops ([G] tensors only): time only.",
+             "on the same device, timed the same way. On CUDA: back-to-back calls between one pair of CUDA events "
+             f"(no sync per call), median of 5 groups. On a GPU a bandwidth is given only for rows moving >= "
+             f"{HBM_BYTES / 2**30:.0f} GiB (HBM, far above L2; target >= {100 * TARGET:.0f}% of the copy); smaller "
+             "rows and the bookkeeping ops ([G] tensors only): time only.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        bw = (f"{r['GB/s']:.1f} | {r['copy GB/s']:.1f} | {100 * r['of copy']:.0f}%" if r["bytes"] else "- | - | -")
+        show = r["bytes"] and (r["device"] == "cpu" or r.get("hbm"))
+        mark = "" if r["device"] == "cpu" or r["of copy"] >= TARGET else " (below target)" if show else ""
+        bw = (f"{r['GB/s']:.1f} | {r['copy GB/s']:.1f} | {100 * r['of copy']:.0f}%{mark}" if show else "- | - | -")
         lines.append(f"| {r['backend']} | {r['device']} | {r['op']} | [{r['S']}, {r['B']}, {r['N']}] | {r['layout']} | "
                      f"{r['dtype']} | {r['ms']:.4f} | {bw} |")
     return "\n".join(lines) + "\n"
@@ -256,13 +295,18 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=30, help="timed repetitions per case (median)")
     ap.add_argument("--dtype", choices=["float32", "float64"], help="only this state dtype")
     ap.add_argument("--backend", choices=["ext", "triton"], help="only this backend")
+    ap.add_argument("--device", choices=["cpu", "cuda"], help="only backends on this device")
+    ap.add_argument("--budget", type=float, help="seconds: start no new case after this (the table holds the rest)")
     args = ap.parse_args(argv)
-    pairs = [p for p in backends_here() if args.backend in (None, p[0])]
+    if args.reps < 1 or (args.budget is not None and args.budget <= 0):
+        ap.error("--reps must be >= 1 and --budget > 0")
+    pairs = [p for p in backends_here() if args.backend in (None, p[0]) and args.device in (None, p[1].type)]
     if not pairs:
         print("bench_ops.py: no backend runs here (no C++ extension, no CUDA device).")
         return 0
     dtypes = [getattr(torch, args.dtype)] if args.dtype else DTYPES
-    rows = measure(sizes=SMALL if args.small else SIZES, dtypes=dtypes, pairs=pairs, reps=args.reps)
+    rows = measure(sizes=SMALL if args.small else SIZES, dtypes=dtypes, pairs=pairs, reps=args.reps,
+                   budget_s=args.budget)
     where = ", ".join(f"{b} on {torch.cuda.get_device_name() if d.type == 'cuda' else 'CPU'}" for b, d in pairs)
     md = to_markdown(rows, f"{where} ({torch.get_num_threads()} CPU threads)")
     print(md)

@@ -118,7 +118,7 @@ def _backward_config(plan: _Plan, out: torch.Tensor, grad_out: torch.Tensor, tau
     G, N = out.shape[1], out.shape[2]
     tau_b = (-tau_fwd).flip(-1).contiguous()
     tau_b = tau_b.to(cfg.time_dtype)
-    ops = get_backend(cfg.backend, spec.device)
+    ops = get_backend(cfg.backend, spec.device, role="adjoint")
     aug_spec = StateSpec(False, [(G, 2 * N)], spec.per_sample, G, [2 * N], spec.dtype, spec.device)
     Y = out.flip(0)
     Gc = grad_out.flip(0)

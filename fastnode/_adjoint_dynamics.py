@@ -38,6 +38,24 @@ class _Eval:
         self.tainted = False  # some sample produced non-finite values in this evaluation's step
 
 
+_LAYOUTS: dict = {}
+
+
+def _layout_constants(sizes: tuple, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(seg [P] int64: each parameter element's tensor index, count [n] element counts (at least 1))`` on
+    ``device``, built on the host and cached per (sizes, dtype, device): on a GPU a backward then makes no blocking
+    host-to-device copy for them (``repeat_interleave`` with device repeats would also sync to size its output)."""
+    key = (sizes, dtype, device)
+    hit = _LAYOUTS.get(key)
+    if hit is None:
+        if len(_LAYOUTS) >= 16:
+            _LAYOUTS.clear()
+        seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        count = torch.tensor(sizes, dtype=dtype).clamp_min(1)
+        hit = _LAYOUTS[key] = (seg.to(device), count.to(device))
+    return hit
+
+
 class ParamLayout:
     """The parameters as one flat vector ``[P]`` (one dtype), so the quadrature costs a few ops per step
     whatever the number of parameter tensors."""
@@ -50,9 +68,7 @@ class ParamLayout:
             self.dtype = torch.promote_types(self.dtype, p.dtype)
         dev = params[0].device if params else None
         self.P = sum(self.sizes)
-        self.seg = torch.repeat_interleave(torch.arange(len(params), device=dev),
-                                           torch.tensor(self.sizes, device=dev)) if params else None
-        self.count = torch.tensor(self.sizes, dtype=self.dtype, device=dev).clamp_min(1) if params else None
+        self.seg, self.count = _layout_constants(tuple(self.sizes), self.dtype, dev) if params else (None, None)
 
     def flat(self, grads) -> torch.Tensor:
         parts = [torch.zeros(n, dtype=self.dtype, device=p.device) if g is None else g.reshape(-1).to(self.dtype)

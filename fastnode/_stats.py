@@ -50,7 +50,7 @@ class SolveStats:
     status: torch.Tensor | None = None
     t_reached: torch.Tensor | None = None
     messages: list = field(default_factory=list)
-    backend: str = ""  # the StepOps backend that ran the solve ("torch", "ext", "triton")
+    backend: str = ""  # the StepOps backend that ran the solve ("torch", "ext", "triton", "ext+triton")
     h_final: torch.Tensor | None = None  # [G] the step size the controller proposed last (integration time)
     # Compiled steps (options['compile'], fastnode._compiled): whether steps ran compiled, the seconds spent
     # compiling in this call (0.0 when the cached program was reused), why a requested compiled solve ran eager

@@ -13,6 +13,59 @@
 namespace fastnode {
 namespace {
 
+// One element of pass 1: writes y_new[i], adds the squared scaled error to its segments' sums, and returns whether
+// y_new + k_last is finite.
+template <typename T>
+__device__ __forceinline__ bool finish_element(const T* __restrict__ y, T hr, const Stages<T>& sb, const Stages<T>& se,
+                                               const T* __restrict__ klast, const T* __restrict__ rt,
+                                               int64_t r_stride, T rtol, const T* __restrict__ at, int64_t a_stride,
+                                               T atol, const Segments& seg, int64_t r, int64_t c, int64_t N,
+                                               T* __restrict__ y_new, double* local) {
+  const int64_t i = r * N + c;
+  const T yv = y[i];
+  const T ynv = sb.n == 0 ? yv : yv + hr * lincomb(sb, i);
+  y_new[i] = ynv;
+  const T rtv = rt ? rt[r * r_stride + c] : rtol;
+  const T atv = at ? at[r * a_stride + c] : atol;
+  const T scale = fmax(fabs(yv), fabs(ynv)) * rtv + atv;
+  const T x = (lincomb(se, i) * hr) / scale;
+  for (int s = 0; s < seg.n; ++s)
+    if (seg.lo[s] <= c && c < seg.hi[s]) local[s] += static_cast<double>(x) * static_cast<double>(x);
+  return isfinite(ynv + klast[i]);
+}
+
+// Pass 1 for narrow rows (N <= kWarpRowMax: per-sample states): one warp per row, the lanes across its columns, the
+// sums reduced by shuffles in a fixed order (one column block: nb = 1). The block-per-row kernel below would leave
+// most of its 256 threads idle on such rows.
+constexpr int64_t kWarpRowMax = 256;
+
+template <typename T>
+__global__ void finish_pass1_warp_kernel(const T* __restrict__ y, const T* __restrict__ h, Stages<T> sb,
+                                         Stages<T> se, const T* __restrict__ klast, const T* __restrict__ rt,
+                                         int64_t r_stride, T rtol, const T* __restrict__ at, int64_t a_stride,
+                                         T atol, Segments seg, int64_t G, int64_t N, T* __restrict__ y_new,
+                                         double* __restrict__ part, int* __restrict__ bad) {
+  const int lane = threadIdx.x & 31;
+  const int64_t per_block = blockDim.x / 32;
+  // r is the same for the 32 lanes of a warp, so every shuffle below runs with the whole warp.
+  for (int64_t r = blockIdx.x * per_block + threadIdx.x / 32; r < G; r += static_cast<int64_t>(gridDim.x) * per_block) {
+    double local[kMaxSegments];
+    for (int s = 0; s < seg.n; ++s) local[s] = 0.0;
+    bool fin = true;
+    const T hr = h[r];
+    for (int64_t c = lane; c < N; c += 32)
+      fin = finish_element(y, hr, sb, se, klast, rt, r_stride, rtol, at, a_stride, atol, seg, r, c, N, y_new, local) &&
+            fin;
+    const bool all_fin = __all_sync(0xffffffffu, fin);
+    for (int s = 0; s < seg.n; ++s) {
+      double v = local[s];
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+      if (lane == 0) part[r * seg.n + s] = v;
+    }
+    if (lane == 0 && !all_fin) bad[r] = 1;
+  }
+}
+
 // Pass 1 of finish_control: y_new for every element; per (row, segment, column block) the sum of squares of the
 // scaled error, reduced in shared memory in a fixed tree and stored (not added atomically: pass 2 adds the column
 // blocks in order, so the sum is the same on every run); a per-row flag for non-finite y_new + k_last.
@@ -29,19 +82,9 @@ __global__ void finish_pass1_kernel(const T* __restrict__ y, const T* __restrict
     bool fin = true;
     const T hr = h[r];
     for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < N;
-         c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const int64_t i = r * N + c;
-      const T yv = y[i];
-      const T ynv = sb.n == 0 ? yv : yv + hr * lincomb(sb, i);
-      y_new[i] = ynv;
-      fin = fin && isfinite(ynv + klast[i]);
-      const T rtv = rt ? rt[r * r_stride + c] : rtol;
-      const T atv = at ? at[r * a_stride + c] : atol;
-      const T scale = fmax(fabs(yv), fabs(ynv)) * rtv + atv;
-      const T x = (lincomb(se, i) * hr) / scale;
-      for (int s = 0; s < seg.n; ++s)
-        if (seg.lo[s] <= c && c < seg.hi[s]) local[s] += static_cast<double>(x) * static_cast<double>(x);
-    }
+         c += static_cast<int64_t>(gridDim.x) * blockDim.x)
+      fin = finish_element(y, hr, sb, se, klast, rt, r_stride, rtol, at, a_stride, atol, seg, r, c, N, y_new, local) &&
+            fin;
     if (!fin) atomicExch(&bad[r], 1);
     for (int s = 0; s < seg.n; ++s) {
       red[threadIdx.x] = local[s];
@@ -112,8 +155,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   auto dopt = y.options().dtype(at::kDouble);
   auto y_new = at::empty_like(y);
-  // Pass 1's grid: nb column blocks per row (each block's partial sums stored apart, see finish_pass1_kernel).
-  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>((N + kThreads - 1) / kThreads, 1024));
+  // Pass 1's grid: nb column blocks per row (each block's partial sums stored apart, see finish_pass1_kernel); one
+  // warp per row and nb = 1 for narrow rows (finish_pass1_warp_kernel).
+  const bool narrow = N <= kWarpRowMax;
+  const int64_t nb = narrow ? 1 : std::max<int64_t>(1, std::min<int64_t>((N + kThreads - 1) / kThreads, 1024));
   auto part = at::zeros({G, nb, seg.n}, dopt);
   auto bad = at::zeros({G}, y.options().dtype(at::kInt));
   if (G * N > 0) {
@@ -123,11 +168,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       auto se = pack_stages<T>(Kc, e);
       const int64_t r_stride = rt.defined() && rt.size(0) > 1 ? N : 0;
       const int64_t a_stride = at_.defined() && at_.size(0) > 1 ? N : 0;
-      const dim3 grid(static_cast<unsigned>(nb), static_cast<unsigned>(std::min<int64_t>(G, 65535)));
-      finish_pass1_kernel<T><<<grid, kThreads, 0, stream>>>(
-          y.data_ptr<T>(), h.data_ptr<T>(), sb, se, Kc.back().data_ptr<T>(), rt.defined() ? rt.data_ptr<T>() : nullptr,
-          r_stride, static_cast<T>(rtol), at_.defined() ? at_.data_ptr<T>() : nullptr, a_stride, static_cast<T>(atol),
-          seg, G, N, y_new.data_ptr<T>(), part.data_ptr<double>(), bad.data_ptr<int>());
+      const T* rtp = rt.defined() ? rt.data_ptr<T>() : nullptr;
+      const T* atp = at_.defined() ? at_.data_ptr<T>() : nullptr;
+      if (narrow) {
+        // kThreads / 32 rows per block; rows past the 65,535-block grid are taken by the grid-stride loop.
+        finish_pass1_warp_kernel<T><<<blocks_for(G * 32), kThreads, 0, stream>>>(
+            y.data_ptr<T>(), h.data_ptr<T>(), sb, se, Kc.back().data_ptr<T>(), rtp, r_stride, static_cast<T>(rtol),
+            atp, a_stride, static_cast<T>(atol), seg, G, N, y_new.data_ptr<T>(), part.data_ptr<double>(),
+            bad.data_ptr<int>());
+      } else {
+        const dim3 grid(static_cast<unsigned>(nb), static_cast<unsigned>(std::min<int64_t>(G, 65535)));
+        finish_pass1_kernel<T><<<grid, kThreads, 0, stream>>>(
+            y.data_ptr<T>(), h.data_ptr<T>(), sb, se, Kc.back().data_ptr<T>(), rtp, r_stride, static_cast<T>(rtol),
+            atp, a_stride, static_cast<T>(atol), seg, G, N, y_new.data_ptr<T>(), part.data_ptr<double>(),
+            bad.data_ptr<int>());
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -42,8 +42,10 @@ when it is built; otherwise torch. Backpropagation through the solver runs on th
 ``rk_combine``, ``finish_control``'s solution and ``interpolate`` carry autograd formulas whose backwards are fused
 ops (``rk_combine_backward``, ``interpolate_backward``: ``ext_autograd`` for ``fastnode::``, ``kernels/_autograd.py``
 for ``fastnode_triton::``); the controller's outputs carry no gradient, as on torch. ``initial_step`` (the starting
-step) is fused around its probe evaluation on ext (``initial_step_probe``/``initial_step_finish``). Each solve's
-``SolveStats.backend`` names the backend that ran it.
+step) is fused around its probe evaluation on ext (``initial_step_probe``/``initial_step_finish``). For
+``odeint_adjoint``'s backward solve on CUDA it picks the extension's CUDA step ops when they are built, with the
+Triton set-up and bookkeeping (``ext+triton``, ``ext_triton_ops``). Each solve's ``SolveStats.backend`` names the
+backend that ran it.
 """
 
 from __future__ import annotations
@@ -86,14 +88,34 @@ def _triton_ops(device: torch.device, forced: bool) -> StepOps | None:
     return _chosen("triton", device, kernels.unavailable_reason(device), TritonStepOps, forced)
 
 
-def get_backend(name: str, device: torch.device) -> StepOps:
+def _adjoint_cuda_ops(device: torch.device) -> StepOps | None:
+    """``auto`` for the adjoint's backward solve on CUDA: the C++/CUDA step ops where they are built (with the Triton
+    set-up and bookkeeping when triton runs too: ``ext+triton``), else None (the usual choice)."""
+    from . import ext_ops
+
+    if ext_ops.unavailable_reason(device) is not None:
+        return None
+    triton = _triton_ops(device, forced=False)
+    if triton is None:
+        return ext_ops.ExtStepOps(forced=False)
+    from .ext_triton_ops import ExtTritonStepOps
+
+    return ExtTritonStepOps(forced=False)
+
+
+def get_backend(name: str, device: torch.device, role: str = "solve") -> StepOps:
     """Return the StepOps for ``name`` (``"auto"`` picks the fastest available for ``device``).
+
+    ``role="adjoint"``: the backward solve of ``odeint_adjoint``; on CUDA ``auto`` then prefers the C++/CUDA step ops
+    (``ext+triton``, see ``ext_triton_ops``) to the Triton ones, which run the forward solves.
 
     Example:
         >>> import torch
         >>> get_backend("torch", torch.device("cpu")).name
         'torch'
     """
+    if role not in ("solve", "adjoint"):
+        raise ValueError(f"role must be 'solve' or 'adjoint', got {role!r}")
     if not isinstance(name, str) or name not in BACKEND_NAMES:
         raise ValueError(f"options['backend'] must be one of {BACKEND_NAMES}, got {name!r}")
     if name == "torch":
@@ -102,7 +124,11 @@ def get_backend(name: str, device: torch.device) -> StepOps:
         return _ext_ops(device, forced=True)
     if name == "triton":
         return _triton_ops(device, forced=True)
-    ops = _triton_ops(device, forced=False) if device.type == "cuda" else _ext_ops(device, forced=False)
+    ops = None
+    if device.type == "cuda" and role == "adjoint":
+        ops = _adjoint_cuda_ops(device)
+    if ops is None:
+        ops = _triton_ops(device, forced=False) if device.type == "cuda" else _ext_ops(device, forced=False)
     return ops if ops is not None else TorchStepOps()
 
 

@@ -5,6 +5,8 @@ imports triton, unless ``FASTNODE_TEST_CUDA=1``); CUDA cases carry ``@pytest.mar
 (``FASTNODE_TEST_CUDA=1 pytest tests/backends tests/ops`` on a GPU machine); they skip without a GPU.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -31,6 +33,8 @@ def kernel_devices() -> list:
     out = []
     for dev, marks in (("cpu", []), ("cuda", [pytest.mark.gpu])):
         why = kernels.unavailable_reason(torch.device(dev)) if dev == "cpu" or torch.cuda.is_available() else "no GPU"
+        if dev == "cpu" and why is not None and os.environ.get("FASTNODE_NO_INTERPRETER"):
+            why = os.environ["FASTNODE_NO_INTERPRETER"]
         if dev == "cuda" and why is None and kernels.INTERPRETED:
             why = "Triton's interpreter is on: run with FASTNODE_TEST_CUDA=1 to test the compiled kernels"
         if why is not None:

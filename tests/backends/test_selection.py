@@ -159,3 +159,99 @@ def test_csrc_one_file_per_op_and_device():
     for cu in sorted((csrc / "cuda").glob("*_cuda.cu")):
         op = cu.name[: -len("_cuda.cu")]
         assert op in ops and f'm.impl("{op}"' in cu.read_text()
+
+
+# --- the adjoint's backward solve on CUDA: the C++/CUDA step ops ----------------------------------------------------
+
+def _mock_availability(monkeypatch, ext: bool, triton: bool):
+    """CUDA availability of each library as given (on a machine without a GPU: the ops are only constructed)."""
+    from fastnode import backends
+
+    monkeypatch.setattr(ext_ops, "unavailable_reason", lambda dev: None if ext else "no CUDA build (mocked)")
+    real = backends._triton_ops
+
+    def triton_ops(device, forced):
+        if not triton:
+            return backends._chosen("triton", device, "no triton (mocked)", None, forced)
+        from fastnode.backends.triton_ops import TritonStepOps
+
+        return TritonStepOps(forced=forced) if device.type == "cuda" else real(device, forced)
+
+    monkeypatch.setattr(backends, "_triton_ops", triton_ops)
+
+
+@pytest.mark.parametrize("ext, triton, solve, adjoint", [
+    (True, True, "triton", "ext+triton"), (True, False, "torch", "ext"), (False, True, "triton", "triton"),
+    (False, False, "torch", "torch")])
+def test_auto_on_cuda_by_role(monkeypatch, ext, triton, solve, adjoint):
+    """auto on CUDA: Triton for solves; for the adjoint's backward the C++/CUDA step ops wherever they are built."""
+    _mock_availability(monkeypatch, ext, triton)
+    cuda = torch.device("cuda")
+    assert get_backend("auto", cuda).name == solve
+    assert get_backend("auto", cuda, role="adjoint").name == adjoint
+    # A forced backend is what was asked for, whatever the role.
+    if triton:
+        assert get_backend("triton", cuda, role="adjoint").name == "triton"
+    assert get_backend("torch", cuda, role="adjoint").name == "torch"
+    # CPU tensors: the role changes nothing.
+    cpu = torch.device("cpu")
+    assert get_backend("auto", cpu, role="adjoint").name == get_backend("auto", cpu).name
+    with pytest.raises(ValueError, match="role must be"):
+        get_backend("auto", cuda, role="backward")
+
+
+@needs_ext
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
+def test_adjoint_backward_on_ext_triton_matches_torch(device, per_sample, monkeypatch):
+    """The split backend runs a whole adjoint backward (on CPU: the C++ CPU ops and Triton's interpreter; on CUDA
+    what auto picks when both libraries are there): same steps and gradients as the torch backend."""
+    from fastnode import _adjoint, odeint_adjoint
+    from fastnode.backends.ext_triton_ops import ExtTritonStepOps
+
+    if device == "cuda" and ext_ops.unavailable_reason(torch.device("cuda")) is not None:
+        pytest.skip("fastnode._C has no CUDA ops in this build")
+    if device == "cpu":  # on CPU auto never picks it: hand it to the backward solve
+        real = _adjoint.get_backend
+        monkeypatch.setattr(_adjoint, "get_backend", lambda name, dev, role="solve": (
+            ExtTritonStepOps() if name == "auto" and role == "adjoint" else real(name, dev, role)))
+    lin = torch.nn.Linear(3, 3).double()
+    torch.nn.init.normal_(lin.weight, std=0.6, generator=torch.Generator().manual_seed(0))
+    lin = lin.to(device)
+    f = lambda t, y: torch.tanh(lin(y)) - 0.3 * y
+    t = torch.tensor([0.0, 0.3, 0.7], dtype=F64, device=device)
+    res = {}
+    for backend in ("auto", "torch"):
+        y0 = _y0(F64, device, B=5).requires_grad_(True)
+        opts = {"backend": backend, "per_sample": per_sample}
+        ys = odeint_adjoint(f, y0, t, rtol=1e-6, atol=1e-8, options=opts, adjoint_options=opts,
+                            adjoint_params=tuple(lin.parameters()))
+        (ys * torch.arange(1, 4, dtype=F64, device=device)).sum().backward()
+        res[backend] = (ys.detach(), [y0.grad] + [p.grad.clone() for p in lin.parameters()], last_stats())
+        lin.zero_grad()
+    (a, ga, sa), (b, gb, sb) = res["auto"], res["torch"]
+    assert sa.backward.backend == "ext+triton" and sb.backward.backend == "torch"
+    assert sa.backward.nfe == sb.backward.nfe
+    for name in ("n_accepted", "n_rejected"):
+        assert torch.equal(torch.as_tensor(getattr(sa.backward, name)), torch.as_tensor(getattr(sb.backward, name)))
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    for x, z in zip(ga, gb):
+        torch.testing.assert_close(x, z, rtol=1e-10, atol=1e-12)
+
+
+def test_interpreter_broken_names_the_versions(monkeypatch):
+    """The GPU image's triton 3.6 + numpy 2.5 turns the interpreter off (its CPU cases skip with this reason)."""
+    from tests import conftest
+
+    versions = {"triton": (3, 6), "numpy": (2, 5), "torch": (2, 13)}
+    monkeypatch.setattr(conftest, "_version", lambda dist: versions[dist])
+    monkeypatch.setattr(conftest, "_torch_wraps_interpreted_kernels", lambda: True)
+    why = conftest.interpreter_broken()
+    assert why is not None and "3.6" in why and "2.5" in why
+    versions.update(numpy=(2, 3))
+    assert conftest.interpreter_broken() is None
+    versions.update(triton=(3, 7), numpy=(2, 5))
+    assert conftest.interpreter_broken() is None
+    # torch 2.11's wrap_triton (the GPU image's) has no branch for interpreted kernels.
+    monkeypatch.setattr(conftest, "_torch_wraps_interpreted_kernels", lambda: False)
+    assert "wrap_triton" in conftest.interpreter_broken()

@@ -373,3 +373,41 @@ def test_kernels_compile_for_sm90():
                          cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count("sm_90 cubin") == 14, res.stdout
+
+
+def _syncs_of_solve(per_sample, t_end, adjoint):
+    from tests.cuda_syncs import count_syncs
+
+    t = torch.tensor([0.0, t_end], dtype=F64, device="cuda")
+    if not adjoint:
+        y0 = _y0(F64, "cuda", B=16)
+        with torch.no_grad():
+            _, n = count_syncs(lambda: odeint(_field, y0, t, rtol=1e-8, atol=1e-10,
+                                              options={"backend": "triton", "per_sample": per_sample}))
+        st = fastnode.last_stats()
+        return n, st.n_iterations, st.backend
+    func = _MLP().cuda()
+    y0 = _y0(F64, "cuda", B=16).requires_grad_(True)
+    opts = {"per_sample": per_sample}
+
+    def run():
+        odeint_adjoint(func, y0, t, rtol=1e-8, atol=1e-10, options=opts, adjoint_options=opts).sum().backward()
+
+    _, n = count_syncs(run)
+    st = fastnode.last_stats()
+    return n, st.n_iterations + st.backward.n_iterations, f"{st.backend}/{st.backward.backend}"
+
+
+@pytest.mark.gpu
+@COMPILED
+@pytest.mark.parametrize("adjoint", [False, True], ids=["odeint", "adjoint"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
+def test_one_host_sync_per_step_on_cuda(per_sample, adjoint):
+    """A longer solve makes exactly one more host sync (as torch's sync debug mode sees them) per extra loop
+    iteration: the fetch of the step's packet, nothing else; the adjoint's forward and backward alike."""
+    _syncs_of_solve(per_sample, 0.5, adjoint)  # first use: compiles, constant uploads
+    n1, it1, b1 = _syncs_of_solve(per_sample, 0.5, adjoint)
+    n2, it2, b2 = _syncs_of_solve(per_sample, 3.0, adjoint)
+    assert b1 == b2 and b1.startswith("triton"), b1
+    assert it2 > it1 + 5, (it1, it2)
+    assert n2 - n1 == it2 - it1, (n1, n2, it1, it2)

@@ -10,6 +10,7 @@ changed controller packing is fixed here, once.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import pytest
@@ -60,6 +61,8 @@ def _why_not(name: str, device: str, op: str) -> str | None:
     if device == "cuda" and not torch.cuda.is_available():
         return "no GPU"
     why = kernels.unavailable_reason(torch.device(device))
+    if why is not None and device == "cpu" and os.environ.get("FASTNODE_NO_INTERPRETER"):
+        why = os.environ["FASTNODE_NO_INTERPRETER"]  # tests/conftest.py: the interpreter cannot run here
     if why is None and device == "cuda" and kernels.INTERPRETED:
         why = "Triton's interpreter is on: run with FASTNODE_TEST_CUDA=1 to test the compiled kernels"
     return why
