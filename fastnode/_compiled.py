@@ -37,7 +37,7 @@ import torch
 
 from . import _stats as st
 from ._options import RMSNorm
-from .backends.torch_ops import TorchStepOps, _dense_tensor
+from .backends.torch_ops import TorchStepOps, _const, _dense_tensor
 
 _CODES = (st.NON_FINITE, st.STEP_UNDERFLOW, st.TIME_OVERFLOW, st.MAX_STEPS)
 MAX_STEPS_PER_SYNC = 16  # adaptive k's cap: an overshoot wastes at most this many steps minus one
@@ -155,6 +155,10 @@ def _build_step(f, problem, grid):
     rows = [(i, tab.a[i], c[i] == 1.0) for i in range(1, tab.num_stages)]
     call = _pure_call(f)
     dense = _dense_tensor(tab, problem.y0.dtype, problem.y0.device)  # [S, P]
+    # NOTE: the reference ops read small constants from a global cache; dynamo guards on whether a key is in it, so
+    # the keys the step reads are made before tracing (else the first eager use of one would force a recompile).
+    _const(tuple(c), grid.t_out.dtype, grid.t_out.device)
+    _const(tuple(_CODES), torch.int8, grid.t_out.device)
     used = [j for j in range(tab.num_stages) if any(tab.dense[j])]
 
     def step(t, h, y, k0, running, status, n_att, n_acc, prev_ratio, last_nf, next_out, out, busy,
@@ -241,10 +245,11 @@ class CompiledLoop:
         budget = health.unwatched(iterations)
         if budget <= 0 or self.prog.failed is not None:
             return s, iterations, False
-        # NOTE: s.t may be a view of t_out at the start (shared mode); a clone keeps dynamo from specialising a
-        # second graph on that aliasing.
-        x = (s.t.clone(), s.h, s.y, s.f, s.running, s.status, s.n_attempted, s.n_accepted, s.prev_ratio,
-             s.last_nonfinite, s.next_out, out.out, torch.zeros((), dtype=torch.int64, device=s.t.device))
+        # NOTE: s.t may be a strided view of t_out at the start (shared mode); a contiguous copy keeps dynamo from
+        # compiling a second graph for that aliasing and stride.
+        t = s.t.clone(memory_format=torch.contiguous_format)
+        x = (t, s.h, s.y, s.f, s.running, s.status, s.n_attempted, s.n_accepted, s.prev_ratio, s.last_nonfinite,
+             s.next_out, out.out, torch.zeros((), dtype=torch.int64, device=t.device))
         executed, pk, got, broken = 0, None, None, False
         while budget > 0 and not broken:
             k = min(self._round(iterations, got), budget)

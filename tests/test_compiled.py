@@ -206,6 +206,10 @@ def test_second_solve_does_not_recompile(graph):
     yc, sc = _solve(forced, Y0 * 0.5, True, per_sample=True)
     assert sc.compiled and sc.compile_seconds == 0.0
     assert C.compiles == before and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    # One graph per program: the first step's inputs (the start time, a view of the output times) do not make a
+    # second one, nor does a constant the eager solver caches after the trace.
+    progs = [p for p in C._programs.values() if p.func is forced]
+    assert progs and all(set(p.compiled.values()) == {1} for p in progs), [p.compiled for p in progs]
     ye, _ = _solve(forced, Y0 * 0.5, False, per_sample=True)
     _close(yc, ye)
 
