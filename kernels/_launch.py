@@ -300,3 +300,23 @@ def tableau_constants(tableau, device: torch.device) -> TableauConstants:
     if hit is None or hit[0] is not tableau:
         hit = _TABLEAUS[key] = (tableau, TableauConstants(tableau, device))
     return hit[1]
+
+
+@triton.jit
+def row_tile(G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's ``[BLOCK_G, BLOCK_N]`` tile of a row-major ``[G, N]`` array, programs ordered row tile major.
+
+    Returns ``(cb, rows, cols, rmask, cmask, mask, offs)``: the column tile's index (for per-column-tile partial
+    sums), the tile's row and column indices, their bounds masks, the 2-D mask and the elements' offsets.
+    """
+    pid = tl.program_id(0)
+    n_cb = tl.cdiv(N, BLOCK_N)
+    cb = pid % n_cb
+    rows = (pid // n_cb) * BLOCK_G + tl.arange(0, BLOCK_G)
+    cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < G
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    # NOTE: int64 offsets: S * G * N exceeds 2**31 for large batches of large states.
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    return cb, rows, cols, rmask, cmask, mask, offs

@@ -20,7 +20,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._launch import (check_indices, check_rows, check_segments, check_stages, check_state, control_tiles, empty,
-                      launches, register_op, tiles)
+                      launches, register_op, row_tile, tiles)
 
 # Offsets into the float64 constants tensor ``consts``: the scalar tolerances, then the controller settings (order,
 # safety, ifactor, dfactor, min_step, max_step, pi flag, pi_alpha, pi_beta), as the fastnode:: C++ ops take them.
@@ -33,16 +33,8 @@ def _step_error_kernel(y_ptr, k_ptr, h_ptr, w_ptr, idx_ptr, rtol_ptr, atol_ptr, 
                         U: tl.constexpr, BMASK: tl.constexpr, EMASK: tl.constexpr, LAST: tl.constexpr,
                         NSEG: tl.constexpr, RTOL_T: tl.constexpr, ATOL_T: tl.constexpr, WRITE_X: tl.constexpr,
                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
-    n_cb = tl.cdiv(N, BLOCK_N)
-    cb = pid % n_cb
-    rows = (pid // n_cb) * BLOCK_G + tl.arange(0, BLOCK_G)
-    cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < G
-    cmask = cols < N
-    mask = rmask[:, None] & cmask[None, :]
+    cb, rows, cols, rmask, cmask, mask, offs = row_tile(G, N, BLOCK_G, BLOCK_N)
     rows64 = rows.to(tl.int64)
-    offs = rows64[:, None] * N + cols[None, :]
     y = tl.load(y_ptr + offs, mask=mask, other=0.0)
     h = tl.load(h_ptr + rows, mask=rmask, other=0.0)[:, None]
 

@@ -12,21 +12,14 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import check_indices, check_rows, check_state, empty, launches, register_op, tiles
+from ._launch import check_indices, check_rows, check_state, empty, launches, register_op, row_tile, tiles
 
 
 @triton.jit
 def _interpolate_backward_kernel(g_ptr, k_ptr, h_ptr, th_ptr, d_ptr, idx_ptr, gk_ptr, gh_ptr, gt_ptr, G, N, stride_s,
                                  S: tl.constexpr, NU: tl.constexpr, P: tl.constexpr, NEED: tl.constexpr,
                                  BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
-    n_cb = tl.cdiv(N, BLOCK_N)
-    cb = pid % n_cb
-    rows = (pid // n_cb) * BLOCK_G + tl.arange(0, BLOCK_G)
-    cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < G
-    mask = rmask[:, None] & (cols < N)[None, :]
-    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    cb, rows, cols, rmask, cmask, mask, offs = row_tile(G, N, BLOCK_G, BLOCK_N)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     h = tl.load(h_ptr + rows, mask=rmask, other=0.0)
     th = tl.load(th_ptr + rows, mask=rmask, other=0.0)

@@ -12,20 +12,13 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._launch import (check_indices, check_rows, check_stages, check_state, check_weights, empty, launches, register_op,
-                      tiles)
+                      row_tile, tiles)
 
 
 @triton.jit
 def _rk_combine_kernel(y_ptr, k_ptr, h_ptr, w_ptr, idx_ptr, out_ptr, G, N, stride_s,
                        NW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid = tl.program_id(0)
-    n_cb = tl.cdiv(N, BLOCK_N)
-    rows = (pid // n_cb) * BLOCK_G + tl.arange(0, BLOCK_G)
-    cols = (pid % n_cb) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < G
-    mask = rmask[:, None] & (cols < N)[None, :]
-    # NOTE: int64 offsets: S * G * N exceeds 2**31 for large batches of large states.
-    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    cb, rows, cols, rmask, cmask, mask, offs = row_tile(G, N, BLOCK_G, BLOCK_N)
     y = tl.load(y_ptr + offs, mask=mask, other=0.0)
     out = y
     if NW > 0:
