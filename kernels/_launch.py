@@ -144,6 +144,14 @@ def check_stages(K: torch.Tensor, y: torch.Tensor, op: str) -> None:
         raise ValueError(f"fastnode_triton.{op}: K must be contiguous with y's dtype and device")
 
 
+def check_backward_stages(K: torch.Tensor, g: torch.Tensor, read: bool, op: str) -> None:
+    """A backward op's ``K`` must be an ``[S, G, N]`` buffer like the gradient ``g``; contiguous when it is read."""
+    if not isinstance(K, torch.Tensor) or K.dim() != 3 or K.shape[1:] != g.shape or K.dtype != g.dtype:
+        raise ValueError(f"fastnode_triton.{op}: K must be [S, G, N] like g {tuple(g.shape)}")
+    if read and not K.is_contiguous():
+        raise ValueError(f"fastnode_triton.{op}: K must be contiguous")
+
+
 def check_rows(x: torch.Tensor, G: int, dtype: torch.dtype, name: str, op: str, device: torch.device) -> None:
     """``x`` must be a contiguous ``[G]`` tensor of ``dtype`` on ``device``."""
     if not isinstance(x, torch.Tensor) or x.shape != (G,):

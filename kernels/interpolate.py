@@ -16,6 +16,22 @@ from ._launch import check_indices, check_rows, check_stages, check_state, empty
 
 
 @triton.jit
+def dense_weight(d_ptr, u, th, P: tl.constexpr):
+    """Row weights ``w_u(theta) = sum_p dense[u, p] * theta^(p+1)`` of stage slot ``u``, in theta's dtype (the state
+    dtype, as the reference forms them), summed in the reference's order."""
+    pw = th
+    wu = tl.zeros_like(th)
+    for p in tl.static_range(P):
+        term = pw * tl.load(d_ptr + u * P + p).to(th.dtype)
+        if p == 0:
+            wu = term
+        else:
+            wu = wu + term
+        pw = pw * th
+    return wu
+
+
+@triton.jit
 def _interpolate_kernel(y_ptr, k_ptr, h_ptr, th_ptr, d_ptr, idx_ptr, out_ptr, G, N, stride_s,
                         NU: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
     cb, rows, cols, rmask, cmask, mask, offs = row_tile(G, N, BLOCK_G, BLOCK_N)
@@ -26,16 +42,7 @@ def _interpolate_kernel(y_ptr, k_ptr, h_ptr, th_ptr, d_ptr, idx_ptr, out_ptr, G,
         th = tl.load(th_ptr + rows, mask=rmask, other=0.0)
         acc = tl.zeros_like(y)
         for u in tl.static_range(NU):
-            # Row weights w_u(theta) = sum_p dense[u, p] * theta^(p+1), in the state dtype as the reference.
-            pw = th
-            wu = tl.zeros_like(th)
-            for p in tl.static_range(P):
-                term = pw * tl.load(d_ptr + u * P + p).to(y.dtype)
-                if p == 0:
-                    wu = term
-                else:
-                    wu = wu + term
-                pw = pw * th
+            wu = dense_weight(d_ptr, u, th, P)
             k = tl.load(k_ptr + tl.load(idx_ptr + u).to(tl.int64) * stride_s + offs, mask=mask, other=0.0)
             if u == 0:
                 acc = wu[:, None] * k

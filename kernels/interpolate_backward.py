@@ -12,7 +12,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import check_indices, check_rows, check_state, empty, launches, register_op, row_tile, tiles
+from ._launch import (check_backward_stages, check_indices, check_rows, check_state, empty, launches, register_op,
+                      row_tile, tiles)
+from .interpolate import dense_weight
 
 
 @triton.jit
@@ -31,16 +33,7 @@ def _interpolate_backward_kernel(g_ptr, k_ptr, h_ptr, th_ptr, d_ptr, idx_ptr, gk
         has = tl.zeros_like(rows) != 0
         for u in tl.static_range(NU):
             hit = tl.load(idx_ptr + u) == s
-            # w_u(theta), formed as the forward forms it.
-            pw = th
-            wu = tl.zeros_like(th)
-            for p in tl.static_range(P):
-                term = pw * tl.load(d_ptr + u * P + p).to(g.dtype)
-                if p == 0:
-                    wu = term
-                else:
-                    wu = wu + term
-                pw = pw * th
+            wu = dense_weight(d_ptr, u, th, P)  # formed as the forward forms it
             ws = tl.where(hit, wu, ws)
             has = has | hit
         tl.store(gk_ptr + s * stride_s + offs, tl.where(has[:, None], hg * ws[:, None], 0.0), mask=mask)
@@ -87,10 +80,7 @@ def interpolate_backward(g: torch.Tensor, K: torch.Tensor, h: torch.Tensor, thet
     op = "interpolate_backward"
     check_state(g, op)
     G, N = g.shape
-    if not isinstance(K, torch.Tensor) or K.dim() != 3 or K.shape[1:] != g.shape or K.dtype != g.dtype:
-        raise ValueError(f"fastnode_triton.{op}: K must be [S, G, N] like g {tuple(g.shape)}")
-    if need_ht and not K.is_contiguous():
-        raise ValueError(f"fastnode_triton.{op}: K must be contiguous")
+    check_backward_stages(K, g, need_ht, op)
     S = K.shape[0]
     check_rows(h, G, g.dtype, "h", op, g.device)
     check_rows(theta, G, g.dtype, "theta", op, g.device)

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import (check_indices, check_rows, check_state, check_weights, empty, launches, register_op, row_tile,
-                      tiles)
+from ._launch import (check_backward_stages, check_indices, check_rows, check_state, check_weights, empty, launches,
+                      register_op, row_tile, tiles)
 
 
 @triton.jit
@@ -75,10 +75,7 @@ def rk_combine_backward(g: torch.Tensor, K: torch.Tensor, h: torch.Tensor, w: to
     op = "rk_combine_backward"
     check_state(g, op)
     G, N = g.shape
-    if not isinstance(K, torch.Tensor) or K.dim() != 3 or K.shape[1:] != g.shape or K.dtype != g.dtype:
-        raise ValueError(f"fastnode_triton.{op}: K must be [S, G, N] like g {tuple(g.shape)}")
-    if need_h and not K.is_contiguous():
-        raise ValueError(f"fastnode_triton.{op}: K must be contiguous")
+    check_backward_stages(K, g, need_h, op)
     S = K.shape[0]
     check_rows(h, G, g.dtype, "h", op, g.device)
     check_weights(w, idx, S, "w", op, g.device)
