@@ -128,6 +128,15 @@ def combo_bound(y: torch.Tensor, K, h: torch.Tensor, weights) -> torch.Tensor:
     return y.double().abs() + h.double().abs().reshape(-1, 1) * acc
 
 
+def assert_outputs_layout(got, exp) -> None:
+    """Same number of outputs, each with the reference's dtype and shape; every bool flag was written (0 or 1)."""
+    assert len(got) == len(exp)
+    for i, (a, b) in enumerate(zip(got, exp)):
+        assert a.dtype == b.dtype and a.shape == b.shape, (i, a.dtype, b.dtype, a.shape, b.shape)
+        if a.dtype == torch.bool and a.numel():
+            assert int(a.view(torch.uint8).max()) <= 1, (i, "a flag was never written")
+
+
 def assert_rounding_close(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, ulps: float | None = None) -> None:
     """``|out - ref| <= ulps * eps * bound`` elementwise (``ULPS[dtype]`` by default), and no NaN.
 
