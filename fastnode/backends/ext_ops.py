@@ -134,12 +134,12 @@ class _PastAutograd:
     """
 
     def __init__(self, ops):
-        self._ops = ops
+        self._ops = {name: getattr(ops, name) for name in ("rk_combine", "finish_control", "interpolate")}
         self._keys = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
                       "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
 
     def __call__(self, name: str, y: torch.Tensor, *args):
-        op = getattr(self._ops, name)
+        op = self._ops[name]
         keys = self._keys.get(y.device.type)
         if keys is None or type(y) is not torch.Tensor or torch._C._len_torch_dispatch_stack():
             return op(y, *args)
