@@ -102,3 +102,25 @@ def test_triton_opcheck_with_autograd(be):
     for need in (True, False):
         torch.library.opcheck(be.ops.interpolate_backward.default,
                               (g, Kb.detach(), h.detach(), theta.detach(), d, idx, need))
+
+
+@pytest.mark.parametrize("be", C.backends(OP, names=("ext",), cuda=()))
+@pytest.mark.parametrize("method", ["dopri5", "bosh3"])
+def test_second_derivative(be, method):
+    """create_graph: the backward records its own graph (the formulas as ATen ops): gradgradcheck w.r.t. the state,
+    every stage, the step and theta."""
+    tab = tableau(method)
+    y, K, h, theta = _leaves(3, 5, tab.num_stages, False, be.device)
+
+    def f(y, h, theta, *K):
+        return C.interpolate(be, tab, y, K, h, theta)
+
+    args = (y, h, theta, *K)
+    g = state(3, 5, F64, be.device, seed=6)
+    fused = torch.autograd.grad(f(*args), args, g, allow_unused=True)
+    composite = torch.autograd.grad(f(*args), args, g, allow_unused=True, create_graph=True)
+    for a, b in zip(composite, fused):  # the composite's first derivative is the fused one's
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+    assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-6)
