@@ -17,6 +17,9 @@
 // materialised as zeros. Without grad mode, or when no input requires grad, the kernel only steps below Autograd.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -26,7 +29,7 @@
 namespace fastnode {
 namespace {
 
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using Tuple6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using OptT = std::optional<at::Tensor>;
@@ -99,35 +102,52 @@ at::Tensor combine_grads(const at::Tensor& grad, at::TensorList K, const at::Ten
   return need_h ? gh : at::Tensor();
 }
 
-// apply(y, h, K, w): inputs y, h, K[0..len(w)) (the stages the op reads).
-struct RkCombineFn : public torch::autograd::Function<RkCombineFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& h, at::TensorList K,
-                            at::ArrayRef<double> w) {
-    ctx->set_materialize_grads(false);
-    const bool need_h = h.requires_grad();
-    ctx->saved_data["w"] = w.vec();
-    ctx->saved_data["need_h"] = need_h;
-    std::vector<at::Tensor> save{h};
-    if (need_h) save.insert(save.end(), K.begin(), K.end());  // the stages serve only h's gradient
-    ctx->save_for_backward(save);
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return rk_combine_op().call(y, K, h, w);
-  }
+// Every node below is a plain autograd Node (not torch::autograd::Function: its generic bookkeeping, the context's
+// string-keyed saved data, per-input metadata and output wrapping, cost about as much as the op): its edges are the
+// differentiable inputs in order, its one input the differentiable output.
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto w = ctx->saved_data["w"].toDoubleVector();
-    const size_t S = w.size();
-    variable_list out(S + 3);
+// The node of out = y + h * sum_j w_j K[j]: edges y, h, K[0..len(w)).
+struct CombineBackward : public torch::autograd::Node {
+  std::string node_name;
+  std::vector<double> w;
+  bool need_h = false;
+  SavedVariable h_;
+  std::vector<SavedVariable> K_;  // the stages serve only h's gradient: saved then only
+
+  explicit CombineBackward(const char* name) : node_name(name) {}
+  std::string name() const override { return node_name; }
+  void release_variables() override {
+    h_.reset_data();
+    for (auto& k : K_) k.reset_data();
+  }
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(2 + w.size());
     const auto& g = grads[0];
     if (!g.defined()) return out;
-    const auto saved = ctx->get_saved_variables();
-    const bool need_h = ctx->saved_data["need_h"].toBool();
-    const at::TensorList K = at::TensorList(saved).slice(1);
+    std::vector<at::Tensor> K;
+    K.reserve(K_.size());
+    for (auto& k : K_) K.push_back(k.unpack());
     out[0] = g;
-    out[1] = combine_grads(g, K, saved[0], w, need_h, out, 2);
+    out[1] = combine_grads(g, K, h_.unpack(), w, need_h, out, 2);
     return out;
   }
 };
+
+// Records the combination node for `out` (a fresh tensor) over the inputs y, h and the stages K[0..len(w)).
+void record_combine(const char* name, const at::Tensor& out, const at::Tensor& y, const at::Tensor& h,
+                    at::TensorList K, at::ArrayRef<double> w) {
+  const auto Kw = K.slice(0, w.size());
+  auto node = c10::make_intrusive<CombineBackward>(name);
+  node->set_next_edges(torch::autograd::collect_next_edges(y, h, Kw));
+  node->w = w.vec();
+  node->need_h = h.requires_grad();
+  node->h_ = SavedVariable(h, false);
+  if (node->need_h) {
+    node->K_.reserve(Kw.size());
+    for (const auto& k : Kw) node->K_.emplace_back(k, false);
+  }
+  torch::autograd::set_history(out, node);
+}
 
 at::Tensor rk_combine_autograd(const at::Tensor& y, at::TensorList K, const at::Tensor& h, at::ArrayRef<double> w) {
   const auto Kw = K.slice(0, std::min(K.size(), w.size()));
@@ -137,7 +157,13 @@ at::Tensor rk_combine_autograd(const at::Tensor& y, at::TensorList K, const at::
   }
   TORCH_CHECK(K.size() >= w.size(), "fastnode.rk_combine: K holds ", K.size(), " stages, fewer than the ", w.size(),
               " weights");
-  return RkCombineFn::apply(y, h, Kw, w);
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = rk_combine_op().call(y, K, h, w);
+  }
+  record_combine("fastnode::RkCombineBackward", out, y, h, Kw, w);
+  return out;
 }
 
 // finish_control's arguments after h, passed through apply as one non-differentiable value.
@@ -159,48 +185,18 @@ Tuple6 finish_control_below(const at::Tensor& y, at::TensorList K, const at::Ten
                                   a.prev_ratio, a.running, a.ratio_floor, a.ctrl);
 }
 
-// apply(y, h, K, args): inputs y, h and every stage (K must hold all S for the error estimate).
-struct FinishControlFn : public torch::autograd::Function<FinishControlFn> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& h, at::TensorList K,
-                               const FinishArgs& a) {
-    ctx->set_materialize_grads(false);
-    const bool need_h = h.requires_grad();
-    ctx->saved_data["w"] = a.b.vec();
-    ctx->saved_data["need_h"] = need_h;
-    ctx->saved_data["S"] = static_cast<int64_t>(K.size());
-    std::vector<at::Tensor> save{h};
-    if (need_h) save.insert(save.end(), K.begin(), K.begin() + std::min(K.size(), a.b.size()));
-    ctx->save_for_backward(save);
-    auto r = finish_control_below(y, K, h, a);
-    variable_list out{std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r), std::get<5>(r)};
-    ctx->mark_non_differentiable({out[1], out[2], out[3], out[4], out[5]});  // the controller's: no graph
-    return out;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto w = ctx->saved_data["w"].toDoubleVector();
-    const auto S = static_cast<size_t>(ctx->saved_data["S"].toInt());
-    variable_list out(S + 3);
-    const auto& g = grads[0];
-    if (!g.defined()) return out;
-    const auto saved = ctx->get_saved_variables();
-    const bool need_h = ctx->saved_data["need_h"].toBool();
-    out[0] = g;
-    out[1] = combine_grads(g, at::TensorList(saved).slice(1), saved[0], at::ArrayRef<double>(w).slice(0, std::min(w.size(), S)),
-                           need_h, out, 2);
-    return out;
-  }
-};
-
 Tuple6 finish_control_autograd(const at::Tensor& y, at::TensorList K, const at::Tensor& h, at::ArrayRef<double> b,
                                at::ArrayRef<double> e, const OptT& rtol_t, double rtol, const OptT& atol_t,
                                double atol, at::IntArrayRef segments, const at::Tensor& h_ctl,
                                const at::Tensor& prev_ratio, const at::Tensor& running, const OptT& ratio_floor,
                                at::ArrayRef<double> ctrl) {
   const FinishArgs a{b, e, rtol_t, rtol, atol_t, atol, segments, h_ctl, prev_ratio, running, ratio_floor, ctrl};
-  if (!at::GradMode::is_enabled() || !any_requires_grad(y, h, K)) return finish_control_below(y, K, h, a);
-  auto o = FinishControlFn::apply(y, h, K, a);
-  return {o[0], o[1], o[2], o[3], o[4], o[5]};
+  auto out = finish_control_below(y, K, h, a);
+  if (!at::GradMode::is_enabled() || !any_requires_grad(y, h, K)) return out;
+  // Only y_new gets a node: the ratio, flags, next step and controller memory stay without history (the controller's,
+  // computed under no_grad on the reference). b has one weight per stage (checked by the op).
+  record_combine("fastnode::FinishControlBackward", std::get<0>(out), y, h, K, b);
+  return out;
 }
 
 // ---- interpolate ----
@@ -237,33 +233,29 @@ void interpolate_grads_composite(const at::Tensor& g, at::TensorList K, const at
   }
 }
 
-// apply(y, K, h, theta, dense, P): inputs y, every stage, h, theta.
-struct InterpolateFn : public torch::autograd::Function<InterpolateFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, at::TensorList K, const at::Tensor& h,
-                            const at::Tensor& theta, at::ArrayRef<double> dense, int64_t P) {
-    ctx->set_materialize_grads(false);
-    ctx->saved_data["dense"] = dense.vec();
-    ctx->saved_data["P"] = P;
-    ctx->saved_data["need_ht"] = h.requires_grad() || theta.requires_grad();
-    // The stages are saved even without time gradients: the fused backward checks their shapes (a dense output is
-    // taken only on the steps that pass an output time, and the stages are alive anyway in a recorded solve).
-    std::vector<at::Tensor> save{h, theta};
-    save.insert(save.end(), K.begin(), K.end());
-    ctx->save_for_backward(save);
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return interpolate_op().call(y, K, h, theta, dense, P);
-  }
+// The node of the dense output: edges y, every stage, h, theta.
+struct InterpolateBackward : public torch::autograd::Node {
+  std::vector<double> dense;
+  int64_t P = 0;
+  bool need_ht = false;
+  SavedVariable h_, theta_;
+  std::vector<SavedVariable> K_;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::TensorList K = at::TensorList(saved).slice(2);
-    const size_t S = K.size();
-    variable_list out(S + 5);
+  std::string name() const override { return "fastnode::InterpolateBackward"; }
+  void release_variables() override {
+    h_.reset_data();
+    theta_.reset_data();
+    for (auto& k : K_) k.reset_data();
+  }
+  variable_list apply(variable_list&& grads) override {
+    const size_t S = K_.size();
+    variable_list out(S + 3);
     const auto& g = grads[0];
     if (!g.defined()) return out;
-    const auto dense = ctx->saved_data["dense"].toDoubleVector();
-    const int64_t P = ctx->saved_data["P"].toInt();
-    const bool need_ht = ctx->saved_data["need_ht"].toBool();
+    std::vector<at::Tensor> K;
+    K.reserve(S);
+    for (auto& k : K_) K.push_back(k.unpack());
+    const auto h = h_.unpack(), theta = theta_.unpack();
     std::vector<int64_t> used;
     for (size_t j = 0; j < S; ++j)
       for (int64_t p = 0; p < P; ++p)
@@ -273,14 +265,14 @@ struct InterpolateFn : public torch::autograd::Function<InterpolateFn> {
         }
     out[0] = g;
     if (fused(interpolate_backward_op(), g)) {
-      auto [gk, gh, gt] = interpolate_backward_op().call(g, K, saved[0], saved[1], dense, P, need_ht);
+      auto [gk, gh, gt] = interpolate_backward_op().call(g, K, h, theta, dense, P, need_ht);
       for (size_t u = 0; u < used.size(); ++u) out[1 + used[u]] = gk[u];
       if (need_ht) {
         out[1 + S] = gh;
         out[2 + S] = gt;
       }
     } else {
-      interpolate_grads_composite(g, K, saved[0], saved[1], dense, P, need_ht, used, out);
+      interpolate_grads_composite(g, K, h, theta, dense, P, need_ht, used, out);
     }
     return out;
   }
@@ -292,7 +284,24 @@ at::Tensor interpolate_autograd(const at::Tensor& y, at::TensorList K, const at:
     at::AutoDispatchBelowADInplaceOrView guard;
     return interpolate_op().call(y, K, h, theta, dense, P);
   }
-  return InterpolateFn::apply(y, K, h, theta, dense, P);
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = interpolate_op().call(y, K, h, theta, dense, P);
+  }
+  auto node = c10::make_intrusive<InterpolateBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(y, K, h, theta));
+  node->dense = dense.vec();
+  node->P = P;
+  node->need_ht = h.requires_grad() || theta.requires_grad();
+  node->h_ = SavedVariable(h, false);
+  node->theta_ = SavedVariable(theta, false);
+  // The stages are saved even without time gradients: the fused backward checks their shapes (a dense output is
+  // taken only on the steps that pass an output time, and the stages are alive anyway in a recorded solve).
+  node->K_.reserve(K.size());
+  for (const auto& k : K) node->K_.emplace_back(k, false);
+  torch::autograd::set_history(out, node);
+  return out;
 }
 
 }  // namespace
