@@ -202,9 +202,10 @@ Tuple6 finish_control_autograd(const at::Tensor& y, at::TensorList K, const at::
 // ---- interpolate ----
 
 // The composite backward: (d K at the used stages, d h, d theta) as differentiable ATen ops.
+// With `many` (M outputs of one row: g [M, N], theta [M]) the stages' and h's gradients are summed over the outputs.
 void interpolate_grads_composite(const at::Tensor& g, at::TensorList K, const at::Tensor& h, const at::Tensor& theta,
                                  at::ArrayRef<double> dense, int64_t P, bool need_ht, const std::vector<int64_t>& used,
-                                 variable_list& out) {
+                                 bool many, variable_list& out) {
   const auto th = theta.unsqueeze(1);
   std::vector<at::Tensor> pw{th};  // theta^(p+1), p < P
   for (int64_t p = 1; p < P; ++p) pw.push_back(pw.back() * th);
@@ -221,14 +222,14 @@ void interpolate_grads_composite(const at::Tensor& g, at::TensorList K, const at
         dwj = dwj.defined() ? dwj + dterm : dterm;
       }
     }
-    out[1 + j] = hg * wj;
+    out[1 + j] = many ? (hg * wj).sum(0, true) : hg * wj;
     if (need_ht) {
       a = a.defined() ? a + wj * K[j] : wj * K[j];
       da = da.defined() ? da + dwj * K[j] : dwj * K[j];
     }
   }
   if (need_ht) {
-    out[1 + K.size()] = a.defined() ? (g * a).sum(1) : at::zeros_like(h);
+    out[1 + K.size()] = a.defined() ? (many ? (g * a).sum(1).sum(0, true) : (g * a).sum(1)) : at::zeros_like(h);
     out[2 + K.size()] = da.defined() ? h * (g * da).sum(1) : at::zeros_like(theta);
   }
 }
@@ -238,6 +239,7 @@ struct InterpolateBackward : public torch::autograd::Node {
   std::vector<double> dense;
   int64_t P = 0;
   bool need_ht = false;
+  bool many = false;  // M outputs of one row (interpolate's theta [M] with G = 1): y's gradient sums the outputs'
   SavedVariable h_, theta_;
   std::vector<SavedVariable> K_;
 
@@ -263,7 +265,7 @@ struct InterpolateBackward : public torch::autograd::Node {
           used.push_back(static_cast<int64_t>(j));
           break;
         }
-    out[0] = g;
+    out[0] = many ? g.sum(0, true) : g;
     if (fused(interpolate_backward_op(), g)) {
       auto [gk, gh, gt] = interpolate_backward_op().call(g, K, h, theta, dense, P, need_ht);
       for (size_t u = 0; u < used.size(); ++u) out[1 + used[u]] = gk[u];
@@ -272,7 +274,7 @@ struct InterpolateBackward : public torch::autograd::Node {
         out[2 + S] = gt;
       }
     } else {
-      interpolate_grads_composite(g, K, h, theta, dense, P, need_ht, used, out);
+      interpolate_grads_composite(g, K, h, theta, dense, P, need_ht, used, many, out);
     }
     return out;
   }
@@ -294,6 +296,7 @@ at::Tensor interpolate_autograd(const at::Tensor& y, at::TensorList K, const at:
   node->dense = dense.vec();
   node->P = P;
   node->need_ht = h.requires_grad() || theta.requires_grad();
+  node->many = y.size(0) == 1 && out.size(0) != 1;
   node->h_ = SavedVariable(h, false);
   node->theta_ = SavedVariable(theta, false);
   // The stages are saved even without time gradients: the fused backward checks their shapes (a dense output is

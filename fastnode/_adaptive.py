@@ -156,25 +156,33 @@ class DenseOutput:
         G, N = y0.shape
         self.grid = grid
         self.rows = None
+        self.n_rows = 0
         # Row T: scratch for masked writes. Rows never reached stay NaN.
         self.out = torch.full((grid.T + 1, G, N), math.nan, dtype=y0.dtype, device=y0.device)
         self.out[0] = y0
 
     def collect_rows(self, y0: torch.Tensor) -> None:
-        """Shared mode under recording (``solve_adaptive``'s lean mode): the outputs are kept as a list of ``[1, N]``
-        rows and stacked once at the end, instead of written in place into the buffer (an in-place write records a
-        node whose backward copies the whole buffer's gradient, one per output)."""
+        """Shared mode under recording (``solve_adaptive``'s lean mode): the outputs are kept as a list of ``[m, N]``
+        blocks (one per step that passed output times) and concatenated once at the end, instead of written in place
+        into the buffer (an in-place write records a node whose backward copies the whole buffer's gradient, one per
+        output)."""
         self.rows = [y0]
+        self.n_rows = 1
 
     def write_rows(self, ops: StepOps, tableau, s: LoopState, plan: StepPlan, fin: StepResult, K, n_cross: int):
-        """``write`` for ``collect_rows``: the one group passed outputs ``len(rows) ... + n_cross - 1`` (in order)."""
-        k0 = len(self.rows)
+        """``write`` for ``collect_rows``: the one group passed outputs ``n_rows ... + n_cross - 1`` (in order), all
+        interpolated in one call where the backend takes several thetas (one graph node per step, not per output)."""
+        k0 = self.n_rows
         tj = self.grid.t_out[0, k0 : k0 + n_cross]  # [m]
         theta = (tj - s.t) / torch.where(plan.h > 0, plan.h, 1.0)  # the same rounding as write's, for all m at once
-        for m in range(n_cross):
-            self.rows.append(ops.interpolate(tableau, s.y, K, plan.h_state, theta[m : m + 1]))
-        # The output times increase strictly: only the last one passed can be the step's end (the solution itself).
-        self.rows[-1] = torch.where((tj[-1:] == plan.t_new).unsqueeze(1), fin.y_new, self.rows[-1])
+        if ops.interpolates_many:
+            vals = ops.interpolate(tableau, s.y, K, plan.h_state, theta)  # [m, N]
+        else:
+            vals = torch.cat([ops.interpolate(tableau, s.y, K, plan.h_state, theta[m : m + 1]) for m in range(n_cross)])
+        # Exactly at the step's end the solution itself is returned (the output times increase strictly: only the
+        # last one passed can be it).
+        self.rows.append(torch.where((tj == plan.t_new).unsqueeze(1), fin.y_new, vals))
+        self.n_rows += n_cross
 
     def write(self, ops: StepOps, tableau, s: LoopState, plan: StepPlan, fin: StepResult, K, crossed, n_cross: int):
         """Outputs ``s.next_out + m`` for ``m < crossed`` (per group) of the step from ``s`` described by ``plan``."""
@@ -191,8 +199,9 @@ class DenseOutput:
 
     def result(self) -> torch.Tensor:
         if self.rows is not None:  # rows never reached (a failed solve that returns) are NaN
-            missing = self.grid.T - len(self.rows)
-            return torch.stack(self.rows + [torch.full_like(self.rows[0], math.nan)] * missing)
+            left = self.grid.T - self.n_rows
+            missing = [self.rows[0].new_full((left, self.rows[0].shape[1]), math.nan)] if left else []
+            return torch.cat(self.rows + missing).unsqueeze(1)
         return self.out[: self.grid.T]
 
 

@@ -42,8 +42,11 @@ def _rk_combine_backward_fake(grad, K, h, w, need_h):
 
 def _interpolate_backward_fake(grad, K, h, theta, dense, P, need_ht):
     n = len(_interp_used(dense, P, len(K)))
+    many = len(K) > 0 and K[0].shape[0] == 1 and grad.shape[0] != 1  # M outputs of one row: stage grads [1, N]
     G = grad.shape[0] if need_ht else 0
-    return [torch.empty_like(grad) for _ in range(n)], grad.new_empty((G,)), grad.new_empty((G,))
+    R = (1 if many else G) if need_ht else 0
+    gk = [K[0].new_empty(K[0].shape) if many else torch.empty_like(grad) for _ in range(n)]
+    return gk, grad.new_empty((R,)), grad.new_empty((G,))
 
 
 def register() -> None:

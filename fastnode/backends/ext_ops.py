@@ -83,6 +83,8 @@ if _LOAD_ERROR is None:
 
     @torch.library.register_fake("fastnode::interpolate")
     def _interpolate_fake(y, K, h, theta, dense, P):
+        if y.shape[0] == 1 and theta.dim() == 1 and theta.shape[0] != 1:  # M outputs of the one row
+            return y.new_empty((theta.shape[0], y.shape[1]))
         return torch.empty_like(y)
 
     @torch.library.register_fake("fastnode::step_begin")
@@ -169,7 +171,9 @@ class ExtStepOps(TorchStepOps):
             return super().interpolate(tableau, y, K, h, theta)
         dense = _dense_flat(tableau)
         P = len(tableau.dense[0])
-        th = theta.to(y.dtype).expand(y.shape[0]).contiguous()
+        th = theta.to(y.dtype)
+        # [M] thetas of the one group (interpolates_many) go as they are; [G], [1] or 0-d are spread over the groups.
+        th = th.contiguous() if th.ndim == 1 and y.shape[0] == 1 else th.expand(y.shape[0]).contiguous()
         return self._interpolate(y, list(K), h, th, dense, P)
 
     def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze, *, stops=None,
