@@ -295,13 +295,15 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
     cb = f.callbacks  # torchdiffeq's step callbacks of func (fastnode/_callbacks.py), or None
 
     keep = () if health.pair is None else health.pair
+    split = None if hooks is None else _halving(grid)
 
     def step(s: LoopState, watch: bool = False):
         y = s.y
+        h_try = s.h if split is None else split(s)
         if cb is not None:
-            cb.step(s.t, y, torch.where(s.running, s.h, 0.0))
+            cb.step(s.t, y, torch.where(s.running, h_try, 0.0))
         inputs = {0: y} if watch else None
-        plan = step_begin(s.t, s.h, s.running, t_out, t_end, to_outputs, c, sign, y.dtype, squeeze, stops=stops,
+        plan = step_begin(s.t, h_try, s.running, t_out, t_end, to_outputs, c, sign, y.dtype, squeeze, stops=stops,
                           end_perturb=end_perturb, time_grad=time_grad)
         hy = plan.h_state
         if hooks is not None:
@@ -324,7 +326,7 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
             cb.decided(s.t, y, plan.h_ctl, fin.accept, s.running)
         stop = None if events is None else events.after_step(s, plan, fin, K)  # event crossings end groups
         fail = health.observe(s, plan, fin, K, inputs, ops, t_end) if watch else None
-        end = step_end(fin.accept, fin.h_next, s.h, plan.clipped, s.running, s.t, plan.t_new, t_end, s.n_attempted,
+        end = step_end(fin.accept, fin.h_next, h_try, plan.clipped, s.running, s.t, plan.t_new, t_end, s.n_attempted,
                        s.n_accepted, s.status, s.last_nonfinite, fin.ok, s.next_out, t_out, max_steps, _CODES,
                        jump_t=jump_t, stop=stop, fail=fail)
         if hooks is not None:
@@ -339,6 +341,36 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
         return s_next, plan, K, fin, end
 
     return step
+
+
+def _halving(grid: _Grid) -> Callable:
+    """The adjoint's step proposal before an output time: ``split(s) -> h [G]``.
+
+    The backward solve lands exactly on every output time (the cotangent is added there), so a proposal ``h`` that
+    falls short of the next output time by less than ``h`` would be followed by a sliver step that lands (a full
+    step's evaluations for a fraction of its length, and a small proposal carried past the output time). When the
+    distance ``r`` to the next output time lies in ``(h, 2h)`` two steps are needed anyway, so each is taken as
+    ``r / 2``: no more steps, each shorter than ``h`` (no more rejections) and with a smaller error. Measured on
+    bench/adjoint_precision.py (dopri5, atol = rtol = 1e-2 ... 1e-8, both adjoint norms): at equal gradient error
+    never more backward NFE, e.g. MLP t = [0, 1] rtol 1e-6 (mixed norm) 19 -> 13, mlp-10 rtol 1e-7 (seminorm)
+    165 -> 135, vdp rtol 1e-4 129 -> 105 (the ODENet's rtol 1e-3: 205 -> 217 at a lower error, on its curve). The
+    forward solve interpolates its outputs and never takes this path.
+    """
+    t_out, rows, last = grid.t_out, grid.rows, grid.T - 1
+    eps4 = 4 * torch.finfo(t_out.dtype).eps
+
+    def split(s: LoopState) -> torch.Tensor:
+        with torch.no_grad():
+            t, h = s.t.detach(), s.h
+            t_next = t_out[rows, s.next_out.clamp_max(last)].detach()
+            r = t_next - t
+            # After the first half, the rest is r / 2 up to the rounding of t + r / 2: the proposal (at least r / 2
+            # after an accepted step) then lands, rather than halving a rounding excess again.
+            slack = eps4 * torch.maximum(t.abs(), t_next.abs())
+            room = s.running & (r > h)
+            return torch.where(room & (r <= h + slack), r, torch.where(room & (r < 2 * h), 0.5 * r, h))
+
+    return split
 
 
 def _land(f: FlatFunc, hooks, s: LoopState, end: StepEnd, landed_running: int) -> None:

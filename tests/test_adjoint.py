@@ -443,6 +443,51 @@ def test_backward_nfe_one_continuous_solve(norm):
     assert res["fastnode"][2] <= 1.5 * res["torchdiffeq"][2], res
 
 
+class _StepLog(Field):
+    """``Field`` that records the backward solve's accepted steps ``(t0, dt)`` per sample (user time; ``dt``
+    positive backwards, as torchdiffeq passes it; per-sample mode: zero for a sample that did not accept)."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def callback_accept_step_adjoint(self, t0, y0, dt):
+        self.steps.append((t0.reshape(-1).tolist(), dt.reshape(-1).tolist()))
+
+    def sample(self, b: int) -> list[tuple[float, float]]:
+        return [(t0[b % len(t0)], dt[b % len(dt)]) for t0, dt in self.steps if dt[b % len(dt)] != 0.0]
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_backward_halves_the_step_before_an_output_time(per_sample):
+    """A proposal ``h`` short of the next output time by less than ``h`` (distance ``r`` in ``(h, 2h)``) becomes two
+    steps of ``r / 2`` instead of ``h`` and a sliver; a proposal with ``r >= 2h`` is kept. Gradients against backprop
+    (``first_step`` forced, so the first interval's steps are known in advance)."""
+    t = torch.tensor([0.0, 0.3, 0.5], dtype=DT)
+    ref = _grads(odeint, Field(), _y0(), t, rtol=1e-12, atol=1e-14, method="dopri8")
+    opts = {"per_sample": True} if per_sample else {}
+    # From t = 0.5 the output time 0.3 is 0.2 away: in (0.125, 0.25), so 0.1 twice; 0.2 >= 2 * 0.05 keeps 0.05.
+    for first, expect in ((0.125, [0.1, 0.1]), (0.05, [0.05])):
+        f = _StepLog()
+        got = _grads(odeint_adjoint, f, _y0(), t, rtol=1e-4, atol=1e-6, options=opts,
+                     adjoint_options={**opts, "first_step": first})
+        _assert_close(got[:1] + got[2:], ref[:1] + ref[2:], 1e-3, NAMES[:1] + NAMES[2:])
+        # Samples without a rejection (a rejection would alter the proposals checked below): all of them shared,
+        # 3 of 4 per sample.
+        clean = (torch.as_tensor(fastnode.last_stats().backward.n_rejected).reshape(-1) == 0).nonzero().flatten()
+        assert clean.numel() == (3 if per_sample else 1)
+        for b in clean.tolist():
+            steps = f.sample(b)
+            assert [round(dt, 12) for _, dt in steps[: len(expect)]] == expect, steps
+            # No sliver anywhere: a step that lands on an output time is at least as long as the step before it
+            # in the same interval (without rejections that step's proposal was at least the previous step).
+            for (t0, dt), (t1, dt1) in zip(steps, steps[1:]):
+                lands = any(abs(t1 - dt1 - float(tk)) < 1e-12 for tk in t)
+                same_interval = not any(abs(t0 - dt - float(tk)) < 1e-12 for tk in t)
+                if lands and same_interval:
+                    assert dt1 >= dt * (1 - 1e-12), steps
+
+
 def _counting(solve, f, res, name):
     """``solve`` that records in ``res[name]`` how many func calls the forward made."""
 
