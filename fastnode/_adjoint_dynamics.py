@@ -265,8 +265,8 @@ class SharedQuadrature(_Quadrature):
     ``S`` (and error estimate ``E``) is added to ``A`` if the step is accepted.
 
     Args:
-        theta_norm: ``"rms"`` puts the parameter adjoint's error into the step's (torchdiffeq's default adjoint
-            norm); None leaves it out (seminorm).
+        theta_norm: ``"rms"`` puts the parameter adjoint's error into the step's (``adjoint_options["norm"] =
+            "mixed"``, torchdiffeq's default adjoint norm); None leaves it out (the seminorm, the default).
         theta_tol: ``(rtol, atol)`` of the parameter adjoint.
         (the rest as ``BackwardHooks``)
     """
@@ -324,7 +324,7 @@ class SharedQuadrature(_Quadrature):
         return self.layout.split(self._theta_scaled())
 
     def ratio_floor(self) -> torch.Tensor | None:
-        """The parameter adjoint's error ratio (torchdiffeq's default adjoint norm), max'ed into the step's."""
+        """The parameter adjoint's error ratio (the mixed norm, torchdiffeq's default), max'ed into the step's."""
         if self.theta_norm and self.custom_norm is None:
             return self.layout.rms_max(self._theta_scaled())
         return None
