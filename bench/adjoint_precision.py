@@ -330,6 +330,27 @@ def add_ratios(case: Case) -> None:
             r[key] = "-" if n_td is None else f"{r['nfe_b'] / n_td:.2f}"
 
 
+NOTES = """\
+Where the difference comes from, and where fastnode is not at 0.5x:
+
+* One continuous backward solve that lands on every output time: no new initial-step selection and ramp-up per
+  output interval, and no interpolated end of interval (torchdiffeq steps past each output time and interpolates
+  there, the parameter adjoint included; that is most of its error at loose tolerances on the MLP).
+* The first backward step is the forward's last step-size proposal; a proposal that falls short of the next output
+  time by less than itself becomes two equal halves of the distance (no sliver step to land there).
+* The default adjoint norm is the seminorm: the parameter quadrature (nothing depends on it) does not steer the step.
+  With torchdiffeq's mixed norm (`fastnode-mixed`) the quadrature's elementwise relative error estimate decides
+  the MLP's steps (at rtol 1e-5 one step over [0, 1] scores 1.5 for the parameters against 0.09 for [y, a], while the
+  gradient's actual error is 4.8e-6): 0.54x and 0.72x torchdiffeq at rtol 1e-5 and 1e-7 on the MLP.
+* van der Pol (9 output intervals, many steps each) and the ODENet block (one interval; its ReLU field makes the
+  error estimate jump between steps, and the controller, torchdiffeq's, never shrinks the step after an accepted
+  one, so accepted and rejected steps alternate) gain little from the first two points: both solvers take about the
+  same steps there. A fresh initial-step estimate for the backward instead of the forward's last step (provider
+  `fastnode-probe`) saved 6-19% on the ODENet at rtol 1e-3/1e-4 but cost the MLP 1.4-1.5x and mlp-10 5-20% at
+  equal error (measured once, not in the tables); it is not the default.
+"""
+
+
 def summary(cases: list[Case]) -> list[str]:
     """Issue 13's target, per problem: fastnode's defaults against torchdiffeq's defaults, backward NFE at equal
     gradient error (``ratio_td`` of the ``fastnode`` rows), and where a point lies outside torchdiffeq's range."""
@@ -377,7 +398,7 @@ def render(cases: list[Case], args, plot_note: str) -> str:
         "",
         plot_note,
         "",
-    ] + summary(cases)
+    ] + summary(cases) + [NOTES]
     for case in cases:
         lines += [f"## {case.name}: {case.description}", "",
                   f"Reference: backprop through fastnode.odeint, {case.ref_method} at rtol = atol = {case.ref_tol:g}"
