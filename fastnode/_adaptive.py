@@ -195,7 +195,10 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
     step = _stepper(f, ops, problem, grid, hooks, events, health)
     raise_on_failure = problem.config.on_failure == "raise"
     iterations = 0
-    fast = None if problem.config.compile is None else compiled_loop(f, problem, grid, hooks, events, stats)
+    fast = None
+    if problem.config.compile is not None:
+        fast = compiled_loop(f, problem, grid, hooks, events, stats,
+                             land=lambda s, crossed, running, lr: _land(f, hooks, s, crossed, running, lr))
     while packet.running and not (packet.failed and raise_on_failure):
         if fast is not None:  # options['compile']: unwatched iterations run compiled, k per host transfer
             s, iterations, ran = fast.run(s, out, packet, health, iterations)
@@ -211,7 +214,7 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
             if out is not None:
                 out.write(ops, problem.tableau, s_old, plan, fin, K, end.crossed, n_cross)
             else:
-                _land(f, hooks, s, end, packet.landed_running)
+                _land(f, hooks, s, end.crossed, end.running, packet.landed_running)
             s.next_out = s.next_out + end.crossed
         if packet.jumped:
             _restart_after_jump(f, s, end.jumped, hooks)
@@ -341,14 +344,14 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
     return step
 
 
-def _land(f: FlatFunc, hooks, s: LoopState, end: StepEnd, landed_running: int) -> None:
-    """The adjoint at the output times this step landed on: the state changes there (``hooks.land``), and a group
-    that keeps running gets a fresh derivative."""
-    landed = end.crossed > 0
+def _land(f: FlatFunc, hooks, s: LoopState, crossed: torch.Tensor, running: torch.Tensor, landed_running: int) -> None:
+    """The adjoint at the output times this step landed on (``crossed`` [G] > 0): the state changes there
+    (``hooks.land``), and a group that keeps running (``running`` [G]) gets a fresh derivative."""
+    landed = crossed > 0
     s.y = hooks.land(s.next_out, landed, s.y)
     if landed_running:
         k_new = f(s.t, s.y)
-        mask = landed & end.running
+        mask = landed & running
         s.f = torch.where(mask.unsqueeze(1), k_new, s.f)
         hooks.k1_evaluated(mask, k_new)
 

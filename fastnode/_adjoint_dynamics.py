@@ -26,7 +26,7 @@ from ._problem import FlatFunc, StateSpec
 class _Eval:
     """One evaluation of the augmented dynamics, kept (graph alive) until its parameter weight is final."""
 
-    __slots__ = ("cot", "mask", "out", "t", "tainted", "w", "y")
+    __slots__ = ("cot", "lazy", "mask", "out", "t", "tainted", "w", "y")
 
     def __init__(self, out, cot, t, y):
         self.out = out  # [G, N] f(t, y) with its graph to the parameters
@@ -36,6 +36,7 @@ class _Eval:
         self.w = None  # [G] accumulated weight (integration-time units)
         self.mask = None  # [G] samples whose current first stage is this evaluation
         self.tainted = False  # some sample produced non-finite values in this evaluation's step
+        self.lazy = False  # not evaluated with a graph (a compiled step's start, fastnode._compiled_adjoint): re-run
 
 
 _LAYOUTS: dict = {}
@@ -426,17 +427,17 @@ class PerSampleQuadrature(_Quadrature):
 
     def _retire(self, evs: list[_Eval]) -> None:
         """Add the evaluations' weighted parameter vjps to ``A`` (one ``autograd.grad`` for the clean ones)."""
-        evs = [e for e in evs if e.out is not None and e.w is not None]
+        evs = [e for e in evs if (e.out is not None or e.lazy) and e.w is not None]
         if not evs:
             return
-        clean = [e for e in evs if not e.tainted]
+        clean = [e for e in evs if not (e.tainted or e.lazy)]
         if clean:
             outs = [e.out for e in clean]
             cots = [e.cot * e.w.to(e.cot.dtype).unsqueeze(1) for e in clean]
             grads = torch.autograd.grad(outs, self.params, cots, allow_unused=True, retain_graph=self.aug.keep.retain)
             self._add(grads)
         for e in evs:
-            if e.tainted:
+            if e.tainted or e.lazy:
                 self._retire_subset(e)
 
     def _retire_subset(self, e: _Eval) -> None:
