@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from . import _stats as st
+from ._adjoint_dynamics import halve_before_output
 from ._compiled import compiled_loop
 from ._events import EventTracker
 from ._health import HealthCheck
@@ -195,7 +196,10 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
     step = _stepper(f, ops, problem, grid, hooks, events, health)
     raise_on_failure = problem.config.on_failure == "raise"
     iterations = 0
-    fast = None if problem.config.compile is None else compiled_loop(f, problem, grid, hooks, events, stats)
+    fast = None
+    if problem.config.compile is not None:
+        fast = compiled_loop(f, problem, grid, hooks, events, stats,
+                             land=lambda s, crossed, running, lr: _land(f, hooks, s, crossed, running, lr))
     while packet.running and not (packet.failed and raise_on_failure):
         if fast is not None:  # options['compile']: unwatched iterations run compiled, k per host transfer
             s, iterations, ran = fast.run(s, out, packet, health, iterations)
@@ -211,7 +215,7 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
             if out is not None:
                 out.write(ops, problem.tableau, s_old, plan, fin, K, end.crossed, n_cross)
             else:
-                _land(f, hooks, s, end, packet.landed_running)
+                _land(f, hooks, s, end.crossed, end.running, packet.landed_running)
             s.next_out = s.next_out + end.crossed
         if packet.jumped:
             _restart_after_jump(f, s, end.jumped, hooks)
@@ -295,11 +299,11 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
     cb = f.callbacks  # torchdiffeq's step callbacks of func (fastnode/_callbacks.py), or None
 
     keep = () if health.pair is None else health.pair
-    split = None if hooks is None else _halving(grid)
+    halve = hooks is not None  # the adjoint's backward solve: see halve_before_output
 
     def step(s: LoopState, watch: bool = False):
         y = s.y
-        h_try = s.h if split is None else split(s)
+        h_try = halve_before_output(s.t, s.h, s.running, s.next_out, t_out) if halve else s.h
         if cb is not None:
             cb.step(s.t, y, torch.where(s.running, h_try, 0.0))
         inputs = {0: y} if watch else None
@@ -343,44 +347,14 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
     return step
 
 
-def _halving(grid: _Grid) -> Callable:
-    """The adjoint's step proposal before an output time: ``split(s) -> h [G]``.
-
-    The backward solve lands exactly on every output time (the cotangent is added there), so a proposal ``h`` that
-    falls short of the next output time by less than ``h`` would be followed by a sliver step that lands (a full
-    step's evaluations for a fraction of its length, and a small proposal carried past the output time). When the
-    distance ``r`` to the next output time lies in ``(h, 2h)`` two steps are needed anyway, so each is taken as
-    ``r / 2``: no more steps, each shorter than ``h`` (no more rejections) and with a smaller error. Measured on
-    bench/adjoint_precision.py (dopri5, atol = rtol = 1e-2 ... 1e-8, both adjoint norms): at equal gradient error
-    never more backward NFE, e.g. MLP t = [0, 1] rtol 1e-6 (mixed norm) 19 -> 13, mlp-10 rtol 1e-7 (seminorm)
-    165 -> 135, vdp rtol 1e-4 129 -> 105 (the ODENet's rtol 1e-3: 205 -> 217 at a lower error, on its curve). The
-    forward solve interpolates its outputs and never takes this path.
-    """
-    t_out, rows, last = grid.t_out, grid.rows, grid.T - 1
-    eps4 = 4 * torch.finfo(t_out.dtype).eps
-
-    def split(s: LoopState) -> torch.Tensor:
-        with torch.no_grad():
-            t, h = s.t.detach(), s.h
-            t_next = t_out[rows, s.next_out.clamp_max(last)].detach()
-            r = t_next - t
-            # After the first half, the rest is r / 2 up to the rounding of t + r / 2: the proposal (at least r / 2
-            # after an accepted step) then lands, rather than halving a rounding excess again.
-            slack = eps4 * torch.maximum(t.abs(), t_next.abs())
-            room = s.running & (r > h)
-            return torch.where(room & (r <= h + slack), r, torch.where(room & (r < 2 * h), 0.5 * r, h))
-
-    return split
-
-
-def _land(f: FlatFunc, hooks, s: LoopState, end: StepEnd, landed_running: int) -> None:
-    """The adjoint at the output times this step landed on: the state changes there (``hooks.land``), and a group
-    that keeps running gets a fresh derivative."""
-    landed = end.crossed > 0
+def _land(f: FlatFunc, hooks, s: LoopState, crossed: torch.Tensor, running: torch.Tensor, landed_running: int) -> None:
+    """The adjoint at the output times this step landed on (``crossed`` [G] > 0): the state changes there
+    (``hooks.land``), and a group that keeps running (``running`` [G]) gets a fresh derivative."""
+    landed = crossed > 0
     s.y = hooks.land(s.next_out, landed, s.y)
     if landed_running:
         k_new = f(s.t, s.y)
-        mask = landed & end.running
+        mask = landed & running
         s.f = torch.where(mask.unsqueeze(1), k_new, s.f)
         hooks.k1_evaluated(mask, k_new)
 
