@@ -389,6 +389,10 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9,
         adjoint_params: tensors to differentiate (default: ``func.parameters()``); those that do not require grad
             are left out, as in torchdiffeq.
 
+    ``options={"compile": True}`` (adaptive methods) compiles the forward solve's step and, through the default
+    ``adjoint_options``, the backward's: each backward step with its vector-Jacobian products and the parameter
+    quadrature is one ``torch.compile`` program (``fastnode._compiled_adjoint`` says what stays eager).
+
     Returns:
         As ``odeint``; with ``event_fn`` the event time is differentiable (implicit function theorem, as
         ``odeint_event``) while the solution keeps its fixed-time gradient. ``func``'s ``callback_*_adjoint``
