@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from . import _stats as st
+from ._adjoint_dynamics import halve_before_output
 from ._compiled import compiled_loop
 from ._events import EventTracker
 from ._health import HealthCheck
@@ -298,13 +299,15 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
     cb = f.callbacks  # torchdiffeq's step callbacks of func (fastnode/_callbacks.py), or None
 
     keep = () if health.pair is None else health.pair
+    halve = hooks is not None  # the adjoint's backward solve: see halve_before_output
 
     def step(s: LoopState, watch: bool = False):
         y = s.y
+        h_try = halve_before_output(s.t, s.h, s.running, s.next_out, t_out) if halve else s.h
         if cb is not None:
-            cb.step(s.t, y, torch.where(s.running, s.h, 0.0))
+            cb.step(s.t, y, torch.where(s.running, h_try, 0.0))
         inputs = {0: y} if watch else None
-        plan = step_begin(s.t, s.h, s.running, t_out, t_end, to_outputs, c, sign, y.dtype, squeeze, stops=stops,
+        plan = step_begin(s.t, h_try, s.running, t_out, t_end, to_outputs, c, sign, y.dtype, squeeze, stops=stops,
                           end_perturb=end_perturb, time_grad=time_grad)
         hy = plan.h_state
         if hooks is not None:
@@ -327,7 +330,7 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
             cb.decided(s.t, y, plan.h_ctl, fin.accept, s.running)
         stop = None if events is None else events.after_step(s, plan, fin, K)  # event crossings end groups
         fail = health.observe(s, plan, fin, K, inputs, ops, t_end) if watch else None
-        end = step_end(fin.accept, fin.h_next, s.h, plan.clipped, s.running, s.t, plan.t_new, t_end, s.n_attempted,
+        end = step_end(fin.accept, fin.h_next, h_try, plan.clipped, s.running, s.t, plan.t_new, t_end, s.n_attempted,
                        s.n_accepted, s.status, s.last_nonfinite, fin.ok, s.next_out, t_out, max_steps, _CODES,
                        jump_t=jump_t, stop=stop, fail=fail)
         if hooks is not None:

@@ -23,6 +23,35 @@ from ._graph_retention import GraphRetention
 from ._problem import FlatFunc, StateSpec
 
 
+def halve_before_output(t: torch.Tensor, h: torch.Tensor, running: torch.Tensor, next_out: torch.Tensor,
+                        t_out: torch.Tensor) -> torch.Tensor:
+    """The backward solve's step proposal before an output time (eager and compiled loops alike). [G].
+
+    The backward solve lands exactly on every output time (the cotangent is added there), so a proposal ``h`` that
+    falls short of the next output time by less than ``h`` would be followed by a sliver step that lands (a full
+    step's evaluations for a fraction of its length, and a small proposal carried past the output time). When the
+    distance ``r`` to the next output time lies in ``(h, 2h)`` two steps are needed anyway, so each is taken as
+    ``r / 2``: no more steps, each shorter than ``h`` (no more rejections) and with a smaller error. Measured on
+    bench/adjoint_precision.py (dopri5, atol = rtol = 1e-2 ... 1e-8, both adjoint norms): at equal gradient error
+    never more backward NFE, e.g. MLP t = [0, 1] rtol 1e-6 (mixed norm) 19 -> 13, mlp-10 rtol 1e-7 (seminorm)
+    165 -> 135, vdp rtol 1e-4 129 -> 105 (the ODENet's rtol 1e-3: 205 -> 217 at a lower error, on its curve). The
+    forward solve interpolates its outputs and never takes this path.
+
+    Args:
+        t, h: [G] time reached and the controller's proposal (integration time, increasing); ``running``: [G] bool.
+        next_out: [G] index of the next output time in ``t_out`` [G, T].
+    """
+    with torch.no_grad():
+        t = t.detach()
+        t_next = t_out.detach().gather(1, next_out.clamp_max(t_out.shape[1] - 1).unsqueeze(1)).squeeze(1)
+        r = t_next - t
+        # After the first half, the rest is r / 2 up to the rounding of t + r / 2: the proposal (at least r / 2 after
+        # an accepted step) then lands, rather than halving a rounding excess again.
+        slack = (4 * torch.finfo(t.dtype).eps) * torch.maximum(t.abs(), t_next.abs())
+        room = running & (r > h)
+        return torch.where(room & (r <= h + slack), r, torch.where(room & (r < 2 * h), 0.5 * r, h))
+
+
 class _Eval:
     """One evaluation of the augmented dynamics, kept (graph alive) until its parameter weight is final."""
 
@@ -266,8 +295,8 @@ class SharedQuadrature(_Quadrature):
     ``S`` (and error estimate ``E``) is added to ``A`` if the step is accepted.
 
     Args:
-        theta_norm: ``"rms"`` puts the parameter adjoint's error into the step's (torchdiffeq's default adjoint
-            norm); None leaves it out (seminorm).
+        theta_norm: ``"rms"`` puts the parameter adjoint's error into the step's (``adjoint_options["norm"] =
+            "mixed"``, torchdiffeq's default adjoint norm); None leaves it out (the seminorm, the default).
         theta_tol: ``(rtol, atol)`` of the parameter adjoint.
         (the rest as ``BackwardHooks``)
     """
@@ -325,7 +354,7 @@ class SharedQuadrature(_Quadrature):
         return self.layout.split(self._theta_scaled())
 
     def ratio_floor(self) -> torch.Tensor | None:
-        """The parameter adjoint's error ratio (torchdiffeq's default adjoint norm), max'ed into the step's."""
+        """The parameter adjoint's error ratio (the mixed norm, torchdiffeq's default), max'ed into the step's."""
         if self.theta_norm and self.custom_norm is None:
             return self.layout.rms_max(self._theta_scaled())
         return None

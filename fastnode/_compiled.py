@@ -39,6 +39,7 @@ from collections import OrderedDict
 import torch
 
 from . import _stats as st
+from ._adjoint_dynamics import halve_before_output
 from ._compiled_adjoint import BackwardTerms
 from ._options import RMSNorm
 from .backends.torch_ops import TorchStepOps, _const, _dense_tensor
@@ -210,6 +211,7 @@ def _build_backward_step(f, problem, grid, terms: BackwardTerms):
     def step(*x):
         t, h, z, k0, running, status, n_att, n_acc, prev_ratio, last_nf, next_out, busy = x[:12]
         extra, (t_out, t_end, t0, stops, rtol, atol) = x[12 : 12 + n_extra], x[12 + n_extra :]
+        h = halve_before_output(t, h, running, next_out, t_out)  # as the eager backward step
         plan = ops.step_begin(t, h, running, t_out, t_end, to_outputs, c, sign, z.dtype, squeeze, stops=stops)
         hz = plan.h_state
         if quad is not None:

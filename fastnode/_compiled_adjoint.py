@@ -7,7 +7,7 @@ vector-Jacobian products (``torch.autograd.grad`` traced by dynamo under ``torch
 the parameter quadrature, the finish and controller, and the bookkeeping.
 
 * Shared step size (``SharedQuadrature``): the stage-weighted parameter sums ``S`` (and their error ``E``), the
-  parameter adjoint's error ratio that torchdiffeq's default adjoint norm puts into the step's (``ratio_floor``),
+  parameter adjoint's error ratio that the mixed norm (torchdiffeq's default) puts into the step's (``ratio_floor``),
   and the accepted step's update of ``A`` and of the first stage's parameter product (FSAL): the eager
   operations in the eager order, so float64 solves take the same steps with the same evaluations.
 * Per-sample step control (``PerSampleQuadrature``): a stage's parameter weight ``h_b * b_j * accepted_b`` is known
