@@ -206,7 +206,7 @@ _FIRST_STEP = fastnode._adjoint._first_step
 def _min_first_step():
     """Patches for a backward first step ``min(forward's last step, the initial-step probe's estimate)``."""
     held = {}
-    select = fastnode._adaptive.select_initial_step
+    select = fastnode._adaptive._first_step
 
     def first_step(cfg, stats_f):
         if cfg.adaptive is None or cfg.adaptive.first_step is not None:
@@ -230,7 +230,7 @@ def run_adjoint(case: Case, provider: str, rtol: float) -> tuple[int, int, float
     if provider.startswith("fastnode-min"):  # A/B: the smaller of the forward's last step and the probe's
         first_step, select_min = _min_first_step()
         with mock.patch.object(fastnode._adjoint, "_first_step", first_step), \
-                mock.patch.object(fastnode._adaptive, "select_initial_step", select_min):
+                mock.patch.object(fastnode._adaptive, "_first_step", select_min):
             return run_adjoint(case, provider.replace("-min", ""), rtol)
     solve = fastnode.odeint_adjoint if provider.startswith("fastnode") else torchdiffeq.odeint_adjoint
     aopt = {"norm": "seminorm"} if provider.endswith("seminorm") else {"norm": "mixed"} if provider.endswith(
