@@ -6,12 +6,15 @@ its seconds are reported apart (``stats.compile_seconds`` of the first compiled 
 
 Cases:
     mlp-small: B=128, 32-64-64-32 tanh MLP (autonomous), float32, dopri5, rtol 1e-6 atol 1e-8, 10 output times on
-        [0, 1]; ``fwd`` (no_grad) and ``bwd`` (backprop of ``sum(ys)`` to y0 and the parameters).
+        [0, 1]; ``fwd`` (no_grad), ``bwd`` (backprop of ``sum(ys)`` to y0 and the parameters) and ``adj``
+        (``odeint_adjoint``, forward and backward solves, against torchdiffeq's ``odeint_adjoint``; NFE is
+        forward+backward, compile time both programs').
     mlp-medium: B=512, 256-512-512-256, otherwise the same.
     vdp: bench.problems' van der Pol batch (B=64, mu in [0.5, 10], float64, rtol 1e-5), per-sample step control,
         against torchode (per-sample) and fastnode eager per-sample.
 
-Run: ``.venv/bin/python -m bench.compiled_cpu [mlp-small|mlp-medium|vdp] [--rounds N]`` (from the repository root).
+Run: ``.venv/bin/python -m bench.compiled_cpu [mlp-small|mlp-medium|vdp] [--rounds N] [--modes fwd,bwd,adj]`` (from
+the repository root).
 """
 
 from __future__ import annotations
@@ -47,6 +50,21 @@ def _vdp_case():
 
     p = van_der_pol()
     return p.func, p.y0, p.t_eval, dict(rtol=p.tolerances[0].rtol, atol=p.tolerances[0].atol)
+
+
+def _adjoint_providers(func, t, tol):
+    """name -> solve(y0) -> ys [T, B, N] by the adjoint method."""
+    out = {
+        "fastnode-eager": lambda y0: fastnode.odeint_adjoint(func, y0, t, **tol),
+        "fastnode-compiled": lambda y0: fastnode.odeint_adjoint(func, y0, t, options={"compile": True}, **tol),
+    }
+    try:
+        import torchdiffeq
+
+        out["torchdiffeq"] = lambda y0: torchdiffeq.odeint_adjoint(func, y0, t, **tol)
+    except ImportError:
+        pass
+    return out
 
 
 def _providers(func, t, tol, per_sample: bool):
@@ -99,19 +117,22 @@ def run(name: str, mode: str, rounds: int) -> None:
     else:
         func, y0, t, tol = _mlp_case(*((32, 64, 128) if name == "mlp-small" else (256, 512, 512)))
     per_sample = name == "vdp"
-    provs = _providers(func, t, tol, per_sample)
-    params = [p for p in func.parameters() if p.requires_grad] if mode == "bwd" else []
-    bwd = mode == "bwd"
+    provs = _adjoint_providers(func, t, tol) if mode == "adj" else _providers(func, t, tol, per_sample)
+    bwd = mode in ("bwd", "adj")
+    params = [p for p in func.parameters() if p.requires_grad] if bwd else []
     nfe, compile_s = {}, None
     for pname, fn in provs.items():  # warm-up (compiles), NFE
         for _ in range(2):
             _timed(fn, y0, params, bwd)
             if pname.startswith("fastnode"):
                 s = fastnode.last_stats()
-                nfe[pname] = s.nfe
+                nfe[pname] = f"{s.nfe}+{s.nfe_backward}" if mode == "adj" else s.nfe
                 if pname.endswith("compiled") and compile_s is None:
                     compile_s = s.compile_seconds
                     assert s.compiled, s.compile_fallback
+                    if mode == "adj":
+                        compile_s += s.backward.compile_seconds
+                        assert s.backward.compiled, s.backward.compile_fallback
     times: dict = {k: [] for k in provs}
     for _ in range(rounds):
         for pname, fn in provs.items():
@@ -134,7 +155,7 @@ def main() -> None:
     args = ap.parse_args()
     for name in args.cases:
         for mode in args.modes.split(","):
-            if name == "vdp" and mode == "bwd":
+            if name == "vdp" and mode in ("bwd", "adj"):
                 continue
             run(name, mode, args.rounds)
 

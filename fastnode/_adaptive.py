@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from . import _stats as st
+from ._adjoint_dynamics import halve_before_output
 from ._compiled import compiled_loop
 from ._events import EventTracker
 from ._health import HealthCheck
@@ -231,7 +232,10 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
                          event_fn is not None)
     raise_on_failure = problem.config.on_failure == "raise"
     iterations = 0
-    fast = None if problem.config.compile is None else compiled_loop(f, problem, grid, hooks, events, stats)
+    fast = None
+    if problem.config.compile is not None:
+        fast = compiled_loop(f, problem, grid, hooks, events, stats,
+                             land=lambda s, crossed, running, lr: _land(f, hooks, s, crossed, running, lr))
     # Lean recording (backprop through a shared-mode solve): the packet also carries the one group's decision, so the
     # state advances without a where node per step, and the outputs are rows stacked once (every graph node costs its
     # backward; the masks are needed only with several groups).
@@ -260,7 +264,7 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
             elif out is not None:
                 out.write(ops, problem.tableau, s_old, plan, fin, K, end.crossed, n_cross)
             else:
-                _land(f, hooks, s, end, packet.landed_running)
+                _land(f, hooks, s, end.crossed, end.running, packet.landed_running)
             s.next_out = s.next_out + end.crossed
         if packet.jumped:
             _restart_after_jump(f, s, end.jumped, hooks)
@@ -348,13 +352,15 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
     cb = f.callbacks  # torchdiffeq's step callbacks of func (fastnode/_callbacks.py), or None
 
     keep = () if health.pair is None else health.pair
+    halve = hooks is not None  # the adjoint's backward solve: see halve_before_output
 
     def step(s: LoopState, watch: bool = False):
         y = s.y
+        h_try = halve_before_output(s.t, s.h, s.running, s.next_out, t_out) if halve else s.h
         if cb is not None:
-            cb.step(s.t, y, torch.where(s.running, s.h, 0.0))
+            cb.step(s.t, y, torch.where(s.running, h_try, 0.0))
         inputs = {0: y} if watch else None
-        plan = step_begin(s.t, s.h, s.running, t_out, t_end, to_outputs, c, sign, y.dtype, squeeze, stops=stops,
+        plan = step_begin(s.t, h_try, s.running, t_out, t_end, to_outputs, c, sign, y.dtype, squeeze, stops=stops,
                           end_perturb=end_perturb, time_grad=time_grad)
         hy = plan.h_state
         if hooks is not None:
@@ -377,7 +383,7 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
             cb.decided(s.t, y, plan.h_ctl, fin.accept, s.running)
         stop = None if events is None else events.after_step(s, plan, fin, K)  # event crossings end groups
         fail = health.observe(s, plan, fin, K, inputs, ops, t_end) if watch else None
-        end = step_end(fin.accept, fin.h_next, s.h, plan.clipped, s.running, s.t, plan.t_new, t_end, s.n_attempted,
+        end = step_end(fin.accept, fin.h_next, h_try, plan.clipped, s.running, s.t, plan.t_new, t_end, s.n_attempted,
                        s.n_accepted, s.status, s.last_nonfinite, fin.ok, s.next_out, t_out, max_steps, _CODES,
                        jump_t=jump_t, stop=stop, fail=fail)
         if hooks is not None:
@@ -397,14 +403,14 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
     return step
 
 
-def _land(f: FlatFunc, hooks, s: LoopState, end: StepEnd, landed_running: int) -> None:
-    """The adjoint at the output times this step landed on: the state changes there (``hooks.land``), and a group
-    that keeps running gets a fresh derivative."""
-    landed = end.crossed > 0
+def _land(f: FlatFunc, hooks, s: LoopState, crossed: torch.Tensor, running: torch.Tensor, landed_running: int) -> None:
+    """The adjoint at the output times this step landed on (``crossed`` [G] > 0): the state changes there
+    (``hooks.land``), and a group that keeps running (``running`` [G]) gets a fresh derivative."""
+    landed = crossed > 0
     s.y = hooks.land(s.next_out, landed, s.y)
     if landed_running:
         k_new = f(s.t, s.y)
-        mask = landed & end.running
+        mask = landed & running
         s.f = torch.where(mask.unsqueeze(1), k_new, s.f)
         hooks.k1_evaluated(mask, k_new)
 

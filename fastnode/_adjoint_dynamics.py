@@ -23,10 +23,39 @@ from ._graph_retention import GraphRetention
 from ._problem import FlatFunc, StateSpec
 
 
+def halve_before_output(t: torch.Tensor, h: torch.Tensor, running: torch.Tensor, next_out: torch.Tensor,
+                        t_out: torch.Tensor) -> torch.Tensor:
+    """The backward solve's step proposal before an output time (eager and compiled loops alike). [G].
+
+    The backward solve lands exactly on every output time (the cotangent is added there), so a proposal ``h`` that
+    falls short of the next output time by less than ``h`` would be followed by a sliver step that lands (a full
+    step's evaluations for a fraction of its length, and a small proposal carried past the output time). When the
+    distance ``r`` to the next output time lies in ``(h, 2h)`` two steps are needed anyway, so each is taken as
+    ``r / 2``: no more steps, each shorter than ``h`` (no more rejections) and with a smaller error. Measured on
+    bench/adjoint_precision.py (dopri5, atol = rtol = 1e-2 ... 1e-8, both adjoint norms): at equal gradient error
+    never more backward NFE, e.g. MLP t = [0, 1] rtol 1e-6 (mixed norm) 19 -> 13, mlp-10 rtol 1e-7 (seminorm)
+    165 -> 135, vdp rtol 1e-4 129 -> 105 (the ODENet's rtol 1e-3: 205 -> 217 at a lower error, on its curve). The
+    forward solve interpolates its outputs and never takes this path.
+
+    Args:
+        t, h: [G] time reached and the controller's proposal (integration time, increasing); ``running``: [G] bool.
+        next_out: [G] index of the next output time in ``t_out`` [G, T].
+    """
+    with torch.no_grad():
+        t = t.detach()
+        t_next = t_out.detach().gather(1, next_out.clamp_max(t_out.shape[1] - 1).unsqueeze(1)).squeeze(1)
+        r = t_next - t
+        # After the first half, the rest is r / 2 up to the rounding of t + r / 2: the proposal (at least r / 2 after
+        # an accepted step) then lands, rather than halving a rounding excess again.
+        slack = (4 * torch.finfo(t.dtype).eps) * torch.maximum(t.abs(), t_next.abs())
+        room = running & (r > h)
+        return torch.where(room & (r <= h + slack), r, torch.where(room & (r < 2 * h), 0.5 * r, h))
+
+
 class _Eval:
     """One evaluation of the augmented dynamics, kept (graph alive) until its parameter weight is final."""
 
-    __slots__ = ("cot", "mask", "out", "t", "tainted", "w", "y")
+    __slots__ = ("cot", "lazy", "mask", "out", "t", "tainted", "w", "y")
 
     def __init__(self, out, cot, t, y):
         self.out = out  # [G, N] f(t, y) with its graph to the parameters
@@ -36,6 +65,7 @@ class _Eval:
         self.w = None  # [G] accumulated weight (integration-time units)
         self.mask = None  # [G] samples whose current first stage is this evaluation
         self.tainted = False  # some sample produced non-finite values in this evaluation's step
+        self.lazy = False  # not evaluated with a graph (a compiled step's start, fastnode._compiled_adjoint): re-run
 
 
 _LAYOUTS: dict = {}
@@ -265,8 +295,8 @@ class SharedQuadrature(_Quadrature):
     ``S`` (and error estimate ``E``) is added to ``A`` if the step is accepted.
 
     Args:
-        theta_norm: ``"rms"`` puts the parameter adjoint's error into the step's (torchdiffeq's default adjoint
-            norm); None leaves it out (seminorm).
+        theta_norm: ``"rms"`` puts the parameter adjoint's error into the step's (``adjoint_options["norm"] =
+            "mixed"``, torchdiffeq's default adjoint norm); None leaves it out (the seminorm, the default).
         theta_tol: ``(rtol, atol)`` of the parameter adjoint.
         (the rest as ``BackwardHooks``)
     """
@@ -324,7 +354,7 @@ class SharedQuadrature(_Quadrature):
         return self.layout.split(self._theta_scaled())
 
     def ratio_floor(self) -> torch.Tensor | None:
-        """The parameter adjoint's error ratio (torchdiffeq's default adjoint norm), max'ed into the step's."""
+        """The parameter adjoint's error ratio (the mixed norm, torchdiffeq's default), max'ed into the step's."""
         if self.theta_norm and self.custom_norm is None:
             return self.layout.rms_max(self._theta_scaled())
         return None
@@ -426,17 +456,17 @@ class PerSampleQuadrature(_Quadrature):
 
     def _retire(self, evs: list[_Eval]) -> None:
         """Add the evaluations' weighted parameter vjps to ``A`` (one ``autograd.grad`` for the clean ones)."""
-        evs = [e for e in evs if e.out is not None and e.w is not None]
+        evs = [e for e in evs if (e.out is not None or e.lazy) and e.w is not None]
         if not evs:
             return
-        clean = [e for e in evs if not e.tainted]
+        clean = [e for e in evs if not (e.tainted or e.lazy)]
         if clean:
             outs = [e.out for e in clean]
             cots = [e.cot * e.w.to(e.cot.dtype).unsqueeze(1) for e in clean]
             grads = torch.autograd.grad(outs, self.params, cots, allow_unused=True, retain_graph=self.aug.keep.retain)
             self._add(grads)
         for e in evs:
-            if e.tainted:
+            if e.tainted or e.lazy:
                 self._retire_subset(e)
 
     def _retire_subset(self, e: _Eval) -> None:

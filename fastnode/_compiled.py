@@ -18,9 +18,12 @@ only like the logarithm of the iterations.
 
 What runs eager instead (``stats.compile_fallback`` says why): steps that ``fastnode._health`` watches (a few
 windows from iteration 256 on), events, ``jump_t``, ``func``'s step callbacks, gradients with respect to ``t``, a
-callable ``options['norm']``, the adjoint's backward solve, and any ``func`` that dynamo cannot capture (a graph
-break, data-dependent Python control flow, ``.item()``): then one warning names dynamo's reason and the solve runs
-eager, with the same results.
+callable ``options['norm']``, the parts of the adjoint's backward solve that ``fastnode._compiled_adjoint`` names
+(a callable adjoint norm, parameters reached through tensors made outside ``func``), and any ``func`` that dynamo
+cannot capture (a graph break, data-dependent Python control flow, ``.item()``): then one warning names dynamo's
+reason and the solve runs eager, with the same results. The adjoint's backward solve otherwise runs compiled (its
+vector-Jacobian products and the parameter quadrature inside the step), one step per host transfer, with the
+landings on output times on the host.
 
 Programs are cached per (func, tableau, shapes, dtypes, device, options), so a training loop compiles once; each
 cache entry gets its own copy of the step's code object, so dynamo's per-code recompile limit never mixes entries.
@@ -36,6 +39,8 @@ from collections import OrderedDict
 import torch
 
 from . import _stats as st
+from ._adjoint_dynamics import halve_before_output
+from ._compiled_adjoint import BackwardTerms
 from ._options import RMSNorm
 from .backends.torch_ops import TorchStepOps, _const, _dense_tensor
 
@@ -69,7 +74,9 @@ class _Program:
 def unsupported_reason(f, problem, grid, hooks, events) -> str | None:
     """Why this solve cannot run compiled (None: it can)."""
     if hooks is not None:
-        return "the adjoint's backward solve runs eager (its vector-Jacobian products and quadrature are host-driven)"
+        reason = BackwardTerms.unsupported(hooks)
+        if reason is not None:
+            return reason
     if events is not None:
         return "event_fn (event location is host-driven)"
     if f.callbacks is not None:
@@ -85,14 +92,15 @@ def unsupported_reason(f, problem, grid, hooks, events) -> str | None:
     return None
 
 
-def compiled_loop(f, problem, grid, hooks, events, stats: st.SolveStats):
-    """A ``CompiledLoop`` for this solve, or None (eager) with ``stats.compile_fallback`` set and, unless it is the
-    adjoint's backward solve, one warning per reason and process."""
+def compiled_loop(f, problem, grid, hooks, events, stats: st.SolveStats, land=None):
+    """A ``CompiledLoop`` for this solve, or None (eager) with ``stats.compile_fallback`` set and one warning per
+    reason and process. ``hooks``, ``land``: the adjoint's backward solve (``land(s, crossed, running,
+    landed_running)`` does the landing on output times on the host)."""
     reason = unsupported_reason(f, problem, grid, hooks, events)
     if reason is None:
-        return CompiledLoop(f, problem, grid, stats)
+        return CompiledLoop(f, problem, grid, stats, None if hooks is None else BackwardTerms(hooks), land)
     stats.compile_fallback = reason
-    if hooks is None and reason not in _warned:
+    if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"fastnode: options['compile'] cannot compile this solve: {reason}; it runs eager",
                       RuntimeWarning, stacklevel=4)
@@ -103,7 +111,7 @@ def _tol_key(v):
     return ("tensor", tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else float(v)
 
 
-def _program_for(f, problem, grid) -> _Program:
+def _program_for(f, problem, grid, terms: BackwardTerms | None) -> _Program:
     """The cached program of this solve's key, built (not yet compiled: dynamo compiles at the first call)."""
     cfg, spec, y0 = problem.config, problem.spec, problem.y0
     stops = grid.stops
@@ -111,12 +119,13 @@ def _program_for(f, problem, grid) -> _Program:
            spec.dtype, tuple(y0.shape), y0.dtype, str(y0.device), tuple(grid.t_out.shape), grid.t_out.dtype,
            grid.to_outputs, grid.squeeze, f.sign, None if stops is None else stops.shape[0], cfg.ctrl,
            cfg.max_num_steps, cfg.compile, BACKEND, _tol_key(problem.rtol), _tol_key(problem.atol),
-           None if problem.norm.segments is None else tuple(problem.norm.segments))
+           None if problem.norm.segments is None else tuple(problem.norm.segments),
+           None if terms is None else terms.key)
     prog = _programs.get(key)
     if prog is not None and prog.func is f.func:
         _programs.move_to_end(key)
         return prog
-    step = _build_step(f, problem, grid)
+    step = _build_step(f, problem, grid) if terms is None else _build_backward_step(f, problem, grid, terms)
     # A fresh code object per entry: dynamo keeps its cache (and its recompile limit) per code object.
     step = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__,
                               step.__closure__)
@@ -182,6 +191,66 @@ def _build_step(f, problem, grid):
     return step
 
 
+def _build_backward_step(f, problem, grid, terms: BackwardTerms):
+    """The adjoint's backward step as a pure function (``fastnode._compiled_adjoint``): the loop-state tensors,
+    the counter, the quadrature's state (``terms.state()``) and the constant tensors in; the next ones, the output
+    times each group landed on (``crossed`` [G]; ``next_out`` is advanced by the host's landing) and the packet
+    out. The packet adds to the forward's the most output times crossed, whether a group that landed runs on and
+    whether a running group turned non-finite (then a per-sample quadrature's step is run again eager)."""
+    tab, cfg = problem.tableau, problem.config
+    ops = TorchStepOps()
+    c, sign, squeeze, to_outputs = tab.c, f.sign, grid.squeeze, grid.to_outputs
+    ctrl, max_steps, norm = cfg.ctrl, cfg.max_num_steps, problem.norm
+    rows = [(i, tab.a[i], c[i] == 1.0) for i in range(1, tab.num_stages)]
+    (evaluate, first_stage), quad = terms.evaluator(), terms.quadrature(tab)
+    update = terms.per_sample_update(tab, ops)
+    n_extra = len(terms.state())
+    _const(tuple(c), grid.t_out.dtype, grid.t_out.device)  # see _build_step
+    _const(tuple(_CODES), torch.int8, grid.t_out.device)
+
+    def step(*x):
+        t, h, z, k0, running, status, n_att, n_acc, prev_ratio, last_nf, next_out, busy = x[:12]
+        extra, (t_out, t_end, t0, stops, rtol, atol) = x[12 : 12 + n_extra], x[12 + n_extra :]
+        h = halve_before_output(t, h, running, next_out, t_out)  # as the eager backward step
+        plan = ops.step_begin(t, h, running, t_out, t_end, to_outputs, c, sign, z.dtype, squeeze, stops=stops)
+        hz = plan.h_state
+        if quad is not None:
+            A, k1 = extra
+            hs = hz.reshape(())
+            S, E = quad[0](hs, k1)
+        if update is not None:
+            evals = [first_stage(plan.t_stage[0], z)]
+        K, th = [k0], None
+        for i, a_i, at_end in rows:
+            k, th = evaluate(plan.t_end_stage if at_end else plan.t_stage[i], ops.rk_combine(z, K, hz, a_i))
+            K.append(k)
+            if quad is not None:
+                S, E = quad[1](S, E, i, hs, th)
+            if update is not None:
+                evals.append(th)
+        floor = None if quad is None else quad[2](A, S, E)
+        fin = ops.finish_control(tab, z, K, hz, rtol, atol, norm, ctrl, plan.h_ctl, prev_ratio, running,
+                                 ratio_floor=floor)
+        end = ops.step_end(fin.accept, fin.h_next, h, plan.clipped, running, t, plan.t_new, t_end, n_att, n_acc,
+                           status, last_nf, fin.ok, next_out, t_out, max_steps, _CODES)
+        if quad is not None:  # SharedQuadrature.end_step: an accepted step adds its sum; its last stage is FSAL
+            acc0 = fin.accept.reshape(())
+            extra = (torch.where(acc0, A + S, A), torch.where(acc0, th, k1))
+        tainted = (running & ~fin.ok).any()
+        if update is not None:
+            extra = (update(extra[0], evals, hz, fin.accept, tainted),)
+        acc = fin.accept.unsqueeze(1)
+        busy = busy + running.any().to(busy.dtype)
+        landed = torch.stack([end.crossed.max().double(), ((end.crossed > 0) & end.running).any().double(),
+                              tainted.double()])
+        packet = torch.cat([_packet(end.running, end.status, busy, end.t, t0, t_end), landed])
+        return (end.t, end.h, torch.where(acc, fin.y_new, z), torch.where(acc, K[-1], k0), end.running, end.status,
+                end.n_attempted, end.n_accepted, fin.prev_ratio, end.last_nonfinite, next_out, busy, *extra,
+                end.crossed, packet)
+
+    return step
+
+
 def _write_outputs(dense, used, y, K, plan, fin, t, next_out, crossed, t_out, out):
     """``out [T + 1, G, N]`` with the outputs this step passed (``next_out <= j < next_out + crossed`` per group)
     set to the step's dense output there, by a masked write over every output time (no host loop, no gather with
@@ -218,16 +287,20 @@ def _dynamo_graphs() -> int:
 class CompiledLoop:
     """Runs a solve's unwatched iterations compiled, ``k`` steps per host transfer (``run``)."""
 
-    def __init__(self, f, problem, grid, stats: st.SolveStats):
-        self.prog = _program_for(f, problem, grid)
-        self.f, self.stats = f, stats
-        self.evals = problem.tableau.num_stages - 1  # func calls per step (FSAL)
+    def __init__(self, f, problem, grid, stats: st.SolveStats, terms: BackwardTerms | None = None, land=None):
+        self.prog = _program_for(f, problem, grid, terms)
+        self.f, self.stats, self.terms, self.land = f, stats, terms, land
+        # func calls per step (FSAL), and the per-sample adjoint's re-evaluation of the first stage
+        self.evals = problem.tableau.num_stages - 1 + (0 if terms is None else terms.extra_evals)
+        self.eager_next = False  # the next iteration runs eager (a compiled step was discarded)
         # NOTE: on CPU reading the packet is a copy, no device sync, while an overshooting round wastes whole
         # steps: one step per read there unless steps_per_sync says otherwise. On CUDA the read waits for the
         # queue to drain, so rounds grow with the estimated remaining iterations (unverified here: no GPU ran it).
         self.k = problem.config.steps_per_sync
-        if self.k is None and problem.y0.device.type == "cpu" and not ADAPTIVE_ON_CPU:
-            self.k = 1
+        if terms is not None or (self.k is None and problem.y0.device.type == "cpu" and not ADAPTIVE_ON_CPU):
+            self.k = 1  # the backward solve: a landing on an output time must happen before the next step
+        # Dynamo traces the backward step's torch.autograd.grad only with this setting (read while tracing).
+        self.config = torch._dynamo.config.patch(trace_autograd_ops=True) if terms is not None else None
         self.raise_on_failure = problem.config.on_failure == "raise"
         self.consts = (grid.t_out, grid.t_end, grid.t_out[:, 0], grid.stops, problem.rtol, problem.atol)
         if self.prog.failed is not None:
@@ -235,22 +308,31 @@ class CompiledLoop:
 
     def run(self, s, out, packet, health, iterations: int):
         """Advance ``s`` (a ``LoopState``) compiled through the iterations after ``iterations`` that ``health``
-        does not watch, filling ``out`` (``DenseOutput``) on the device, until nothing runs or something failed
-        (with ``on_failure="raise"``). Sets ``packet``'s fields and transfer count, ``f.nfe`` and the statistics.
+        does not watch, filling ``out`` (``DenseOutput``; None in the backward solve, which lands on the output
+        times instead, on the host) on the device, until nothing runs, something failed (with
+        ``on_failure="raise"``) or, backward, a step landed. Sets ``packet``'s fields and transfer count, ``f.nfe``
+        and the statistics.
 
         Returns:
             ``(state, iterations, ran)``; ``ran`` is False (and ``s`` unchanged) when the next iteration is watched
             or the step could not be compiled: the caller runs that iteration eager.
         """
         budget = health.unwatched(iterations)
-        if budget <= 0 or self.prog.failed is not None:
+        if budget <= 0 or self.prog.failed is not None or (self.terms is not None and not self.terms.ready()):
+            return s, iterations, False
+        if self.eager_next:
+            self.eager_next = False
             return s, iterations, False
         # NOTE: s.t may be a strided view of t_out at the start (shared mode); a contiguous copy keeps dynamo from
         # compiling a second graph for that aliasing and stride.
         t = s.t.clone(memory_format=torch.contiguous_format)
+        busy0 = torch.zeros((), dtype=torch.int64, device=t.device)
         x = (t, s.h, s.y, s.f, s.running, s.status, s.n_attempted, s.n_accepted, s.prev_ratio, s.last_nonfinite,
-             s.next_out, out.out, torch.zeros((), dtype=torch.int64, device=t.device))
-        executed, pk, got, broken = 0, None, None, False
+             s.next_out)
+        x = x + ((out.out, busy0) if self.terms is None else (busy0, *self.terms.state()))
+        if self.terms is not None:
+            self.terms.enter()
+        executed, pk, got, got_prev, prev, broken, crossed = 0, None, None, None, x, False, None
         while budget > 0 and not broken:
             k = min(self._round(iterations, got), budget)
             for _ in range(k):
@@ -258,22 +340,50 @@ class CompiledLoop:
                 if res is None:
                     broken = True
                     break
-                *x, pk = res
+                prev, (*x, pk) = x, res
+                if self.terms is not None:
+                    *x, crossed = x
                 executed += 1
             budget -= k
-            if pk is None:
-                return s, iterations, False  # capture failed at the first step: nothing changed
-            got = pk.tolist()  # the round's one host transfer
+            if pk is None:  # capture failed at the first step: nothing changed
+                return self._abandon(s, x, iterations)
+            got_prev, got = got, pk.tolist()  # the round's one host transfer
             packet.n += 1
-            if not got[0] or (got[1] and self.raise_on_failure):
+            if self.terms is not None and got[6] and self.terms.kind == "per_sample":
+                # A sample turned non-finite: this step's parameter products are the eager step's (it re-runs the
+                # tainted evaluations on the samples with weight), so the step is dropped and run again eager.
+                self.f.nfe += self.evals
+                self.eager_next, x, got, executed = True, prev, got_prev, executed - 1
+                if got is None:  # nothing kept: the caller runs this iteration eager now
+                    self.eager_next = False
+                    return self._abandon(s, x, iterations)
                 break
+            if not got[0] or (got[1] and self.raise_on_failure) or (self.terms is not None and got[4]):
+                break
+        return self._finish(s, x, out, packet, got, crossed, executed, iterations)
+
+    def _abandon(self, s, x, iterations: int):
+        """``run``'s end when no compiled step is kept: ``s`` unchanged, the quadrature's state handed back."""
+        if self.terms is not None:
+            self.terms.leave(tuple(x[12:]), s)
+        return s, iterations, False
+
+    def _finish(self, s, x, out, packet, got, crossed, executed: int, iterations: int):
+        """``run``'s end: statistics, the new state, and (backward) the quadrature's state and the landing."""
         busy = int(got[2])
         packet.running, packet.failed, packet.max_crossed = int(got[0]), int(got[1]), 0
         self.f.nfe += self.evals * busy
         self.stats.n_idle_steps += executed - busy
         self.stats.compiled = True
-        out.out = x[11]
-        return type(s)(*x[:11]), iterations + busy, True
+        state = type(s)(*x[:11])
+        if self.terms is None:
+            out.out = x[11]
+        else:
+            self.terms.leave(tuple(x[12:]), state)
+            if got[4]:  # landed on output times: cotangents, reset and re-evaluation on the host (eager)
+                self.land(state, crossed, state.running, int(got[5]))
+                state.next_out = state.next_out + crossed
+        return state, iterations + busy, True
 
     def _round(self, iterations: int, got) -> int:
         """Steps in the next round: ``steps_per_sync``, or half the estimated remaining iterations (``got``: the
@@ -294,7 +404,11 @@ class CompiledLoop:
         before = _dynamo_graphs()
         t0 = time.perf_counter()
         try:
-            res = self.prog.fn(*x, *self.consts)
+            if self.config is None:
+                res = self.prog.fn(*x, *self.consts)
+            else:
+                with self.config:
+                    res = self.prog.fn(*x, *self.consts)
         except Exception as exc:  # noqa: BLE001  (any capture/compile failure: eager gives the same answer)
             self._fail(exc)
             return None

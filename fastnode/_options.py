@@ -345,7 +345,7 @@ class AdjointConfig:
     ``method``/``solver``: the backward method (``solver.adaptive``, ``solver.tableau``). ``adaptive``: its
     parsed adaptive options in the backward direction (None for a fixed-grid method); ``step_size`` (None: the
     output times are the grid) and ``perturb`` for a fixed-grid one. ``rtol``/``atol``: as ``check_tol`` gives
-    them for the state (a float or ``[G, N]``). ``norm``: ``"default"``, ``"seminorm"`` or a callable.
+    them for the state (a float or ``[G, N]``). ``norm``: ``"seminorm"`` (the default), ``"mixed"`` or a callable.
     """
 
     method: str
@@ -374,7 +374,7 @@ def parse_adjoint_options(p, options: dict | None, adjoint_method: str | None, a
     method = p.method if adjoint_method is None else adjoint_method
     solver = get_solver(method)
     opts = _backward_options(p.method, options, method, solver.adaptive, adjoint_options)
-    norm = _adjoint_norm(opts.pop("norm", "default"), p.per_sample)
+    norm = _adjoint_norm(opts.pop("norm", "seminorm"), p.per_sample)
     gc = opts.get("grid_constructor") if not solver.adaptive else None
     if not solver.adaptive:
         if gc is not None and not callable(gc):
@@ -422,13 +422,17 @@ def _backward_options(fwd_method: str, options: dict | None, method: str, adapti
 
 
 def _adjoint_norm(norm, per_sample: bool):
-    """``adjoint_options['norm']``: ``"default"``, ``"seminorm"`` or a callable (not per sample)."""
+    """``adjoint_options['norm']``: ``"seminorm"`` (the default; ``"default"`` names it too), ``"mixed"``
+    (torchdiffeq's default adjoint norm) or a callable; the last two not per sample."""
     if isinstance(norm, str):
-        if norm not in ("seminorm", "default"):
-            raise ValueError(f"adjoint_options['norm'] must be 'seminorm' or a callable, got {norm!r}")
+        if norm not in ("seminorm", "mixed", "default"):
+            raise ValueError(f"adjoint_options['norm'] must be 'seminorm', 'mixed' or a callable, got {norm!r}")
+        norm = "seminorm" if norm == "default" else norm
     elif not callable(norm):
-        raise TypeError(f"adjoint_options['norm'] must be 'seminorm' or a callable, got {type(norm).__name__}")
-    elif per_sample:
-        raise ValueError("adjoint_options['norm'] as a callable is not supported with options['per_sample']=True: "
-                         "per-sample error control uses each sample's own (y, adj_y) error (a seminorm)")
+        raise TypeError(f"adjoint_options['norm'] must be 'seminorm', 'mixed' or a callable, got "
+                        f"{type(norm).__name__}")
+    if per_sample and norm != "seminorm":
+        raise ValueError(f"adjoint_options['norm'] {'as a callable' if callable(norm) else repr(norm)} is not "
+                         "supported with options['per_sample']=True: per-sample error control uses each sample's own "
+                         "(y, adj_y) error (a seminorm)")
     return norm

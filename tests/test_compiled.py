@@ -135,21 +135,200 @@ def test_backprop_matches_eager(graph, per_sample):
         _close(a, b)
 
 
-def test_adjoint_matches_eager(graph):
-    y0 = torch.tensor([[0.3, -0.2, 0.1, 0.5]], dtype=F64)
-    grads = []
-    for compile_ in (False, True):
-        x = y0.clone().requires_grad_()
-        NET.zero_grad()
-        opts = {"compile": True} if compile_ else {}
-        y = fastnode.odeint_adjoint(mlp, x, T, options=opts, **TOL)
-        fwd = fastnode.last_stats()
-        (y[1:] ** 2).sum().backward()
-        grads.append([x.grad] + [p.grad.clone() for p in NET.parameters()])
-        assert fwd.compiled == compile_
-        if compile_:  # the backward solve stays eager and says so
-            assert not fwd.backward.compiled and "adjoint" in fwd.backward.compile_fallback
-    for a, b in zip(*grads):
+class TupleField(torch.nn.Module):
+    """A tuple state ``(a [B, 3], b [B, 2])`` with parameters: the backward's flat ``[y, a]`` split back per part."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([[0.3, -0.5], [0.2, 0.1], [-0.4, 0.25]], dtype=F64))
+        self.c = torch.nn.Parameter(torch.tensor([0.1, -0.2], dtype=F64))
+
+    def forward(self, t, y):
+        a, b = y
+        st = torch.sin(t).unsqueeze(-1) if t.dim() else torch.sin(t)  # per-sample: t [B], each row its own time
+        return torch.tanh(b @ self.w.T) - 0.2 * a, -b * a.sum(dim=-1, keepdim=True) * self.c + st * self.c
+
+
+TUPLE = TupleField()
+
+
+def _adjoint_run(func, y0, compile_, t=T, params=None, options=None, adjoint_options=None):
+    """One odeint_adjoint solve and its backward of ``sum(y[1:]^2)``: (gradients of y0 (parts), t and the
+    parameters, forward statistics). ``compile_``: False, True (``options``: both solves) or ``"backward"``
+    (``adjoint_options`` only: the forward runs eager, so the gradients isolate the compiled backward)."""
+    ys = tuple(v.clone().requires_grad_() for v in y0) if isinstance(y0, tuple) else (y0.clone().requires_grad_(),)
+    tt = t.clone().requires_grad_()
+    mods = list(func.parameters()) if params is None else list(params)
+    for p in mods:
+        p.grad = None
+    opts = dict(options or {}, **({"compile": True} if compile_ is True else {}))
+    if compile_ == "backward":
+        adjoint_options = dict(adjoint_options or {"per_sample": opts.get("per_sample", False)}, compile=True)
+    aopts = None if adjoint_options is None else dict(adjoint_options, **({"compile": True} if compile_ else {}))
+    y = fastnode.odeint_adjoint(func, ys if isinstance(y0, tuple) else ys[0], tt, options=opts,
+                                adjoint_options=aopts, adjoint_params=params, **TOL)
+    s = fastnode.last_stats()
+    loss = sum((v[1:] ** 2).sum() for v in y) if isinstance(y, tuple) else (y[1:] ** 2).sum()
+    loss.backward()
+    return [v.grad for v in ys] + [tt.grad] + [p.grad.clone() for p in mods], s
+
+
+def _same_backward(se, sc, forward_compiled=True, first_stage_again=False):
+    """The same backward steps; ``first_stage_again``: the per-sample quadrature's compiled steps each evaluate
+    func once more (their first stage's parameter product), else the same evaluations."""
+    if forward_compiled:
+        _same_steps(se, sc)
+    be, bc = se.backward, sc.backward
+    assert bc.compiled and bc.compile_fallback is None, bc.compile_fallback
+    assert not be.compiled
+    assert torch.equal(torch.as_tensor(bc.n_accepted), torch.as_tensor(be.n_accepted))
+    assert torch.equal(torch.as_tensor(bc.n_rejected), torch.as_tensor(be.n_rejected))
+    assert bc.n_iterations == be.n_iterations
+    assert sc.nfe_backward == se.nfe_backward + (bc.n_iterations if first_stage_again else 0)
+
+
+Y4 = torch.tensor([[0.3, -0.2, 0.1, 0.5], [-0.4, 0.2, 0.0, 0.1]], dtype=F64)
+YT = (torch.tensor([[1.0, -0.5, 0.25], [0.2, 0.4, -0.1]], dtype=F64),
+      torch.tensor([[0.1, 0.2], [-0.3, 0.4]], dtype=F64))
+
+
+@pytest.mark.parametrize("case", ["mlp", "mlp-mixed", "tuple", "per_sample", "tuple-per_sample",
+                                  "per_sample-no-params", "tuple-per_sample-no-params"])
+def test_adjoint_matches_eager(graph, case):
+    """The backward solve compiled (vjps and the parameter quadrature inside the step; landings on the host): the
+    same backward steps and evaluations as eager, gradients of y0, t and the parameters within rounding. The
+    forward is compiled too for ``mlp`` (``options['compile']`` reaches the backward); the other cases compile
+    the backward only, since a compiled per-sample forward moves the step sizes (and so the outputs) by about
+    1e-10 relative through the error estimate's cancellation (``test_failure_matches_eager``)."""
+    per_sample = "per_sample" in case
+    func = TUPLE if case.startswith("tuple") else mlp
+    y0 = YT if case.startswith("tuple") else Y4
+    kw = dict(options={"per_sample": per_sample}, params=() if "no-params" in case else None,
+              adjoint_options={"norm": "mixed"} if "mixed" in case else None)  # default: the seminorm
+    both = case == "mlp"
+    ge, se = _adjoint_run(func, y0, False, **kw)
+    gc, sc = _adjoint_run(func, y0, True if both else "backward", **kw)
+    _same_backward(se, sc, forward_compiled=both, first_stage_again=per_sample and "no-params" not in case)
+    assert len(ge) == len(gc) and all(g is not None for g in ge)
+    for a, b in zip(gc, ge):
+        _close(a, b)
+
+
+def test_adjoint_parameter_update_reuses_program(graph):
+    """A training loop: parameters change in place between solves; the cached backward program reads their new
+    values (no recompile) and still matches eager."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).to(F64)
+
+    def field(t, y):
+        return net(y)
+
+    params = tuple(net.parameters())
+    _adjoint_run(field, Y4, True, params=params)
+    with torch.no_grad():
+        for p in params:
+            p.mul_(0.9)
+    before = C.compiles
+    gc, sc = _adjoint_run(field, Y4, True, params=params)
+    ge, se = _adjoint_run(field, Y4, False, params=params)
+    assert C.compiles == before and sc.backward.compile_seconds == 0.0
+    _same_backward(se, sc)
+    for a, b in zip(gc, ge):
+        _close(a, b)
+
+
+class Oscillator(torch.nn.Module):
+    """A forced linear oscillator with parameters: long solves at tight tolerances cheaply."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([[-0.05, 1.0], [-1.0, -0.05]], dtype=F64))
+        self.c = torch.nn.Parameter(torch.tensor([0.3, -0.2], dtype=F64))
+
+    def forward(self, t, y):
+        ct = torch.cos(3.0 * t).unsqueeze(-1) if t.dim() else torch.cos(3.0 * t)
+        return y @ self.w.T + ct * self.c
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_adjoint_long_backward_hands_watched_windows_to_eager(graph, per_sample):
+    """Past iteration 256 the health check watches windows of backward steps; they run eager with the hooks (the
+    quadrature's state handed over both ways, per-sample pending first stages re-evaluated), the rest compiled."""
+    f, y0 = Oscillator(), Y4[:, :2]
+    t = torch.tensor([0.0, 20.0, 40.0], dtype=F64)
+    kw = dict(options={"per_sample": per_sample}, adjoint_options={"per_sample": per_sample})
+    ge, se = _adjoint_run(f, y0, False, t=t, **kw)
+    gc, sc = _adjoint_run(f, y0, "backward", t=t, **kw)
+    assert se.backward.n_iterations > 300
+    assert torch.equal(torch.as_tensor(sc.backward.n_accepted), torch.as_tensor(se.backward.n_accepted))
+    assert torch.equal(torch.as_tensor(sc.backward.n_rejected), torch.as_tensor(se.backward.n_rejected))
+    assert sc.backward.compiled
+    for a, b in zip(gc, ge):
+        _close(a, b)
+
+
+class SqrtField(torch.nn.Module):
+    """dy/dt = w * sqrt(y): NaN below y = 0, which an over-long backward step reaches for small samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.3, dtype=F64))
+
+    def forward(self, t, y):
+        return self.w * torch.sqrt(y)
+
+
+def test_adjoint_per_sample_nonfinite_step_runs_again_eager(graph, monkeypatch):
+    """A backward step in which some samples turn NaN (rejected) while others accept: the compiled step's
+    parameter sum would hold 0 * NaN, so that step is dropped and run again eager (its tainted evaluations
+    re-evaluated on the samples with weight); the gradients match the eager backward's."""
+    from fastnode._adjoint_dynamics import PerSampleQuadrature
+
+    tainted = []
+    orig = PerSampleQuadrature._retire_subset
+    monkeypatch.setattr(PerSampleQuadrature, "_retire_subset",
+                        lambda self, e: tainted.append(e.tainted) or orig(self, e))
+    f, y0 = SqrtField(), torch.tensor([[0.02], [1.0], [4.0], [0.05]], dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    kw = dict(options={"per_sample": True}, adjoint_options={"per_sample": True, "first_step": 1.0})
+    ge, se = _adjoint_run(f, y0, False, t=t, **kw)
+    n_eager = sum(tainted)
+    gc, sc = _adjoint_run(f, y0, "backward", t=t, **kw)
+    assert n_eager and sum(tainted) > n_eager, "the test must hit a step where some samples produced NaN"
+    assert sc.backward.compiled and sc.backward.compile_fallback is None
+    assert torch.equal(sc.backward.n_accepted, se.backward.n_accepted)
+    assert torch.equal(sc.backward.n_rejected, se.backward.n_rejected)
+    assert all(torch.isfinite(g).all() for g in gc)
+    for a, b in zip(gc, ge):
+        _close(a, b)
+
+
+@pytest.mark.parametrize("case", ["adjoint-norm", "outside-graph", "graph-break"])
+def test_adjoint_backward_falls_back(graph, monkeypatch, case):
+    """What the compiled backward cannot do runs eager with the reason in the backward's statistics (one warning),
+    with the eager gradients."""
+    monkeypatch.setattr(C, "_warned", set())
+    if case == "adjoint-norm":
+        func, y0, why = mlp, Y4, "adjoint_options['norm']"
+        kw = dict(adjoint_options={"norm": lambda errs: max(e.abs().max() for e in errs)})
+    elif case == "outside-graph":
+        w = torch.tensor([[0.5, -0.3], [0.2, 0.4]], dtype=F64, requires_grad=True)
+
+        def func(t, y):
+            return torch.tanh(y @ ext.T)
+
+        ext = w * 2.0  # computed outside func from the parameter: its graph is the caller's
+        y0, kw, why = Y4[:, :2], dict(params=(w,)), "outside"
+    else:
+        func, y0, kw, why = branchy, Y4[:, :2], dict(params=()), "could not capture"  # a key of its own
+    ge, se = _adjoint_run(func, y0, False, **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc, sc = _adjoint_run(func, y0, True, **kw)
+    assert not sc.backward.compiled and why in sc.backward.compile_fallback
+    assert any(why in str(w.message) for w in caught)
+    assert sc.nfe_backward == se.nfe_backward
+    for a, b in zip(gc, ge):
         _close(a, b)
 
 
@@ -276,6 +455,23 @@ def test_inductor_per_sample():
     yc, sc = _solve(vdp, Y0, True, per_sample=True)
     _same_steps(se, sc)
     _close(yc, ye)
+
+
+def test_inductor_backprop():
+    """Backprop through the real backend (AOTAutograd's forward and backward graphs compiled by Inductor): the same
+    steps and evaluations as eager, gradients to y0 and the parameters within rounding."""
+    y0 = torch.tensor([[0.3, -0.2, 0.1, 0.5], [-0.4, 0.2, 0.0, 0.1]], dtype=F64)
+    grads, stats = [], []
+    for compile_ in (False, True):
+        x = y0.clone().requires_grad_()
+        NET.zero_grad()
+        y, s = _solve(mlp, x, compile_)
+        (y[1:] ** 2).sum().backward()
+        grads.append([x.grad] + [p.grad.clone() for p in NET.parameters()])
+        stats.append(s)
+    _same_steps(*stats)
+    for a, b in zip(*grads):
+        _close(a, b)
 
 
 class Counting(torch.nn.Module):

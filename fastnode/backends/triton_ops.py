@@ -73,6 +73,29 @@ def _rows(x: torch.Tensor, G: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.broadcast_to(x.to(dtype), (G,)).contiguous()
 
 
+_BACKEND_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
+                 "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
+
+
+def _records(*xs: torch.Tensor) -> bool:
+    """Whether a call on ``xs`` records an autograd graph."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
+def _call(op, recording: bool, y: torch.Tensor, *args):
+    """``op(y, *args)``; past its Autograd kernel when the call records no graph.
+
+    Every ``fastnode_triton::`` op has a Python Autograd kernel (``torch.library.custom_op``'s, with the formulas of
+    ``kernels/_autograd.py`` where registered) that runs on every call, under ``no_grad`` too (about 4 us of a
+    ~10 us dispatch). Tensor subclasses
+    and dispatch modes (fake tensors, functionalization under ``torch.compile``) take the ordinary path.
+    """
+    keys = _BACKEND_KEYS.get(y.device.type)
+    if recording or keys is None or type(y) is not torch.Tensor or torch._C._len_torch_dispatch_stack():
+        return op(y, *args)
+    return op.default.redispatch(keys, y, *args)
+
+
 class TritonStepOps(TorchStepOps):
     """StepOps on Triton kernels; falls back to the torch reference op by op where an op does not apply."""
 
@@ -128,7 +151,8 @@ class TritonStepOps(TorchStepOps):
             return super().rk_combine(y, K, h, weights)
         w, idx = _weights(weights, y.device)
         with _on(y.device):
-            return self._ops.rk_combine(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), w, idx)
+            return _call(self._ops.rk_combine, _records(y, K, h), self._contiguous(y), K,
+                         _rows(h, y.shape[0], y.dtype), w, idx)
 
     def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze, *, stops=None,
                    end_perturb=0, time_grad=False):
@@ -140,9 +164,9 @@ class TritonStepOps(TorchStepOps):
         G, dev, f64 = t.shape[0], t.device, torch.float64
         cc = device_constants(tuple(float(v) for v in c), f64, dev)
         with _on(dev), torch.no_grad():
-            h_ctl, clipped, t_new, hs, ts, te = self._ops.step_begin(
-                t.contiguous(), _rows(h, G, f64), _rows(running, G, torch.bool), t_out.contiguous(),
-                _rows(t_end, G, f64), bool(to_outputs), cc, sign < 0, state_dtype)
+            h_ctl, clipped, t_new, hs, ts, te = _call(
+                self._ops.step_begin, False, t.contiguous(), _rows(h, G, f64), _rows(running, G, torch.bool),
+                t_out.contiguous(), _rows(t_end, G, f64), bool(to_outputs), cc, sign < 0, state_dtype)
         if squeeze:
             ts, te = ts.squeeze(-1), te.squeeze(-1)
         return as_named(StepPlan, (h_ctl, h_ctl, clipped, t_new, hs, ts, te))
@@ -159,10 +183,10 @@ class TritonStepOps(TorchStepOps):
         cd = device_constants(tuple(int(v) for v in codes), torch.int8, dev)
         b, i64 = torch.bool, torch.int64
         with _on(dev), torch.no_grad():
-            return as_named(StepEnd, self._ops.step_end(
-                _rows(accept, G, b), _rows(h_next, G, f64), _rows(h, G, f64), _rows(clipped, G, b),
-                _rows(running, G, b), _rows(t, G, f64), _rows(t_new, G, f64), _rows(t_end, G, f64),
-                _rows(n_att, G, i64), _rows(n_acc, G, i64), _rows(status, G, torch.int8),
+            return as_named(StepEnd, _call(
+                self._ops.step_end, False, _rows(accept, G, b), _rows(h_next, G, f64), _rows(h, G, f64),
+                _rows(clipped, G, b), _rows(running, G, b), _rows(t, G, f64), _rows(t_new, G, f64),
+                _rows(t_end, G, f64), _rows(n_att, G, i64), _rows(n_acc, G, i64), _rows(status, G, torch.int8),
                 _rows(last_nonfinite, G, b), _rows(new_ok, G, b), _rows(next_idx, G, i64), t_out.contiguous(),
                 int(max_num_steps), cd) + (None,))
 
@@ -177,8 +201,8 @@ class TritonStepOps(TorchStepOps):
         tc = tableau_constants(tableau, y.device)
         consts = device_constants((rt[1], at[1]) + (0.0,) * 9, torch.float64, y.device)
         with _on(y.device):
-            return self._ops.step_error(self._contiguous(y), K, _rows(h, y.shape[0], y.dtype), *tc.finish(), rt[0],
-                                        at[0], consts)
+            return _call(self._ops.step_error, _records(y, K, h), self._contiguous(y), K,
+                         _rows(h, y.shape[0], y.dtype), *tc.finish(), rt[0], at[0], consts)
 
     def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                        ratio_floor=None, adjust=None):
@@ -196,10 +220,10 @@ class TritonStepOps(TorchStepOps):
         segments = device_constants(tuple(norm.bounds(N)), torch.int64, dev)
         floor = None if ratio_floor is None else _rows(ratio_floor, G, torch.float64)  # 0-d in shared mode
         with _on(y.device):
-            return as_named(StepResult, self._ops.finish_control(
-                self._contiguous(y), K, _rows(h, G, y.dtype), *tc.finish(), rt[0], at[0], consts, segments,
-                _rows(h_ctl, G, torch.float64), _rows(prev_ratio, G, torch.float64), _rows(running, G, torch.bool),
-                floor))
+            return as_named(StepResult, _call(
+                self._ops.finish_control, _records(y, K, h), self._contiguous(y), K, _rows(h, G, y.dtype),
+                *tc.finish(), rt[0], at[0], consts, segments, _rows(h_ctl, G, torch.float64),
+                _rows(prev_ratio, G, torch.float64), _rows(running, G, torch.bool), floor))
 
     def interpolate(self, tableau, y, K, h, theta):
         if (isinstance(K, (list, tuple)) and len(K) == tableau.num_stages
@@ -211,5 +235,5 @@ class TritonStepOps(TorchStepOps):
         G = y.shape[0]
         d, idx = tableau_constants(tableau, y.device).dense()
         with _on(y.device):
-            return self._ops.interpolate(self._contiguous(y), K, _rows(h, G, y.dtype), _rows(theta, G, y.dtype), d,
-                                         idx)
+            return _call(self._ops.interpolate, _records(y, K, h, theta), self._contiguous(y), K,
+                         _rows(h, G, y.dtype), _rows(theta, G, y.dtype), d, idx)

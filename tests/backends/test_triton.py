@@ -411,3 +411,40 @@ def test_one_host_sync_per_step_on_cuda(per_sample, adjoint):
     assert b1 == b2 and b1.startswith("triton"), b1
     assert it2 > it1 + 5, (it1, it2)
     assert n2 - n1 == it2 - it1, (n1, n2, it1, it2)
+
+
+def _autograd_kernel_calls(fn) -> int:
+    """How many times ``torch.library.register_autograd``'s Python Autograd kernel runs during ``fn()``."""
+    import sys
+    import torch._library.autograd as lib_autograd
+
+    calls = 0
+
+    def tracer(frame, event, arg):
+        nonlocal calls
+        if event == "call" and frame.f_code.co_filename == lib_autograd.__file__:
+            calls += 1
+
+    sys.setprofile(tracer)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_no_grad_solve_skips_the_autograd_kernel(device):
+    """A solve that records no graph calls the value ops past their Python Autograd kernel (a few us a call); one
+    that records a graph still goes through it and gets the same answer."""
+    y0 = _y0(F64, device)
+    t = torch.tensor([0.0, 0.3, 0.6], dtype=F64, device=device)
+    kw = {"rtol": 1e-5, "atol": 1e-7, "options": {"backend": "triton"}}
+    with torch.no_grad():
+        ref = odeint(_field, y0, t, **kw)  # warm-up: kernels compiled, constants cached
+        assert _autograd_kernel_calls(lambda: odeint(_field, y0, t, **kw)) == 0
+    assert fastnode.last_stats().backend == "triton"
+    y = y0.clone().requires_grad_(True)
+    box = {}
+    assert _autograd_kernel_calls(lambda: box.setdefault("out", odeint(_field, y, t, **kw))) > 0
+    torch.testing.assert_close(box["out"].detach(), ref, rtol=0, atol=0)
