@@ -102,26 +102,32 @@ class _Grid:
 class HostPacket:
     """The loop's one device-to-host transfer per iteration, read into named fields."""
 
-    __slots__ = ("failed", "jumped", "landed_running", "max_crossed", "n", "running")
+    __slots__ = ("accepted", "failed", "jumped", "landed_running", "max_crossed", "n", "running")
 
     def __init__(self):
         self.n = 0
         self.running = self.failed = self.max_crossed = self.jumped = self.landed_running = 0
+        self.accepted = 1
 
     def fetch_start(self, status: torch.Tensor, running: torch.Tensor) -> None:
         """The set-up's transfer: a failure at the start (raise before stepping) and whether anything runs."""
         self.n += 1
         self.failed, self.running = torch.stack([(status != 0).any(), running.any()]).tolist()
 
-    def fetch(self, end: StepEnd, hooks, health_flags: list | None = None) -> list:
-        """``end.packet`` plus the jump's flag, the adjoint's questions and ``health_flags`` (0-d tensors, a watched
-        step's); sets the fields and returns the health flags' values."""
+    def fetch(self, end: StepEnd, hooks, health_flags: list | None = None, accept: torch.Tensor | None = None) -> list:
+        """``end.packet`` plus the jump's flag, the adjoint's questions, ``health_flags`` (0-d tensors, a watched
+        step's) and ``accept`` ([1] bool, the one group's decision, in ``solve_adaptive``'s lean mode); sets the
+        fields and returns the health flags' values."""
         self.n += 1
         if end.jumped is None and hooks is None and not health_flags:
-            self.running, self.failed, self.max_crossed = end.packet.tolist()
+            if accept is None:
+                self.running, self.failed, self.max_crossed = end.packet.tolist()
+            else:
+                self.running, self.failed, self.max_crossed, self.accepted = torch.cat([end.packet, accept]).tolist()
             return []
         health_flags = health_flags or []
         extra = list(health_flags) + ([] if end.jumped is None else [end.jumped.any()])
+        extra += [] if accept is None else [accept.reshape(())]
         if hooks is not None:
             # Does any group that landed on an output time keep running (its derivative must be re-evaluated
             # there), plus the parameter quadrature's flags.
@@ -132,6 +138,8 @@ class HostPacket:
         health, rest = got[3 : 3 + nh], got[3 + nh :]
         if end.jumped is not None:
             self.jumped, rest = rest[0], rest[1:]
+        if accept is not None:
+            self.accepted, rest = rest[0], rest[1:]
         if hooks is not None:
             self.landed_running = rest[0]
             hooks.after_fetch(rest[1:])
@@ -148,9 +156,34 @@ class DenseOutput:
     def __init__(self, grid: _Grid, y0: torch.Tensor):
         G, N = y0.shape
         self.grid = grid
+        self.rows = None
+        self.n_rows = 0
         # Row T: scratch for masked writes. Rows never reached stay NaN.
         self.out = torch.full((grid.T + 1, G, N), math.nan, dtype=y0.dtype, device=y0.device)
         self.out[0] = y0
+
+    def collect_rows(self, y0: torch.Tensor) -> None:
+        """Shared mode under recording (``solve_adaptive``'s lean mode): the outputs are kept as a list of ``[m, N]``
+        blocks (one per step that passed output times) and concatenated once at the end, instead of written in place
+        into the buffer (an in-place write records a node whose backward copies the whole buffer's gradient, one per
+        output)."""
+        self.rows = [y0]
+        self.n_rows = 1
+
+    def write_rows(self, ops: StepOps, tableau, s: LoopState, plan: StepPlan, fin: StepResult, K, n_cross: int):
+        """``write`` for ``collect_rows``: the one group passed outputs ``n_rows ... + n_cross - 1`` (in order), all
+        interpolated in one call where the backend takes several thetas (one graph node per step, not per output)."""
+        k0 = self.n_rows
+        tj = self.grid.t_out[0, k0 : k0 + n_cross]  # [m]
+        theta = (tj - s.t) / torch.where(plan.h > 0, plan.h, 1.0)  # the same rounding as write's, for all m at once
+        if ops.interpolates_many:
+            vals = ops.interpolate(tableau, s.y, K, plan.h_state, theta)  # [m, N]
+        else:
+            vals = torch.cat([ops.interpolate(tableau, s.y, K, plan.h_state, theta[m : m + 1]) for m in range(n_cross)])
+        # Exactly at the step's end the solution itself is returned (the output times increase strictly: only the
+        # last one passed can be it).
+        self.rows.append(torch.where((tj == plan.t_new).unsqueeze(1), fin.y_new, vals))
+        self.n_rows += n_cross
 
     def write(self, ops: StepOps, tableau, s: LoopState, plan: StepPlan, fin: StepResult, K, crossed, n_cross: int):
         """Outputs ``s.next_out + m`` for ``m < crossed`` (per group) of the step from ``s`` described by ``plan``."""
@@ -166,6 +199,10 @@ class DenseOutput:
             self.out.index_put_((jj, g.rows), val)
 
     def result(self) -> torch.Tensor:
+        if self.rows is not None:  # rows never reached (a failed solve that returns) are NaN
+            left = self.grid.T - self.n_rows
+            missing = [self.rows[0].new_full((left, self.rows[0].shape[1]), math.nan)] if left else []
+            return torch.cat(self.rows + missing).unsqueeze(1)
         return self.out[: self.grid.T]
 
 
@@ -193,13 +230,20 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
     s, ops = _start(f, problem, ops, grid, hooks, events, packet, stats)
     health = HealthCheck(problem.tableau, problem.config.on_stiff, s.t.shape[0], s.t.device, s.t.dtype,
                          event_fn is not None)
-    step = _stepper(f, ops, problem, grid, hooks, events, health)
     raise_on_failure = problem.config.on_failure == "raise"
     iterations = 0
     fast = None
     if problem.config.compile is not None:
         fast = compiled_loop(f, problem, grid, hooks, events, stats,
                              land=lambda s, crossed, running, lr: _land(f, hooks, s, crossed, running, lr))
+    # Lean recording (backprop through a shared-mode solve): the packet also carries the one group's decision, so the
+    # state advances without a where node per step, and the outputs are rows stacked once (every graph node costs its
+    # backward; the masks are needed only with several groups).
+    lean = (fast is None and hooks is None and events is None and grid.squeeze and not grid.time_grad
+            and torch.is_grad_enabled() and (s.y.requires_grad or s.f.requires_grad))
+    if lean:
+        out.collect_rows(problem.y0)
+    step = _stepper(f, ops, problem, grid, hooks, events, health, lean)
     while packet.running and not (packet.failed and raise_on_failure):
         if fast is not None:  # options['compile']: unwatched iterations run compiled, k per host transfer
             s, iterations, ran = fast.run(s, out, packet, health, iterations)
@@ -209,10 +253,15 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
         watch = health.watching(iterations)
         s_old = s
         s, plan, K, fin, end = step(s, watch)
-        health.after_fetch(packet.fetch(end, hooks, health.packet_flags() if watch else None))
+        health.after_fetch(packet.fetch(end, hooks, health.packet_flags() if watch else None,
+                                        fin.accept if lean else None))
+        if lean and not packet.accepted:  # the step advanced unconditionally (see _stepper): undo a rejection
+            s.y, s.f = s_old.y, s_old.f
         n_cross = packet.max_crossed
         if n_cross:
-            if out is not None:
+            if lean:
+                out.write_rows(ops, problem.tableau, s_old, plan, fin, K, n_cross)
+            elif out is not None:
                 out.write(ops, problem.tableau, s_old, plan, fin, K, end.crossed, n_cross)
             else:
                 _land(f, hooks, s, end.crossed, end.running, packet.landed_running)
@@ -280,11 +329,15 @@ def _first_step(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, t: torch.Te
     return h.clamp(cfg.ctrl.min_step, cfg.ctrl.max_step)
 
 
-def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, hooks, events, health: HealthCheck):
+def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, hooks, events, health: HealthCheck,
+             lean: bool = False):
     """The step as a function of the state, with the solve's constants bound once (the loop's per-step Python time
     is the CPU goal): ``step(s, watch) -> (next state, plan, K, fin, end)``, one attempt for every group from ``s``
     (set-up, stages, finish, events, bookkeeping, advance), with no host transfer. ``watch``: ``health`` observes
-    this step (its stage inputs, decision) and may end groups (``step_end``'s ``fail``)."""
+    this step (its stage inputs, decision) and may end groups (``step_end``'s ``fail``).
+
+    ``lean`` (one group, a recorded graph, no time gradients): the state and FSAL stage advance unconditionally, and the
+    loop restores them once the packet says the step was rejected; no ``torch.where`` node per step in the graph."""
     tab, cfg = problem.tableau, problem.config
     c, sign, squeeze, to_outputs = tab.c, f.sign, grid.squeeze, grid.to_outputs
     t_out, t_end, stops, jump_t = grid.t_out, grid.t_end, grid.stops, grid.jump_t
@@ -338,10 +391,13 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
         # Advance: accepted groups move to the step's end (before the loop's host transfer, so on a GPU these
         # launches queue up ahead of it); next_out moves in the host part, once the packet says how many output
         # times the step passed. Positional, in LoopState's field order.
-        acc = fin.accept.unsqueeze(1)
-        s_next = LoopState(end.t, end.h, torch.where(acc, fin.y_new, y), torch.where(acc, stage(K, last), s.f),
-                           end.running, end.status, end.n_attempted, end.n_accepted, fin.prev_ratio,
-                           end.last_nonfinite, s.next_out)
+        if lean:
+            y_next, f_next = fin.y_new, stage(K, last)
+        else:
+            acc = fin.accept.unsqueeze(1)
+            y_next, f_next = torch.where(acc, fin.y_new, y), torch.where(acc, stage(K, last), s.f)
+        s_next = LoopState(end.t, end.h, y_next, f_next, end.running, end.status, end.n_attempted, end.n_accepted,
+                           fin.prev_ratio, end.last_nonfinite, s.next_out)
         return s_next, plan, K, fin, end
 
     return step

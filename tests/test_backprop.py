@@ -97,3 +97,71 @@ def test_forced_ext_backprop_and_its_stages_gradient():
     ys.sum().backward()
     expect = 1.0 + torch.exp(torch.tensor(-0.5, dtype=F64)) + torch.exp(torch.tensor(-1.0, dtype=F64))
     torch.testing.assert_close(y0.grad, expect.expand(2, 3), rtol=1e-8, atol=0)
+
+
+def _solve_recorded(backend: str, method: str, t, per_sample: bool, **opts):
+    """``(ys, grads w.r.t. y0 and the parameters)`` of a solve whose times need no gradient (the loop's lean recording
+    in shared mode: no masks per step, the outputs stacked as rows)."""
+    net = _net(2)
+    y0 = torch.linspace(-1.0, 1.0, 12, dtype=F64).reshape(3, 4).requires_grad_()
+    options = {"backend": backend, "first_step": 0.8, "per_sample": per_sample, **opts}
+    ys = odeint(_field(net), y0, t, method=method, rtol=1e-8, atol=1e-10, options=options)
+    w = torch.sin(torch.arange(ys.numel(), dtype=F64)).reshape(ys.shape)
+    loss = (torch.nan_to_num(ys) * w).sum()
+    return ys, torch.autograd.grad(loss, [y0, *net.parameters()])
+
+
+@pytest.mark.parametrize("method", ADAPTIVE_METHODS)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
+def test_gradients_without_time_gradients(method, per_sample):
+    """Times without gradients, with rejections: the recorded solve's outputs are bitwise the no-grad solve's, and
+    its gradients match the torch reference's (which takes the same lean path in shared mode) and those of the same
+    solve with times that need gradients (then the loop records its masks and in-place output writes: another
+    graph of the same function)."""
+    t = torch.tensor([0.0, 0.2, 0.9, 1.0, 1.3], dtype=F64)
+    ys, got = _solve_recorded("auto", method, t, per_sample)
+    assert last_stats().backend == "ext" and _n_rejected() >= 1
+    with torch.no_grad():
+        y0 = torch.linspace(-1.0, 1.0, 12, dtype=F64).reshape(3, 4)
+        plain = odeint(_field(_net(2)), y0, t, method=method, rtol=1e-8, atol=1e-10,
+                       options={"first_step": 0.8, "per_sample": per_sample})
+    assert torch.equal(ys.detach(), plain)
+    for backend, times in (("torch", t), ("auto", t.clone().requires_grad_())):
+        _, ref = _solve_recorded(backend, method, times, per_sample)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
+def test_recorded_failed_solve_returns_nan_rows(per_sample):
+    """on_failure="return" with too few steps: the rows never reached are NaN, as without a graph, and the reached
+    rows carry their gradients (equal to the torch reference's)."""
+    t = torch.linspace(0.0, 3.0, 7, dtype=F64)
+    ys, got = _solve_recorded("auto", "dopri5", t, per_sample, max_num_steps=14, on_failure="return")
+    assert (torch.as_tensor(last_stats().status) != 0).any()
+    with torch.no_grad():
+        y0 = torch.linspace(-1.0, 1.0, 12, dtype=F64).reshape(3, 4)
+        plain = odeint(_field(_net(2)), y0, t, rtol=1e-8, atol=1e-10,
+                       options={"first_step": 0.8, "per_sample": per_sample, "max_num_steps": 14,
+                                "on_failure": "return"})
+    assert torch.allclose(ys.detach(), plain, rtol=0, atol=0, equal_nan=True)
+    assert ys.isnan().any() and not ys[:3].isnan().any()
+    _, ref = _solve_recorded("torch", "dopri5", t, per_sample, max_num_steps=14, on_failure="return")
+    for a, b in zip(got, ref):
+        assert a.isfinite().all()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_lean_outputs_one_interpolation_per_output(monkeypatch):
+    """A backend whose interpolate takes one theta per group (triton) gets one call per output time in the lean
+    recording: the same outputs bit for bit and the same gradients as the batched call."""
+    from fastnode.backends.torch_ops import TorchStepOps
+
+    t = torch.tensor([0.0, 0.2, 0.9, 1.0, 1.3], dtype=F64)
+    ys, got = _solve_recorded("auto", "dopri5", t, False)
+    monkeypatch.setattr(TorchStepOps, "interpolates_many", False)  # ext inherits it
+    ys1, ref = _solve_recorded("auto", "dopri5", t, False)
+    assert last_stats().backend == "ext"
+    assert torch.equal(ys.detach(), ys1.detach())
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -1,4 +1,6 @@
 // fastnode::interpolate on CPU: dense output y + h * sum_j w_j(theta) K[j] with per-row weights, parallel over tiles.
+// With one row (G = 1) theta may hold M > 1 values: the row's dense output at each, [M, N] (a step's several output
+// times at once); each output row is computed exactly as a one-row call with that theta.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,7 +25,10 @@ at::Tensor interpolate_cpu(const at::Tensor& y_in, at::TensorList K, const at::T
   TORCH_CHECK(P >= 1 && (S_ == 0 ? D == 0 : (D % S_ == 0 && D / S_ == P)), "fastnode.interpolate: dense must hold "
               "S * P = ", K.size(), " * ", P, " values, got ", dense.size());
   check_rows(h_in, y_in, y_in.scalar_type(), "h", op);
-  check_rows(theta_in, y_in, y_in.scalar_type(), "theta", op);
+  const bool many = y_in.size(0) == 1 && theta_in.dim() == 1 && theta_in.size(0) != 1;
+  if (!many) check_rows(theta_in, y_in, y_in.scalar_type(), "theta", op);
+  TORCH_CHECK(theta_in.scalar_type() == y_in.scalar_type() && theta_in.device() == y_in.device(), "fastnode.", op,
+              ": theta must be ", y_in.scalar_type(), " on ", y_in.device());
   auto y = y_in.contiguous();
   auto h = h_in.contiguous();
   auto th = theta_in.contiguous();
@@ -36,8 +41,9 @@ at::Tensor interpolate_cpu(const at::Tensor& y_in, at::TensorList K, const at::T
   }
   std::vector<at::Tensor> Kc;
   for (auto j : used) Kc.push_back(K[j].contiguous());
-  auto out = at::empty_like(y);
-  const int64_t G = y.size(0), N = y.size(1);
+  // G output rows; row r reads the state, stages and step of row yr(r) (0 for all with `many`).
+  const int64_t G = many ? th.size(0) : y.size(0), N = y.size(1);
+  auto out = at::empty({G, N}, y.options());
   if (G * N == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "interpolate_cpu", [&] {
     using T = scalar_t;
@@ -65,9 +71,10 @@ at::Tensor interpolate_cpu(const at::Tensor& y_in, at::TensorList K, const at::T
     at::parallel_for(0, tl.n, tl.grain, [&](int64_t b, int64_t e) {
       std::vector<T> wr(U);
       for (int64_t t = b; t < e; ++t) {
-        const int64_t r = tl.row(t), base = r * N + tl.lo(t), len = tl.hi(t) - tl.lo(t);
+        const int64_t r = tl.row(t), yr = many ? 0 : r, len = tl.hi(t) - tl.lo(t);
+        const int64_t base = r * N + tl.lo(t), src = yr * N + tl.lo(t);
         for (size_t u = 0; u < U; ++u) wr[u] = W[r * U + u];
-        combine_tile<T>(yp + base, kp, wr, 0, base, hp[r], len, op_ + base);
+        combine_tile<T>(yp + src, kp, wr, 0, src, hp[yr], len, op_ + base);
       }
     });
   });

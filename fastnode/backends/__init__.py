@@ -40,12 +40,12 @@ StepOps method       ``fastnode::`` (C++)       ``fastnode_triton::``       ABI 
 ``backend="auto"`` picks triton for CUDA tensors when triton is importable and the extension for CPU tensors
 when it is built; otherwise torch. Backpropagation through the solver runs on the fast backends too:
 ``rk_combine``, ``finish_control``'s solution and ``interpolate`` carry autograd formulas whose backwards are fused
-ops (``rk_combine_backward``, ``interpolate_backward``: ``ext_autograd`` for ``fastnode::``, ``kernels/_autograd.py``
-for ``fastnode_triton::``); the controller's outputs carry no gradient, as on torch. ``initial_step`` (the starting
-step) is fused around its probe evaluation on ext (``initial_step_probe``/``initial_step_finish``). For
-``odeint_adjoint``'s backward solve on CUDA it picks the extension's CUDA step ops when they are built, with the
-Triton set-up and bookkeeping (``ext+triton``, ``ext_triton_ops``). Each solve's ``SolveStats.backend`` names the
-backend that ran it.
+ops (``rk_combine_backward``, ``interpolate_backward``: C++ Autograd kernels in ``csrc/autograd.cpp`` for
+``fastnode::``, ``kernels/_autograd.py`` for ``fastnode_triton::``); the controller's outputs carry no gradient, as
+on torch. ``initial_step`` (the starting step) is fused around its probe evaluation on ext
+(``initial_step_probe``/``initial_step_finish``). For ``odeint_adjoint``'s backward solve on CUDA it picks the
+extension's CUDA step ops when they are built, with the Triton set-up and bookkeeping (``ext+triton``,
+``ext_triton_ops``). Each solve's ``SolveStats.backend`` names the backend that ran it.
 """
 
 from __future__ import annotations

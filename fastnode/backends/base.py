@@ -112,8 +112,13 @@ class StepOps:
         """
         raise NotImplementedError
 
+    # Whether ``interpolate`` also takes, with one group (``G = 1``), ``theta: [M]`` and returns the group's dense
+    # output at each, ``[M, N]`` (each row as the one-row call with that theta): a step's several output times at once.
+    interpolates_many = False
+
     def interpolate(self, tableau: ButcherTableau, y, K, h, theta) -> torch.Tensor:
-        """Dense output at ``t0 + theta * h``: ``y: [G, N]``, ``h``, ``theta``: [G] -> [G, N]."""
+        """Dense output at ``t0 + theta * h``: ``y: [G, N]``, ``h``, ``theta``: [G] -> [G, N] (``interpolates_many``:
+        also ``G = 1`` with ``theta: [M]`` -> ``[M, N]``)."""
         raise NotImplementedError
 
     def step_begin(self, t, h, running, t_out, t_end, to_outputs: bool, c, sign: float, state_dtype, squeeze: bool,

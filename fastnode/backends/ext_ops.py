@@ -5,7 +5,7 @@ Each op is registered with ``torch.library`` (schemas in ``csrc/step_ops.cpp``, 
 see them. The ops cover the solver's arithmetic: stage inputs and solutions (``rk_combine``),
 a step's whole finish with the built-in norm and the controller (``finish_control``), dense output
 (``interpolate``) and the adjoint's per-sample quadrature weights (``adjoint_weights``); the first three have
-autograd formulas whose backwards are fused ops too (``ext_autograd``). Anything they do not
+autograd formulas whose backwards are fused ops too (``csrc/autograd.cpp``). Anything they do not
 cover (a user norm, a custom adjoint norm, float16/bfloat16, a float32 time dtype) runs on the torch reference,
 op by op, inside the same solve.
 
@@ -83,6 +83,8 @@ if _LOAD_ERROR is None:
 
     @torch.library.register_fake("fastnode::interpolate")
     def _interpolate_fake(y, K, h, theta, dense, P):
+        if y.shape[0] == 1 and theta.dim() == 1 and theta.shape[0] != 1:  # M outputs of the one row
+            return y.new_empty((theta.shape[0], y.shape[1]))
         return torch.empty_like(y)
 
     @torch.library.register_fake("fastnode::step_begin")
@@ -123,35 +125,13 @@ def tol_args(tol, y: torch.Tensor):
     return None, float(tol)
 
 
-class _PastAutograd:
-    """``rk_combine``, ``finish_control`` and ``interpolate`` called past their Autograd kernel.
-
-    ``torch.library.register_autograd`` puts a Python kernel on each of these ops' Autograd key, and it runs on every
-    call, under ``no_grad`` too: about 9 us a call, which made an eager per-sample solve about 1.3x slower. The
-    callers below use this only once they know that no graph is recorded, and go straight to the device's kernel.
-    Tensor subclasses and dispatch modes (fake tensors, functionalization) take the ordinary path through the
-    dispatcher.
-    """
-
-    def __init__(self, ops):
-        self._ops = {name: getattr(ops, name) for name in ("rk_combine", "finish_control", "interpolate")}
-        self._keys = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
-                      "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
-
-    def __call__(self, name: str, y: torch.Tensor, *args):
-        op = self._ops[name]
-        keys = self._keys.get(y.device.type)
-        if keys is None or type(y) is not torch.Tensor or torch._C._len_torch_dispatch_stack():
-            return op(y, *args)
-        return op.default.redispatch(keys, y, *args)
-
-
 class ExtStepOps(TorchStepOps):
     """StepOps on ``fastnode._C``; falls back to the torch reference op by op where an op does not apply.
 
     Backpropagation through the solver: ``rk_combine``, ``finish_control``'s solution and ``interpolate`` carry
-    autograd formulas (``ext_autograd``); ``step_begin``/``step_end`` run on the reference when the times carry a
-    graph (time gradients).
+    autograd formulas (C++ Autograd kernels, ``csrc/autograd.cpp``: under ``no_grad`` or without inputs that need
+    gradients they only step below the Autograd key, so every call goes through the dispatcher the same way);
+    ``step_begin``/``step_end`` run on the reference when the times carry a graph (time gradients).
     """
 
     name = "ext"
@@ -160,7 +140,10 @@ class ExtStepOps(TorchStepOps):
     def __init__(self, forced: bool = False):
         self.forced = forced
         self._ops = torch.ops.fastnode
-        self._direct = _PastAutograd(self._ops)
+        # The overloads, resolved once (a call through the packet resolves the overload on every call).
+        self._rk_combine = self._ops.rk_combine.default
+        self._finish_control = self._ops.finish_control.default
+        self._interpolate = self._ops.interpolate.default
 
     # NOTE: the checks below run several times per step, so they are written inline (y.ndim, not y.dim(): a
     # property, not a call) rather than as a helper: the loop's per-step Python time is the CPU goal.
@@ -168,9 +151,7 @@ class ExtStepOps(TorchStepOps):
     def rk_combine(self, y, K, h, weights):
         if y.dtype not in _FLOATS or y.ndim != 2:
             return super().rk_combine(y, K, h, weights)
-        if torch.is_grad_enabled() and (y.requires_grad or h.requires_grad or any(k.requires_grad for k in K)):
-            return ext_autograd.RkCombineFunction.apply(y, h, weights, *K[: len(weights)])
-        return self._direct("rk_combine", y, K, h, weights)  # the op reads the first len(weights) stages
+        return self._rk_combine(y, K, h, weights)  # the op reads the first len(weights) stages
 
     def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                        ratio_floor=None, adjust=None):
@@ -183,20 +164,17 @@ class ExtStepOps(TorchStepOps):
         floor = None if ratio_floor is None else ratio_floor.to(torch.float64).reshape(-1).expand(y.shape[0])
         args = (tableau.b, tableau.e, rt, rs, at, as_, norm.bounds(y.shape[1]), h_ctl, prev_ratio, running, floor,
                 cfg.as_floats())
-        if torch.is_grad_enabled() and (y.requires_grad or h.requires_grad or any(k.requires_grad for k in K)):
-            return as_named(StepResult, ext_autograd.FinishControlFunction.apply(y, h, args, *K))
-        return as_named(StepResult, self._direct("finish_control", y, K, h, *args))
+        return as_named(StepResult, self._finish_control(y, K, h, *args))
 
     def interpolate(self, tableau, y, K, h, theta):
         if y.dtype not in _FLOATS or y.ndim != 2 or not y.is_cpu:
             return super().interpolate(tableau, y, K, h, theta)
         dense = _dense_flat(tableau)
         P = len(tableau.dense[0])
-        th = theta.to(y.dtype).expand(y.shape[0]).contiguous()
-        if torch.is_grad_enabled() and (y.requires_grad or h.requires_grad or th.requires_grad
-                                        or any(k.requires_grad for k in K)):
-            return ext_autograd.InterpolateFunction.apply(y, h, th, dense, P, *K)
-        return self._direct("interpolate", y, list(K), h, th, dense, P)
+        th = theta.to(y.dtype)
+        # [M] thetas of the one group (interpolates_many) go as they are; [G], [1] or 0-d are spread over the groups.
+        th = th.contiguous() if th.ndim == 1 and y.shape[0] == 1 else th.expand(y.shape[0]).contiguous()
+        return self._interpolate(y, list(K), h, th, dense, P)
 
     def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze, *, stops=None,
                    end_perturb=0, time_grad=False):

@@ -91,6 +91,8 @@ class TorchStepOps(StepOps):
         h_next = torch.where(running, h_next, h)
         return accept, h_next, prev_ratio
 
+    interpolates_many = True  # theta [M] with G = 1: the formulas below broadcast the one row
+
     def interpolate(self, tableau, y, K, h, theta):
         dense = _dense_tensor(tableau, y.dtype, y.device)  # [S, P]
         P = dense.shape[1]

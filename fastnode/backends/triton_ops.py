@@ -101,6 +101,7 @@ class TritonStepOps(TorchStepOps):
 
     name = "triton"
     supports_autograd = True  # rk_combine, the finish's solution and interpolate have formulas (kernels/_autograd.py)
+    interpolates_many = False  # the kernels take one theta per group
 
     def __init__(self, forced: bool = False):
         self.forced = forced

@@ -102,3 +102,65 @@ def test_triton_opcheck_with_autograd(be):
     for need in (True, False):
         torch.library.opcheck(be.ops.interpolate_backward.default,
                               (g, Kb.detach(), h.detach(), theta.detach(), d, idx, need))
+
+
+@pytest.mark.parametrize("be", C.backends(OP, names=("ext",), cuda=()))
+@pytest.mark.parametrize("method", ["dopri5", "bosh3"])
+def test_second_derivative(be, method):
+    """create_graph: the backward records its own graph (the formulas as ATen ops): gradgradcheck w.r.t. the state,
+    every stage, the step and theta."""
+    tab = tableau(method)
+    y, K, h, theta = _leaves(3, 5, tab.num_stages, False, be.device)
+
+    def f(y, h, theta, *K):
+        return C.interpolate(be, tab, y, K, h, theta)
+
+    args = (y, h, theta, *K)
+    g = state(3, 5, F64, be.device, seed=6)
+    fused = torch.autograd.grad(f(*args), args, g, allow_unused=True)
+    composite = torch.autograd.grad(f(*args), args, g, allow_unused=True, create_graph=True)
+    for a, b in zip(composite, fused):  # the composite's first derivative is the fused one's
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+    assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("be", C.backends(OP, names=("ext",), cuda=()))
+@pytest.mark.parametrize("method", ["dopri5", "bosh3"])
+@pytest.mark.parametrize("M", [2, 3])
+def test_several_outputs_of_one_row(be, method, M):
+    """One row (G = 1) with theta [M]: each output row is bitwise the one-row call at its theta (on the reference,
+    which broadcasts, too), and close to the reference's; the gradients sum the outputs' (gradcheck w.r.t. the state,
+    every stage, the step and the thetas; vs the reference's autograd; the composite's first derivative under
+    create_graph equals the fused one's, and its second derivative passes gradgradcheck); opcheck sees the [M, N]
+    fakes."""
+    tab = tableau(method)
+    dense, P = _dense(tab)
+    y, K, h, _ = _leaves(1, 5, tab.num_stages, False, be.device)
+    theta = torch.linspace(0.2, 1.0, M, dtype=F64, device=be.device).requires_grad_()
+    out = be.ops.interpolate(y, K, h, theta, dense, P)
+    assert out.shape == (M, 5)
+    ref_out = C.REF.interpolate(tab, y, K, h, theta)
+    for r in range(M):
+        assert torch.equal(out[r : r + 1], be.ops.interpolate(y, K, h, theta[r : r + 1], dense, P))
+        assert torch.equal(ref_out[r : r + 1], C.REF.interpolate(tab, y, K, h, theta[r : r + 1]))
+    torch.testing.assert_close(out, ref_out, rtol=1e-14, atol=1e-14)
+
+    def f(y, h, theta, *K):
+        return be.ops.interpolate(y, list(K), h, theta, dense, P)
+
+    args = (y, h, theta, *K)
+    assert gradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-6)
+    g = state(M, 5, F64, be.device, seed=7)
+    used = [k for j, k in enumerate(K) if any(tab.dense[j])]
+    got = torch.autograd.grad(f(*args), [y, h, theta] + used, g)
+    ref = torch.autograd.grad(C.REF.interpolate(tab, y, K, h, theta), [y, h, theta] + used, g)
+    composite = torch.autograd.grad(f(*args), [y, h, theta] + used, g, create_graph=True)
+    for a, b, c in zip(got, ref, composite):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(c, a, rtol=1e-13, atol=1e-14)
+    assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-6)
+    torch.library.opcheck(be.ops.interpolate.default, (y, K, h, theta, dense, P))
+    torch.library.opcheck(be.ops.interpolate_backward.default,
+                          (g, [k.detach() for k in K], h.detach(), theta.detach(), dense, P, True))

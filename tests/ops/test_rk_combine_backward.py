@@ -147,3 +147,35 @@ def test_triton_opcheck_with_autograd(be):
     g = state(3, 5, F64, be.device, seed=9)
     for need_h in (True, False):
         torch.library.opcheck(be.ops.rk_combine_backward.default, (g, Kb.detach(), h.detach(), w, idx, -1, need_h))
+
+
+@pytest.mark.parametrize("be", C.backends(OP, names=("ext",)))
+@pytest.mark.parametrize("method", ["dopri5", "fehlberg2"])
+def test_second_derivative(be, method):
+    """create_graph: the backward records its own graph (the formulas as ATen ops), so gradgradcheck holds for the
+    stage input, the solution and finish_control's y_new, with and without the step's gradient."""
+    tab = tableau(method)
+    G, N = 3, 5
+    for h_grad in (True, False):
+        y, K, h = _leaves(G, N, tab.num_stages, False, be.device, h_grad=h_grad)
+        w = [float(v) for v in tab.b]
+        cfg = C.ControllerConfig(order=tab.order)
+
+        def comb(y, h, *K, w=w):
+            return _combine(be, y, K, h, w)
+
+        def fin(y, h, *K, cfg=cfg):
+            return C.finish_control(be, tab, y, K, h, 1e-6, 1e-8, C.RMSNorm(), cfg, h.detach(),
+                                    torch.ones(G, dtype=F64), torch.ones(G, dtype=torch.bool))[0]
+
+        for f in (comb, fin):
+            args = (y, h, *K)
+            wrt = [a for a in args if a.requires_grad]
+            g = state(G, N, F64, be.device, seed=6)
+            fused = torch.autograd.grad(f(*args), wrt, g, allow_unused=True)
+            composite = torch.autograd.grad(f(*args), wrt, g, allow_unused=True, create_graph=True)
+            for a, b in zip(composite, fused):  # the composite's first derivative is the fused one's
+                assert (a is None) == (b is None)
+                if a is not None:
+                    torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+            assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-6)
