@@ -163,10 +163,10 @@ class DenseOutput:
         self.out[0] = y0
 
     def collect_rows(self, y0: torch.Tensor) -> None:
-        """Shared mode under recording (``solve_adaptive``'s lean mode): the outputs are kept as a list of ``[m, N]``
-        blocks (one per step that passed output times) and concatenated once at the end, instead of written in place
-        into the buffer (an in-place write records a node whose backward copies the whole buffer's gradient, one per
-        output)."""
+        """Shared mode (``solve_adaptive``'s lean loop): the outputs are kept as a list of ``[m, N]`` blocks (one per
+        step that passed output times) and concatenated once at the end, instead of written into the buffer one masked
+        write per output (under backprop, an in-place write records a node whose backward copies the whole buffer's
+        gradient)."""
         self.rows = [y0]
         self.n_rows = 1
 
@@ -236,11 +236,11 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
     if problem.config.compile is not None:
         fast = compiled_loop(f, problem, grid, hooks, events, stats,
                              land=lambda s, crossed, running, lr: _land(f, hooks, s, crossed, running, lr))
-    # Lean recording (backprop through a shared-mode solve): the packet also carries the one group's decision, so the
-    # state advances without a where node per step, and the outputs are rows stacked once (every graph node costs its
-    # backward; the masks are needed only with several groups).
-    lean = (fast is None and hooks is None and events is None and grid.squeeze and not grid.time_grad
-            and torch.is_grad_enabled() and (s.y.requires_grad or s.f.requires_grad))
+    # Lean loop (one group, shared mode): the packet also carries the group's decision, so the state advances without
+    # a where per step, and the outputs are rows stacked once, all those a step passed interpolated in one call (the
+    # masks are needed only with several groups). Under backprop each of those ops would also be a graph node whose
+    # backward runs; without a graph they are still several small ops per output time.
+    lean = fast is None and hooks is None and events is None and grid.squeeze and not grid.time_grad
     if lean:
         out.collect_rows(problem.y0)
     step = _stepper(f, ops, problem, grid, hooks, events, health, lean)
@@ -336,8 +336,8 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
     (set-up, stages, finish, events, bookkeeping, advance), with no host transfer. ``watch``: ``health`` observes
     this step (its stage inputs, decision) and may end groups (``step_end``'s ``fail``).
 
-    ``lean`` (one group, a recorded graph, no time gradients): the state and FSAL stage advance unconditionally, and the
-    loop restores them once the packet says the step was rejected; no ``torch.where`` node per step in the graph."""
+    ``lean`` (one group, no time gradients): the state and FSAL stage advance unconditionally, and the loop restores
+    them once the packet says the step was rejected; no ``torch.where`` per step (nor its node in a recorded graph)."""
     tab, cfg = problem.tableau, problem.config
     c, sign, squeeze, to_outputs = tab.c, f.sign, grid.squeeze, grid.to_outputs
     t_out, t_end, stops, jump_t = grid.t_out, grid.t_end, grid.stops, grid.jump_t
