@@ -50,6 +50,14 @@ void dense_weights(const T* thp, int64_t G, at::ArrayRef<double> dense, int64_t 
   }
 }
 
+// Data pointers of the stage gradients (written) and of the used stages (read; only when kept for h and theta).
+template <typename T>
+void stage_pointers(std::vector<at::Tensor>& gk, const std::vector<at::Tensor>& Kc, std::vector<T*>& gp,
+                    std::vector<const T*>& kp) {
+  for (auto& t : gk) gp.push_back(t.data_ptr<T>());
+  for (const auto& t : Kc) kp.push_back(t.data_ptr<T>());
+}
+
 // The M-outputs-of-one-row case: grad [M, N]; every stage's [1, N] gradient sum_r (h * grad_r) * w_u(theta_r), h's
 // sum_r sum_n grad_r * a_r and theta_r's h * sum_n grad_r * a'_r (r in order), parallel over column chunks.
 void interpolate_backward_many(const at::Tensor& g, const std::vector<at::Tensor>& Kc, const at::Tensor& h,
@@ -63,12 +71,9 @@ void interpolate_backward_many(const at::Tensor& g, const std::vector<at::Tensor
     using T = scalar_t;
     std::vector<T> W, dW;
     dense_weights<T>(th.data_ptr<T>(), M, dense, P, used, W, dW);
-    std::vector<T*> gp(U);
-    std::vector<const T*> kp(Kc.size());
-    for (size_t u = 0; u < U; ++u) {
-      gp[u] = gk[u].data_ptr<T>();
-      if (need_ht) kp[u] = Kc[u].data_ptr<T>();
-    }
+    std::vector<T*> gp;
+    std::vector<const T*> kp;
+    stage_pointers<T>(gk, Kc, gp, kp);
     const T* gr = g.data_ptr<T>();
     const T h0 = h.data_ptr<T>()[0];
     // Per (tile, output row): the partial sums of grad_r * a_r and grad_r * a'_r, added up per row afterwards.
@@ -160,36 +165,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> interpolate_backward
     interpolate_backward_many(g, Kc_of(K, used, need_ht), h, th, dense, P, need_ht, used, gk, gh, gt);
     return {gk, gh, gt};
   }
-  std::vector<at::Tensor> Kc;
-  if (need_ht)
-    for (auto j : used) Kc.push_back(K[j].contiguous());
+  const std::vector<at::Tensor> Kc = Kc_of(K, used, need_ht);
   Tiles tl(G, N);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "interpolate_backward_cpu", [&] {
     using T = scalar_t;
-    // Per-row weights and their theta-derivatives, in the state dtype (the forward's weights, same formula).
-    std::vector<T> W(static_cast<size_t>(G) * U), dW(W.size());
-    const T* thp = th.data_ptr<T>();
-    for (int64_t r = 0; r < G; ++r) {
-      for (size_t u = 0; u < U; ++u) {
-        T acc = 0, dacc = 0, pw = thp[r], dpw = 1;
-        for (int64_t p = 0; p < P; ++p) {
-          const T d = static_cast<T>(dense[used[u] * P + p]);
-          const T term = pw * d;
-          acc = p == 0 ? term : acc + term;
-          dacc = dacc + static_cast<T>(p + 1) * d * dpw;
-          pw = pw * thp[r];
-          dpw = dpw * thp[r];
-        }
-        W[r * U + u] = acc;
-        dW[r * U + u] = dacc;
-      }
-    }
-    std::vector<T*> gp(U);
-    std::vector<const T*> kp(Kc.size());
-    for (size_t u = 0; u < U; ++u) {
-      gp[u] = gk[u].data_ptr<T>();
-      if (need_ht) kp[u] = Kc[u].data_ptr<T>();
-    }
+    std::vector<T> W, dW;
+    dense_weights<T>(th.data_ptr<T>(), G, dense, P, used, W, dW);
+    std::vector<T*> gp;
+    std::vector<const T*> kp;
+    stage_pointers<T>(gk, Kc, gp, kp);
     const T* gr = g.data_ptr<T>();
     const T* hp = h.data_ptr<T>();
     std::vector<T> part_h(need_ht ? static_cast<size_t>(tl.n) : 0, T(0)), part_t(part_h.size(), T(0));

@@ -137,6 +137,19 @@ def assert_outputs_layout(got, exp) -> None:
             assert int(a.view(torch.uint8).max()) <= 1, (i, "a flag was never written")
 
 
+def assert_second_derivative(f, args, wrt, g: torch.Tensor) -> None:
+    """``create_graph``: the composite first derivative (the formulas as ATen ops, recording a graph) equals the fused
+    one, and ``gradgradcheck`` passes through it. ``wrt``: the arguments that need gradients; ``g``: the output's
+    cotangent."""
+    fused = torch.autograd.grad(f(*args), wrt, g, allow_unused=True)
+    composite = torch.autograd.grad(f(*args), wrt, g, allow_unused=True, create_graph=True)
+    for a, b in zip(composite, fused):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+    assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
 def assert_rounding_close(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, ulps: float | None = None) -> None:
     """``|out - ref| <= ulps * eps * bound`` elementwise (``ULPS[dtype]`` by default), and no NaN.
 
