@@ -18,13 +18,6 @@
 namespace fastnode {
 namespace {
 
-std::vector<at::Tensor> Kc_of(at::TensorList K, const std::vector<int64_t>& used, bool need) {
-  std::vector<at::Tensor> Kc;
-  if (need)
-    for (auto j : used) Kc.push_back(K[j].contiguous());
-  return Kc;
-}
-
 // The weights w_u(theta_r) and their theta-derivatives for every row r and used stage u, in the state dtype (the
 // forward's weights, same formula).
 template <typename T>
@@ -48,14 +41,6 @@ void dense_weights(const T* thp, int64_t G, at::ArrayRef<double> dense, int64_t 
       dW[r * U + u] = dacc;
     }
   }
-}
-
-// Data pointers of the stage gradients (written) and of the used stages (read; only when kept for h and theta).
-template <typename T>
-void stage_pointers(std::vector<at::Tensor>& gk, const std::vector<at::Tensor>& Kc, std::vector<T*>& gp,
-                    std::vector<const T*>& kp) {
-  for (auto& t : gk) gp.push_back(t.data_ptr<T>());
-  for (const auto& t : Kc) kp.push_back(t.data_ptr<T>());
 }
 
 // The M-outputs-of-one-row case: grad [M, N]; every stage's [1, N] gradient sum_r (h * grad_r) * w_u(theta_r), h's
@@ -162,10 +147,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> interpolate_backward
   auto gt = need_ht ? at::zeros({G}, g.options()) : at::empty({0}, g.options());
   if (G * N == 0) return {gk, gh, gt};
   if (many) {
-    interpolate_backward_many(g, Kc_of(K, used, need_ht), h, th, dense, P, need_ht, used, gk, gh, gt);
+    interpolate_backward_many(g, selected_stages(K, used, need_ht), h, th, dense, P, need_ht, used, gk, gh, gt);
     return {gk, gh, gt};
   }
-  const std::vector<at::Tensor> Kc = Kc_of(K, used, need_ht);
+  const std::vector<at::Tensor> Kc = selected_stages(K, used, need_ht);
   Tiles tl(G, N);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "interpolate_backward_cpu", [&] {
     using T = scalar_t;
@@ -182,19 +167,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> interpolate_backward
       std::vector<T> hg(L), a(need_ht ? L : 0), da(a.size()), wr(U), dwr(U);
       for (int64_t t = b; t < e; ++t) {
         const int64_t r = tl.row(t), base = r * N + tl.lo(t), len = tl.hi(t) - tl.lo(t);
-        const T hr = hp[r];
         const T* gv = gr + base;
         for (size_t u = 0; u < U; ++u) {
           wr[u] = W[r * U + u];
           dwr[u] = dW[r * U + u];
         }
-        // The reference's rounding: autograd forms h * grad once (addcmul's backward), then each stage's w_j * it.
-        for (int64_t c = 0; c < len; ++c) hg[c] = hr * gv[c];
-        for (size_t u = 0; u < U; ++u) {
-          T* o = gp[u] + base;
-          const T wu = wr[u];
-          for (int64_t c = 0; c < len; ++c) o[c] = hg[c] * wu;
-        }
+        stage_grads_tile<T>(gp, wr, base, len, hp[r], gv, hg.data());
         if (need_ht) {
           lincomb_tile<T>(kp, wr, base, len, a.data());
           lincomb_tile<T>(kp, dwr, base, len, da.data());

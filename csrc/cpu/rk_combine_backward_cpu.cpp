@@ -34,20 +34,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> rk_combine_backward_cpu(const at
   const int64_t G = g.size(0), N = g.size(1);
   auto gh = need_h ? at::zeros({G}, g.options()) : at::empty({0}, g.options());
   if (G * N == 0) return {gk, gh};
-  std::vector<at::Tensor> Kc;
-  if (need_h)
-    for (auto j : idx) Kc.push_back(K[j].contiguous());
+  const std::vector<at::Tensor> Kc = selected_stages(K, idx, need_h);
   Tiles tl(G, N);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "rk_combine_backward_cpu", [&] {
     using T = scalar_t;
-    std::vector<T*> gp(M);
-    std::vector<const T*> kp(Kc.size());
+    std::vector<T*> gp;
+    std::vector<const T*> kp;
+    stage_pointers<T>(gk, Kc, gp, kp);
     std::vector<T> wv(M);
-    for (size_t m = 0; m < M; ++m) {
-      gp[m] = gk[m].data_ptr<T>();
-      wv[m] = static_cast<T>(w[idx[m]]);
-      if (need_h) kp[m] = Kc[m].data_ptr<T>();
-    }
+    for (size_t m = 0; m < M; ++m) wv[m] = static_cast<T>(w[idx[m]]);
     const T* gr = g.data_ptr<T>();
     const T* hp = h.data_ptr<T>();
     // Per tile: the partial sum of grad * (sum_j w_j k_j), added up per row afterwards (a fixed order: the result
@@ -57,15 +52,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> rk_combine_backward_cpu(const at
       std::vector<T> hg(static_cast<size_t>(std::min(N, kChunk))), acc(need_h ? hg.size() : 0);
       for (int64_t t = b; t < e; ++t) {
         const int64_t r = tl.row(t), base = r * N + tl.lo(t), len = tl.hi(t) - tl.lo(t);
-        const T hr = hp[r];
         const T* gv = gr + base;
-        // The reference's rounding: autograd forms h * grad once (addcmul's backward), then each stage's w_j * it.
-        for (int64_t c = 0; c < len; ++c) hg[c] = hr * gv[c];
-        for (size_t m = 0; m < M; ++m) {
-          T* o = gp[m] + base;
-          const T wm = wv[m];
-          for (int64_t c = 0; c < len; ++c) o[c] = hg[c] * wm;
-        }
+        stage_grads_tile<T>(gp, wv, base, len, hp[r], gv, hg.data());
         if (need_h) {
           lincomb_tile<T>(kp, wv, base, len, acc.data());
           T s = 0;

@@ -65,6 +65,36 @@ inline void lincomb_tile(const std::vector<const T*>& k, const std::vector<T>& w
   }
 }
 
+// The stages K[j] for j in idx, contiguous; none when they are not read (need false).
+inline std::vector<at::Tensor> selected_stages(at::TensorList K, const std::vector<int64_t>& idx, bool need) {
+  std::vector<at::Tensor> out;
+  if (need)
+    for (auto j : idx) out.push_back(K[j].contiguous());
+  return out;
+}
+
+// Data pointers of the stage gradients (written) and of the stages read (may be none).
+template <typename T>
+inline void stage_pointers(std::vector<at::Tensor>& gk, const std::vector<at::Tensor>& Kc, std::vector<T*>& gp,
+                           std::vector<const T*>& kp) {
+  for (auto& t : gk) gp.push_back(t.data_ptr<T>());
+  for (const auto& t : Kc) kp.push_back(t.data_ptr<T>());
+}
+
+// The stage gradients of a combination y + h * sum_m w_m k_m on one tile: out_m[off + c] = (h * grad[c]) * w_m, with
+// the reference's rounding (autograd forms h * grad once, addcmul's backward, then each stage's w_m times it).
+// hg: scratch of at least len values.
+template <typename T>
+inline void stage_grads_tile(const std::vector<T*>& out, const std::vector<T>& w, int64_t off, int64_t len, T h,
+                             const T* grad, T* hg) {
+  for (int64_t c = 0; c < len; ++c) hg[c] = h * grad[c];
+  for (size_t m = 0; m < out.size(); ++m) {
+    T* o = out[m] + off;
+    const T wm = w[m];
+    for (int64_t c = 0; c < len; ++c) o[c] = hg[c] * wm;
+  }
+}
+
 inline std::vector<at::Tensor> contiguous_stages(at::TensorList K, size_t n) {
   std::vector<at::Tensor> out;
   out.reserve(n);
