@@ -151,38 +151,40 @@ class HostPacket:
 
 
 class DenseOutput:
-    """The outputs ``[T, G, N]``, filled from each step's dense output at the output times it passed."""
+    """The outputs ``[T, G, N]``, filled from each step's dense output at the output times it passed.
 
-    def __init__(self, grid: _Grid, y0: torch.Tensor):
+    ``rows`` (shared mode, ``solve_adaptive``'s lean loop): the outputs are kept as a list of ``[m, N]`` blocks (one
+    per step that passed output times) and concatenated once at the end (``write_rows``), instead of written into a
+    buffer one masked write per output (``write``; under backprop an in-place write records a node whose backward
+    copies the whole buffer's gradient).
+    """
+
+    def __init__(self, grid: _Grid, y0: torch.Tensor, rows: bool = False):
         G, N = y0.shape
         self.grid = grid
-        self.rows = None
-        self.n_rows = 0
-        # Row T: scratch for masked writes. Rows never reached stay NaN.
-        self.out = torch.full((grid.T + 1, G, N), math.nan, dtype=y0.dtype, device=y0.device)
-        self.out[0] = y0
+        self.rows = self.out = None
+        if rows:
+            self.use_rows(y0)
+        else:
+            # Row T: scratch for masked writes. Rows never reached stay NaN.
+            self.out = torch.full((grid.T + 1, G, N), math.nan, dtype=y0.dtype, device=y0.device)
+            self.out[0] = y0
 
-    def collect_rows(self, y0: torch.Tensor) -> None:
-        """Shared mode (``solve_adaptive``'s lean loop): the outputs are kept as a list of ``[m, N]`` blocks (one per
-        step that passed output times) and concatenated once at the end, instead of written into the buffer one masked
-        write per output (under backprop, an in-place write records a node whose backward copies the whole buffer's
-        gradient)."""
+    def use_rows(self, y0: torch.Tensor) -> None:
+        """Switch to ``rows`` mode (the outputs so far: ``y0`` alone)."""
         self.rows = [y0]
         self.n_rows = 1
 
     def write_rows(self, ops: StepOps, tableau, s: LoopState, plan: StepPlan, fin: StepResult, K, n_cross: int):
-        """``write`` for ``collect_rows``: the one group passed outputs ``n_rows ... + n_cross - 1`` (in order), all
+        """``write`` in ``rows`` mode: the one group passed outputs ``n_rows ... + n_cross - 1`` (in order), all
         interpolated in one call where the backend takes several thetas (one graph node per step, not per output)."""
         k0 = self.n_rows
         tj = self.grid.t_out[0, k0 : k0 + n_cross]  # [m]
-        theta = (tj - s.t) / torch.where(plan.h > 0, plan.h, 1.0)  # the same rounding as write's, for all m at once
         if ops.interpolates_many:
-            vals = ops.interpolate(tableau, s.y, K, plan.h_state, theta)  # [m, N]
+            self.rows.append(_dense_at(ops, tableau, s, plan, fin, K, tj))  # [m, N]
         else:
-            vals = torch.cat([ops.interpolate(tableau, s.y, K, plan.h_state, theta[m : m + 1]) for m in range(n_cross)])
-        # Exactly at the step's end the solution itself is returned (the output times increase strictly: only the
-        # last one passed can be it).
-        self.rows.append(torch.where((tj == plan.t_new).unsqueeze(1), fin.y_new, vals))
+            self.rows.append(torch.cat([_dense_at(ops, tableau, s, plan, fin, K, tj[m : m + 1])
+                                        for m in range(n_cross)]))
         self.n_rows += n_cross
 
     def write(self, ops: StepOps, tableau, s: LoopState, plan: StepPlan, fin: StepResult, K, crossed, n_cross: int):
@@ -192,11 +194,7 @@ class DenseOutput:
             j = s.next_out + m
             jj = torch.where(m < crossed, j, g.T)
             tj = g.t_out[g.rows, j.clamp_max(g.T - 1)]
-            theta = (tj - s.t) / torch.where(plan.h > 0, plan.h, 1.0)
-            val = ops.interpolate(tableau, s.y, K, plan.h_state, theta)
-            # Exactly at the step's end the solution itself is returned (no interpolation rounding).
-            val = torch.where((tj == plan.t_new).unsqueeze(1), fin.y_new, val)
-            self.out.index_put_((jj, g.rows), val)
+            self.out.index_put_((jj, g.rows), _dense_at(ops, tableau, s, plan, fin, K, tj))
 
     def result(self) -> torch.Tensor:
         if self.rows is not None:  # rows never reached (a failed solve that returns) are NaN
@@ -204,6 +202,15 @@ class DenseOutput:
             missing = [self.rows[0].new_full((left, self.rows[0].shape[1]), math.nan)] if left else []
             return torch.cat(self.rows + missing).unsqueeze(1)
         return self.out[: self.grid.T]
+
+
+def _dense_at(ops: StepOps, tableau, s: LoopState, plan: StepPlan, fin: StepResult, K, tj: torch.Tensor):
+    """The dense output of the step from ``s`` (``plan``, ``fin``) at the times ``tj`` ([G], or [M] of the one group
+    where the backend ``interpolates_many``); exactly at the step's end the solution itself (no interpolation
+    rounding)."""
+    theta = (tj - s.t) / torch.where(plan.h > 0, plan.h, 1.0)
+    val = ops.interpolate(tableau, s.y, K, plan.h_state, theta)
+    return torch.where((tj == plan.t_new).unsqueeze(1), fin.y_new, val)
 
 
 def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks=None, event_fn=None,
@@ -222,9 +229,15 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
         ``(event_tau [G], out [2, G, N])``; with ``hooks`` the final state ``[G, N]``.
     """
     grid = _Grid(problem, event_fn is not None, hooks is not None)
-    out = DenseOutput(grid, problem.y0) if hooks is None else None
     if event_fn is None and grid.T == 1:
-        return problem.y0 if hooks is not None else out.result()
+        return problem.y0 if hooks is not None else DenseOutput(grid, problem.y0).result()
+    # Lean loop (one group, shared mode): the packet also carries the group's decision, so the state advances without
+    # a where per step, and the outputs are rows stacked once, all those a step passed interpolated in one call (the
+    # masks are needed only with several groups). Under backprop each of those ops would also be a graph node whose
+    # backward runs; without a graph they are still several small ops per output time. A compiled solve writes the
+    # buffer, unless options['compile'] falls back to eager (known only below).
+    lean = hooks is None and event_fn is None and grid.squeeze and not grid.time_grad
+    out = None if hooks is not None else DenseOutput(grid, problem.y0, rows=lean and problem.config.compile is None)
     events = None if event_fn is None else EventTracker(event_fn, problem.tableau)
     packet = HostPacket()
     s, ops = _start(f, problem, ops, grid, hooks, events, packet, stats)
@@ -236,13 +249,9 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
     if problem.config.compile is not None:
         fast = compiled_loop(f, problem, grid, hooks, events, stats,
                              land=lambda s, crossed, running, lr: _land(f, hooks, s, crossed, running, lr))
-    # Lean loop (one group, shared mode): the packet also carries the group's decision, so the state advances without
-    # a where per step, and the outputs are rows stacked once, all those a step passed interpolated in one call (the
-    # masks are needed only with several groups). Under backprop each of those ops would also be a graph node whose
-    # backward runs; without a graph they are still several small ops per output time.
-    lean = fast is None and hooks is None and events is None and grid.squeeze and not grid.time_grad
-    if lean:
-        out.collect_rows(problem.y0)
+    lean = lean and fast is None
+    if lean and out.rows is None:  # options['compile'] fell back to eager
+        out.use_rows(problem.y0)
     step = _stepper(f, ops, problem, grid, hooks, events, health, lean)
     while packet.running and not (packet.failed and raise_on_failure):
         if fast is not None:  # options['compile']: unwatched iterations run compiled, k per host transfer
