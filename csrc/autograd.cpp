@@ -15,6 +15,11 @@
 // asked for. Under create_graph (grad mode on in the backward) or on a device without the fused kernel (the CUDA
 // build has none), the same formulas run as differentiable ATen ops. Gradients of unused outputs are never
 // materialised as zeros. Without grad mode, or when no input requires grad, the kernel only steps below Autograd.
+//
+// The ops' state is y: [G, N] (G: h's rows). With one group (h: [1]) a state of any other shape is taken too (the
+// solve's single-tensor state in the shape its func takes): it is viewed as one row [1, N] below Autograd and the
+// solution takes y's shape back (interpolate's M outputs of the row: [M, *y.shape]), so a solve that keeps its state
+// as func sees it records no view nodes around each func call. The stages then have y's shape.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/function.h>
@@ -57,6 +62,27 @@ FASTNODE_OP(finish_control_op, FinishSig, "fastnode::finish_control")
 FASTNODE_OP(interpolate_op, InterpSig, "fastnode::interpolate")
 FASTNODE_OP(interpolate_backward_op, InterpBackSig, "fastnode::interpolate_backward")
 #undef FASTNODE_OP
+
+// y's shape when the op must see it as one row [1, N] (h: [1]); empty when y is [G, N] already (or is to be refused
+// by the op's checks).
+std::vector<int64_t> state_shape(const at::Tensor& y, const at::Tensor& h, at::TensorList K, const char* op) {
+  // sym_size: fake tensors of a traced (compiled) call may have symbolic sizes; those calls pass [G, N].
+  // Only one group's state is taken in another shape; with G > 1 the op's own checks name a mismatch.
+  if (h.dim() != 1 || (y.dim() == 2 && y.sym_size(0) == h.sym_size(0)) || h.sym_size(0) != 1) return {};
+  for (size_t j = 0; j < K.size(); ++j)
+    TORCH_CHECK(K[j].sizes() == y.sizes(), "fastnode.", op, ": stage ", j, " has shape ", K[j].sizes(),
+                "; the stages need y's shape ", y.sizes());
+  return y.sizes().vec();
+}
+
+// The [1, N] row of a state-shaped tensor and of the stages (call below Autograd: no view is recorded).
+at::Tensor rows_of(const at::Tensor& x) { return x.reshape({1, -1}); }
+std::vector<at::Tensor> rows_of(at::TensorList K) {
+  std::vector<at::Tensor> out;
+  out.reserve(K.size());
+  for (const auto& k : K) out.push_back(k.reshape({1, -1}));
+  return out;
+}
 
 bool any_requires_grad(const at::Tensor& a, const at::Tensor& b, at::TensorList K) {
   if (a.requires_grad() || b.requires_grad()) return true;
@@ -111,6 +137,7 @@ struct CombineBackward : public torch::autograd::Node {
   std::string node_name;
   std::vector<double> w;
   bool need_h = false;
+  std::vector<int64_t> shape;  // the state's shape when it is not [G, N] (state_shape)
   SavedVariable h_;
   std::vector<SavedVariable> K_;  // the stages serve only h's gradient: saved then only
 
@@ -122,24 +149,30 @@ struct CombineBackward : public torch::autograd::Node {
   }
   variable_list apply(variable_list&& grads) override {
     variable_list out(2 + w.size());
-    const auto& g = grads[0];
-    if (!g.defined()) return out;
+    if (!grads[0].defined()) return out;
+    const auto h = h_.unpack();
+    const bool rows = !shape.empty();
+    const auto g = rows ? rows_of(grads[0]) : grads[0];
     std::vector<at::Tensor> K;
     K.reserve(K_.size());
-    for (auto& k : K_) K.push_back(k.unpack());
+    for (auto& k : K_) K.push_back(rows ? rows_of(k.unpack()) : k.unpack());
     out[0] = g;
-    out[1] = combine_grads(g, K, h_.unpack(), w, need_h, out, 2);
+    out[1] = combine_grads(g, K, h, w, need_h, out, 2);
+    if (rows)  // the gradients of y and of the stages in the state's shape (h's is [G])
+      for (size_t i = 0; i < out.size(); ++i)
+        if (i != 1 && out[i].defined()) out[i] = out[i].reshape(shape);
     return out;
   }
 };
 
 // Records the combination node for `out` (a fresh tensor) over the inputs y, h and the stages K[0..len(w)).
 void record_combine(const char* name, const at::Tensor& out, const at::Tensor& y, const at::Tensor& h,
-                    at::TensorList K, at::ArrayRef<double> w) {
+                    at::TensorList K, at::ArrayRef<double> w, std::vector<int64_t> shape) {
   const auto Kw = K.slice(0, w.size());
   auto node = c10::make_intrusive<CombineBackward>(name);
   node->set_next_edges(torch::autograd::collect_next_edges(y, h, Kw));
   node->w = w.vec();
+  node->shape = std::move(shape);
   node->need_h = h.requires_grad();
   node->h_ = SavedVariable(h, false);
   if (node->need_h) {
@@ -151,7 +184,9 @@ void record_combine(const char* name, const at::Tensor& out, const at::Tensor& y
 
 at::Tensor rk_combine_autograd(const at::Tensor& y, at::TensorList K, const at::Tensor& h, at::ArrayRef<double> w) {
   const auto Kw = K.slice(0, std::min(K.size(), w.size()));
-  if (!at::GradMode::is_enabled() || !any_requires_grad(y, h, Kw)) {
+  auto shape = state_shape(y, h, Kw, "rk_combine");
+  const bool record = at::GradMode::is_enabled() && any_requires_grad(y, h, Kw);
+  if (!record && shape.empty()) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return rk_combine_op().call(y, K, h, w);
   }
@@ -160,9 +195,10 @@ at::Tensor rk_combine_autograd(const at::Tensor& y, at::TensorList K, const at::
   at::Tensor out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    out = rk_combine_op().call(y, K, h, w);
+    out = shape.empty() ? rk_combine_op().call(y, K, h, w)
+                        : rk_combine_op().call(rows_of(y), rows_of(Kw), h, w).view(shape);
   }
-  record_combine("fastnode::RkCombineBackward", out, y, h, Kw, w);
+  if (record) record_combine("fastnode::RkCombineBackward", out, y, h, Kw, w, std::move(shape));
   return out;
 }
 
@@ -191,11 +227,19 @@ Tuple6 finish_control_autograd(const at::Tensor& y, at::TensorList K, const at::
                                const at::Tensor& prev_ratio, const at::Tensor& running, const OptT& ratio_floor,
                                at::ArrayRef<double> ctrl) {
   const FinishArgs a{b, e, rtol_t, rtol, atol_t, atol, segments, h_ctl, prev_ratio, running, ratio_floor, ctrl};
-  auto out = finish_control_below(y, K, h, a);
+  auto shape = state_shape(y, h, K, "finish_control");
+  Tuple6 out;
+  if (shape.empty()) {
+    out = finish_control_below(y, K, h, a);
+  } else {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = finish_control_below(rows_of(y), rows_of(K), h, a);
+    std::get<0>(out) = std::get<0>(out).view(shape);
+  }
   if (!at::GradMode::is_enabled() || !any_requires_grad(y, h, K)) return out;
   // Only y_new gets a node: the ratio, flags, next step and controller memory stay without history (the controller's,
   // computed under no_grad on the reference). b has one weight per stage (checked by the op).
-  record_combine("fastnode::FinishControlBackward", std::get<0>(out), y, h, K, b);
+  record_combine("fastnode::FinishControlBackward", std::get<0>(out), y, h, K, b, std::move(shape));
   return out;
 }
 
@@ -240,6 +284,7 @@ struct InterpolateBackward : public torch::autograd::Node {
   int64_t P = 0;
   bool need_ht = false;
   bool many = false;  // M outputs of one row (interpolate's theta [M] with G = 1): y's gradient sums the outputs'
+  std::vector<int64_t> shape;  // the state's shape when it is not [G, N] (state_shape)
   SavedVariable h_, theta_;
   std::vector<SavedVariable> K_;
 
@@ -252,12 +297,13 @@ struct InterpolateBackward : public torch::autograd::Node {
   variable_list apply(variable_list&& grads) override {
     const size_t S = K_.size();
     variable_list out(S + 3);
-    const auto& g = grads[0];
-    if (!g.defined()) return out;
+    if (!grads[0].defined()) return out;
+    const auto h = h_.unpack(), theta = theta_.unpack();
+    const bool rows = !shape.empty();
     std::vector<at::Tensor> K;
     K.reserve(S);
-    for (auto& k : K_) K.push_back(k.unpack());
-    const auto h = h_.unpack(), theta = theta_.unpack();
+    for (auto& k : K_) K.push_back(rows ? rows_of(k.unpack()) : k.unpack());
+    const auto g = rows ? grads[0].reshape({-1, K[0].size(1)}) : grads[0];
     std::vector<int64_t> used;
     for (size_t j = 0; j < S; ++j)
       for (int64_t p = 0; p < P; ++p)
@@ -276,27 +322,44 @@ struct InterpolateBackward : public torch::autograd::Node {
     } else {
       interpolate_grads_composite(g, K, h, theta, dense, P, need_ht, used, many, out);
     }
+    if (rows)  // the gradients of y and of the stages in the state's shape (h's and theta's are [G] and [M])
+      for (size_t i = 0; i <= S; ++i)
+        if (out[i].defined()) out[i] = out[i].reshape(shape);
     return out;
   }
 };
 
 at::Tensor interpolate_autograd(const at::Tensor& y, at::TensorList K, const at::Tensor& h, const at::Tensor& theta,
                                 at::ArrayRef<double> dense, int64_t P) {
-  if (!at::GradMode::is_enabled() || !(theta.requires_grad() || any_requires_grad(y, h, K))) {
+  auto shape = state_shape(y, h, K, "interpolate");
+  const bool record = at::GradMode::is_enabled() && (theta.requires_grad() || any_requires_grad(y, h, K));
+  if (!record && shape.empty()) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return interpolate_op().call(y, K, h, theta, dense, P);
   }
   at::Tensor out;
+  bool many = false;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    out = interpolate_op().call(y, K, h, theta, dense, P);
+    if (shape.empty()) {
+      out = interpolate_op().call(y, K, h, theta, dense, P);
+      many = y.size(0) == 1 && out.size(0) != 1;
+    } else {  // theta [M] of the one row: [M, *y.shape]; a 0-d theta: y's shape
+      out = interpolate_op().call(rows_of(y), rows_of(K), h, theta, dense, P);
+      std::vector<int64_t> to(shape);
+      if (theta.dim() == 1) to.insert(to.begin(), out.size(0));
+      many = out.size(0) != 1;
+      out = out.view(to);
+    }
   }
+  if (!record) return out;
   auto node = c10::make_intrusive<InterpolateBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(y, K, h, theta));
   node->dense = dense.vec();
   node->P = P;
   node->need_ht = h.requires_grad() || theta.requires_grad();
-  node->many = y.size(0) == 1 && out.size(0) != 1;
+  node->many = many;
+  node->shape = std::move(shape);
   node->h_ = SavedVariable(h, false);
   node->theta_ = SavedVariable(theta, false);
   // The stages are saved even without time gradients: the fused backward checks their shapes (a dense output is

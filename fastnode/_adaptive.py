@@ -17,6 +17,7 @@ flags). Set-up (input checks, first step) and the end (statistics) add a constan
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -28,7 +29,7 @@ from ._adjoint_dynamics import halve_before_output
 from ._compiled import compiled_loop
 from ._events import EventTracker
 from ._health import HealthCheck
-from ._options import AdaptiveConfig
+from ._options import AdaptiveConfig, RMSNorm
 from ._problem import FlatFunc, StateSpec
 from ._tableau import ButcherTableau
 from .backends import for_recording
@@ -72,9 +73,9 @@ class _Grid:
 
     __slots__ = (
         "T",
+        "_rows",
         "end_perturb",
         "jump_t",
-        "rows",
         "squeeze",
         "stops",
         "t_end",
@@ -89,7 +90,7 @@ class _Grid:
         self.t_out = (tau if tau.dim() == 2 else tau.unsqueeze(0).expand(G, -1)).contiguous()
         self.T = self.t_out.shape[1]
         self.t_end = torch.full_like(self.t_out[:, 0], math.inf) if event else self.t_out[:, -1]
-        self.rows = torch.arange(G, device=problem.y0.device)
+        self._rows = None
         self.to_outputs = (problem.tableau.step_to_outputs or landing) and not event
         self.stops = cfg.stop_grid()
         self.jump_t = cfg.jump_t if cfg.has_jumps else None
@@ -98,32 +99,46 @@ class _Grid:
         self.time_grad = torch.is_grad_enabled() and self.t_out.requires_grad
         self.squeeze = not problem.spec.per_sample
 
+    @property
+    def rows(self) -> torch.Tensor:
+        """[G] the group indices (the masked output writes), made at first use."""
+        if self._rows is None:
+            self._rows = torch.arange(self.t_out.shape[0], device=self.t_out.device)
+        return self._rows
+
 
 class HostPacket:
     """The loop's one device-to-host transfer per iteration, read into named fields."""
 
-    __slots__ = ("accepted", "failed", "jumped", "landed_running", "max_crossed", "n", "running")
+    __slots__ = ("accepted", "failed", "jumped", "landed_running", "max_crossed", "n", "running", "times")
 
     def __init__(self):
         self.n = 0
         self.running = self.failed = self.max_crossed = self.jumped = self.landed_running = 0
         self.accepted = 1
+        self.times = None
 
     def fetch_start(self, status: torch.Tensor, running: torch.Tensor) -> None:
         """The set-up's transfer: a failure at the start (raise before stepping) and whether anything runs."""
         self.n += 1
         self.failed, self.running = torch.stack([(status != 0).any(), running.any()]).tolist()
 
-    def fetch(self, end: StepEnd, hooks, health_flags: list | None = None, accept: torch.Tensor | None = None) -> list:
+    def fetch(self, end: StepEnd, hooks, health_flags: list | None = None, accept: torch.Tensor | None = None,
+              times: tuple | None = None) -> list:
         """``end.packet`` plus the jump's flag, the adjoint's questions, ``health_flags`` (0-d tensors, a watched
-        step's) and ``accept`` ([1] bool, the one group's decision, in ``solve_adaptive``'s lean mode); sets the
+        step's) and ``accept`` ([1] bool, the one group's decision, in ``solve_adaptive``'s lean mode) with
+        ``times`` (its step's start, step and end: [1] float64 each, read bit for bit into ``self.times``); sets the
         fields and returns the health flags' values."""
         self.n += 1
         if end.jumped is None and hooks is None and not health_flags:
             if accept is None:
                 self.running, self.failed, self.max_crossed = end.packet.tolist()
-            else:
+            elif times is None:
                 self.running, self.failed, self.max_crossed, self.accepted = torch.cat([end.packet, accept]).tolist()
+            else:
+                got = torch.cat([end.packet, accept, *(x.view(torch.int64) for x in times)]).tolist()
+                self.running, self.failed, self.max_crossed, self.accepted = got[:4]
+                self.times = _BITS.unpack(_WORDS.pack(*got[4:]))
             return []
         health_flags = health_flags or []
         extra = list(health_flags) + ([] if end.jumped is None else [end.jumped.any()])
@@ -132,7 +147,10 @@ class HostPacket:
             # Does any group that landed on an output time keep running (its derivative must be re-evaluated
             # there), plus the parameter quadrature's flags.
             extra += [((end.crossed > 0) & end.running).any()] + hooks.packet_flags()
-        got = torch.cat([end.packet, torch.stack(extra).to(torch.int64)]).tolist()
+        words = [] if times is None else [x.view(torch.int64) for x in times]
+        got = torch.cat([end.packet, torch.stack(extra).to(torch.int64), *words]).tolist()
+        if times is not None:
+            self.times, got = _BITS.unpack(_WORDS.pack(*got[-3:])), got[:-3]
         self.running, self.failed, self.max_crossed = got[0], got[1], got[2]
         nh = len(health_flags)
         health, rest = got[3 : 3 + nh], got[3 + nh :]
@@ -150,19 +168,24 @@ class HostPacket:
         return not self.running or (self.failed and on_failure == "raise")
 
 
+_WORDS, _BITS = struct.Struct("<3q"), struct.Struct("<3d")  # three int64 words of the packet <-> three float64
+
+
 class DenseOutput:
     """The outputs ``[T, G, N]``, filled from each step's dense output at the output times it passed.
 
     ``rows`` (shared mode, ``solve_adaptive``'s lean loop): the outputs are kept as a list of ``[m, N]`` blocks (one
     per step that passed output times) and concatenated once at the end (``write_rows``), instead of written into a
     buffer one masked write per output (``write``; under backprop an in-place write records a node whose backward
-    copies the whole buffer's gradient).
+    copies the whole buffer's gradient). With ``shape`` (the state kept in func's shape) the blocks are
+    ``[m, *shape]``.
     """
 
-    def __init__(self, grid: _Grid, y0: torch.Tensor, rows: bool = False):
+    def __init__(self, grid: _Grid, y0: torch.Tensor, rows: bool = False, shape: torch.Size | None = None):
         G, N = y0.shape
         self.grid = grid
         self.rows = self.out = None
+        self.shape = shape  # rows mode with the state in func's shape: the blocks are [m, *shape]
         if rows:
             self.use_rows(y0)
         else:
@@ -172,20 +195,45 @@ class DenseOutput:
 
     def use_rows(self, y0: torch.Tensor) -> None:
         """Switch to ``rows`` mode (the outputs so far: ``y0`` alone)."""
-        self.rows = [y0]
+        self.rows = [y0 if self.shape is None else y0.view(1, *self.shape)]
         self.n_rows = 1
+        self.t_host = None
 
-    def write_rows(self, ops: StepOps, tableau, s: LoopState, plan: StepPlan, fin: StepResult, K, n_cross: int):
+    def write_rows(self, ops: StepOps, tableau, s: LoopState, plan: StepPlan, fin: StepResult, K, n_cross: int,
+                   times: tuple | None = None):
         """``write`` in ``rows`` mode: the one group passed outputs ``n_rows ... + n_cross - 1`` (in order), all
-        interpolated in one call where the backend takes several thetas (one graph node per step, not per output)."""
+        interpolated in one call where the backend takes several thetas (one graph node per step, not per output).
+
+        ``times``: the step's start, step and end as host floats (float64 time; ``HostPacket.times``). Then theta
+        is formed on the host, in the same float64 arithmetic as ``_dense_at``, and the output that is the step's
+        end exactly (only the last one passed can be) is ``fin.y_new`` itself, with no interpolation."""
         k0 = self.n_rows
-        tj = self.grid.t_out[0, k0 : k0 + n_cross]  # [m]
-        if ops.interpolates_many:
-            self.rows.append(_dense_at(ops, tableau, s, plan, fin, K, tj))  # [m, N]
-        else:
-            self.rows.append(torch.cat([_dense_at(ops, tableau, s, plan, fin, K, tj[m : m + 1])
-                                        for m in range(n_cross)]))
         self.n_rows += n_cross
+        if times is None:
+            tj = self.grid.t_out[0, k0 : k0 + n_cross]  # [m]
+            if ops.interpolates_many:
+                self.rows.append(_dense_at(ops, tableau, s, plan, fin, K, tj))  # [m, N]
+            else:
+                self.rows.append(torch.cat([_dense_at(ops, tableau, s, plan, fin, K, tj[m : m + 1])
+                                            for m in range(n_cross)]))
+            return
+        if self.t_host is None:
+            self.t_host = self.grid.t_out[0].tolist()
+        t0, h, t_new = times
+        tj = self.t_host[k0 : k0 + n_cross]
+        at_end = tj[-1] == t_new
+        if at_end:
+            tj.pop()
+        if tj:
+            hd = h if h > 0 else 1.0
+            theta = torch.tensor([(x - t0) / hd for x in tj], dtype=torch.float64, device=s.y.device)
+            if ops.interpolates_many:
+                self.rows.append(ops.interpolate(tableau, s.y, K, plan.h_state, theta))  # [m, N]
+            else:
+                self.rows.extend(ops.interpolate(tableau, s.y, K, plan.h_state, theta[m : m + 1])
+                                 for m in range(len(tj)))
+        if at_end:
+            self.rows.append(fin.y_new if self.shape is None else fin.y_new.unsqueeze(0))
 
     def write(self, ops: StepOps, tableau, s: LoopState, plan: StepPlan, fin: StepResult, K, crossed, n_cross: int):
         """Outputs ``s.next_out + m`` for ``m < crossed`` (per group) of the step from ``s`` described by ``plan``."""
@@ -199,8 +247,8 @@ class DenseOutput:
     def result(self) -> torch.Tensor:
         if self.rows is not None:  # rows never reached (a failed solve that returns) are NaN
             left = self.grid.T - self.n_rows
-            missing = [self.rows[0].new_full((left, self.rows[0].shape[1]), math.nan)] if left else []
-            return torch.cat(self.rows + missing).unsqueeze(1)
+            missing = [self.rows[0].new_full((left, *self.rows[0].shape[1:]), math.nan)] if left else []
+            return torch.cat(self.rows + missing).view(self.grid.T, 1, -1)
         return self.out[: self.grid.T]
 
 
@@ -231,13 +279,7 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
     grid = _Grid(problem, event_fn is not None, hooks is not None)
     if event_fn is None and grid.T == 1:
         return problem.y0 if hooks is not None else DenseOutput(grid, problem.y0).result()
-    # Lean loop (one group, shared mode): the packet also carries the group's decision, so the state advances without
-    # a where per step, and the outputs are rows stacked once, all those a step passed interpolated in one call (the
-    # masks are needed only with several groups). Under backprop each of those ops would also be a graph node whose
-    # backward runs; without a graph they are still several small ops per output time. A compiled solve writes the
-    # buffer, unless options['compile'] falls back to eager (known only below).
-    lean = hooks is None and event_fn is None and grid.squeeze and not grid.time_grad
-    out = None if hooks is not None else DenseOutput(grid, problem.y0, rows=lean and problem.config.compile is None)
+    lean, out = _outputs(f, problem, ops, grid, hooks, event_fn)
     events = None if event_fn is None else EventTracker(event_fn, problem.tableau)
     packet = HostPacket()
     s, ops = _start(f, problem, ops, grid, hooks, events, packet, stats)
@@ -253,6 +295,8 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
     if lean and out.rows is None:  # options['compile'] fell back to eager
         out.use_rows(problem.y0)
     step = _stepper(f, ops, problem, grid, hooks, events, health, lean)
+    # The lean loop reads its step's times with the packet (float64 bits), so dense output forms theta on the host.
+    host_times = lean and grid.t_out.dtype == torch.float64
     while packet.running and not (packet.failed and raise_on_failure):
         if fast is not None:  # options['compile']: unwatched iterations run compiled, k per host transfer
             s, iterations, ran = fast.run(s, out, packet, health, iterations)
@@ -263,13 +307,14 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
         s_old = s
         s, plan, K, fin, end = step(s, watch)
         health.after_fetch(packet.fetch(end, hooks, health.packet_flags() if watch else None,
-                                        fin.accept if lean else None))
+                                        fin.accept if lean else None,
+                                        (s_old.t, plan.h, plan.t_new) if host_times else None))
         if lean and not packet.accepted:  # the step advanced unconditionally (see _stepper): undo a rejection
             s.y, s.f = s_old.y, s_old.f
         n_cross = packet.max_crossed
         if n_cross:
             if lean:
-                out.write_rows(ops, problem.tableau, s_old, plan, fin, K, n_cross)
+                out.write_rows(ops, problem.tableau, s_old, plan, fin, K, n_cross, packet.times)
             elif out is not None:
                 out.write(ops, problem.tableau, s_old, plan, fin, K, end.crossed, n_cross)
             else:
@@ -277,6 +322,7 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
             s.next_out = s.next_out + end.crossed
         if packet.jumped:
             _restart_after_jump(f, s, end.jumped, hooks)
+    f.shaped = False
     stats.n_host_syncs += packet.n + (f.callbacks.take_syncs() if f.callbacks is not None else 0)
     stats.n_iterations = iterations
     _finish(f, problem, grid, s, stats, health)
@@ -287,30 +333,62 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
     return events.finish(ops, s.f, problem.y0, s.t.detach() * f.sign, stats, problem.config.on_failure)
 
 
+def _outputs(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, grid: _Grid, hooks, event_fn):
+    """``(lean, out)``: whether the solve runs the lean loop, and its DenseOutput (None with ``hooks``); sets
+    ``f.shaped``.
+
+    Lean loop (one group, shared mode): the packet also carries the group's decision, so the state advances without a
+    where per step, and the outputs are rows stacked once, all those a step passed interpolated in one call (the masks
+    are needed only with several groups). Under backprop each of those ops would also be a graph node whose backward
+    runs; without a graph they are still several small ops per output time. A compiled solve writes the buffer,
+    unless options['compile'] falls back to eager (known only later). The lean loop may also keep a single-tensor state
+    in the shape func takes (no view of each stage input and output, nor their graph nodes), where every op it runs
+    takes that shape (``_keeps_shape``).
+    """
+    lean = hooks is None and event_fn is None and grid.squeeze and not grid.time_grad
+    eager = problem.config.compile is None
+    f.shaped = lean and eager and _keeps_shape(f, problem, ops, grid)
+    out = None if hooks is not None else DenseOutput(grid, problem.y0, rows=lean and eager,
+                                                     shape=f.shape if f.shaped else None)
+    return lean, out
+
+
 def _start(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, grid: _Grid, hooks, events, packet: HostPacket,
            stats: st.SolveStats) -> tuple[LoopState, StepOps]:
     """``f(t0, y0)``, failures at ``t0``, the backend once it is known whether the solve records a graph, the set-up
     transfer and the first step."""
-    y0 = problem.y0
+    y0 = problem.y0.view(f.shape) if f.shaped else problem.y0
     t = grid.t_out[:, 0].contiguous()
     k1 = f(t, y0)
+    G = t.shape[0]
     # Only now is it known whether this solve records an autograd graph (func's parameters may need grad).
     ops = for_recording(ops, torch.is_grad_enabled() and (y0.requires_grad or k1.requires_grad or
                                                           grid.t_out.requires_grad))
     stats.backend = ops.name
     # A non-finite derivative at the start cannot be fixed by any step size: those groups fail at once.
     with torch.no_grad():
-        bad0 = ~torch.isfinite(k1).all(dim=1)
-    status = torch.where(bad0, st.NON_FINITE, 0).to(torch.int8)
-    k1 = torch.where(bad0.unsqueeze(1), torch.zeros_like(k1), k1)
-    running = (t < grid.t_end) & (status == 0)
+        # A group whose sum is finite has only finite values (one cheap reduction); a non-finite sum (a bad value,
+        # or finite values that overflow) is checked value by value once the packet says there is one.
+        k1_rows = k1.reshape(G, -1)
+        bad0 = ~torch.isfinite(k1_rows.sum(dim=1)) if events is None else ~torch.isfinite(k1_rows).all(dim=1)
+    status, running = _start_status(bad0, t, grid)
+    bad_rows = _per_group(bad0, k1)
+    if events is None:
+        packet.fetch_start(status, running)
+        if packet.failed:  # the failed groups' stage is zeroed (no where, nor its graph node, when none failed)
+            with torch.no_grad():
+                bad0 = ~torch.isfinite(k1_rows).all(dim=1)
+            status, running = _start_status(bad0, t, grid)
+            packet.fetch_start(status, running)
+            k1 = torch.where(bad0.reshape(bad_rows.shape), torch.zeros_like(k1), k1)
+    else:
+        k1 = torch.where(bad_rows, torch.zeros_like(k1), k1)
+        running = events.start(t, y0, running)
+        packet.fetch_start(status, running)
     if hooks is not None:
         hooks.k1_evaluated(torch.ones_like(running), k1)
-    if events is not None:
-        running = events.start(t, y0, running)
-    packet.fetch_start(status, running)
     h = _first_step(f, problem, ops, t, k1, packet)
-    G, dev = y0.shape[0], y0.device
+    dev = y0.device
     s = LoopState(t=t, h=h, y=y0, f=k1, running=running, status=status,
                   n_attempted=torch.zeros(G, dtype=torch.int64, device=dev),
                   n_accepted=torch.zeros(G, dtype=torch.int64, device=dev),
@@ -318,6 +396,21 @@ def _start(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, grid: _Grid, hoo
                   last_nonfinite=torch.zeros(G, dtype=torch.bool, device=dev),
                   next_out=torch.ones(G, dtype=torch.int64, device=dev))
     return s, ops
+
+
+def _keeps_shape(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, grid: _Grid) -> bool:
+    """Whether the lean loop keeps the state in func's shape: one plain tensor (``FlatFunc.shape``) and a backend
+    whose ops take it (``takes_state_shape``) on the path this solve takes (CPU, float32/64 state, float64 time, the
+    built-in norm)."""
+    y0 = problem.y0
+    return (ops.takes_state_shape and f.shape is not None and y0.is_cpu and y0.dtype in (torch.float32, torch.float64)
+            and grid.t_out.dtype == torch.float64 and isinstance(problem.norm, RMSNorm)
+            and problem.tableau.e is not None)
+
+
+def _start_status(bad0: torch.Tensor, t: torch.Tensor, grid: _Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """The start's ``status`` (non-finite where ``bad0``) and ``running`` [G]."""
+    return torch.where(bad0, st.NON_FINITE, 0).to(torch.int8), (t < grid.t_end) & ~bad0
 
 
 def _first_step(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, t: torch.Tensor, k1: torch.Tensor,
@@ -333,8 +426,8 @@ def _first_step(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, t: torch.Te
     elif first is not None:
         h = torch.full((G,), float(first), dtype=tdt, device=dev)
     else:
-        h = ops.initial_step(f.probe, t.detach(), y0.detach(), k1.detach(), cfg.ctrl.order, problem.rtol,
-                             problem.atol, problem.norm)
+        h = ops.initial_step(f.probe, t.detach(), y0.detach(), k1.detach().reshape(y0.shape), cfg.ctrl.order,
+                             problem.rtol, problem.atol, problem.norm)
     return h.clamp(cfg.ctrl.min_step, cfg.ctrl.max_step)
 
 
@@ -361,6 +454,7 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
     cb = f.callbacks  # torchdiffeq's step callbacks of func (fastnode/_callbacks.py), or None
 
     keep = () if health.pair is None else health.pair
+    shaped = f.shaped  # the state is kept in func's shape (solve_adaptive's _keeps_shape)
     halve = hooks is not None  # the adjoint's backward solve: see halve_before_output
 
     def step(s: LoopState, watch: bool = False):
@@ -372,6 +466,7 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
         plan = step_begin(s.t, h_try, s.running, t_out, t_end, to_outputs, c, sign, y.dtype, squeeze, stops=stops,
                           end_perturb=end_perturb, time_grad=time_grad)
         hy = plan.h_state
+        t_stage = plan.t_stage.unbind(0)  # every stage's time as func sees it (one op for all of them)
         if hooks is not None:
             hooks.begin_step(hy)
         K = set_stage(new_stages(tab, y), 0, s.f)  # stage 0: the previous step's last one (FSAL)
@@ -379,7 +474,7 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
             yi = rk_combine(y, K, hy, a_i)
             if watch and i in keep:
                 inputs[i] = yi
-            K = set_stage(K, i, f(None, yi, t_user=plan.t_end_stage if at_end else plan.t_stage[i]))
+            K = set_stage(K, i, f(None, yi, t_user=plan.t_end_stage if at_end else t_stage[i]))
             if hooks is not None:
                 hooks.stage_evaluated(i)
         floor = adjust = None
@@ -391,7 +486,10 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
         if cb is not None:
             cb.decided(s.t, y, plan.h_ctl, fin.accept, s.running)
         stop = None if events is None else events.after_step(s, plan, fin, K)  # event crossings end groups
-        fail = health.observe(s, plan, fin, K, inputs, ops, t_end) if watch else None
+        if watch:
+            fail = health.observe(s, plan, fin, *(_rows_of(K, inputs) if shaped else (K, inputs)), ops, t_end)
+        else:
+            fail = None
         end = step_end(fin.accept, fin.h_next, h_try, plan.clipped, s.running, s.t, plan.t_new, t_end, s.n_attempted,
                        s.n_accepted, s.status, s.last_nonfinite, fin.ok, s.next_out, t_out, max_steps, _CODES,
                        jump_t=jump_t, stop=stop, fail=fail)
@@ -412,6 +510,13 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
     return step
 
 
+def _rows_of(K: list, inputs: dict) -> tuple[list, dict]:
+    """The stages and stage inputs of a state kept in func's shape (one group) as [1, N] rows, with no graph: what the
+    health check reads."""
+    with torch.no_grad():
+        return [k.reshape(1, -1) for k in K], {i: v.reshape(1, -1) for i, v in inputs.items()}
+
+
 def _land(f: FlatFunc, hooks, s: LoopState, crossed: torch.Tensor, running: torch.Tensor, landed_running: int) -> None:
     """The adjoint at the output times this step landed on (``crossed`` [G] > 0): the state changes there
     (``hooks.land``), and a group that keeps running (``running`` [G]) gets a fresh derivative."""
@@ -424,10 +529,15 @@ def _land(f: FlatFunc, hooks, s: LoopState, crossed: torch.Tensor, running: torc
         hooks.k1_evaluated(mask, k_new)
 
 
+def _per_group(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A [G] mask shaped to broadcast over the state ``x`` ([G, N], or func's shape with G = 1)."""
+    return mask.reshape(mask.shape[0], *([1] * (x.dim() - 1)))
+
+
 def _restart_after_jump(f: FlatFunc, s: LoopState, jumped: torch.Tensor, hooks) -> None:
     """Past a discontinuity the derivative is re-evaluated on the far side (one extra evaluation)."""
     k_far = f(s.t, s.y, perturb=1)
-    s.f = torch.where(jumped.unsqueeze(1), k_far, s.f)
+    s.f = torch.where(_per_group(jumped, k_far), k_far, s.f)
     if hooks is not None:
         hooks.k1_evaluated(jumped, k_far, at_output=torch.zeros_like(jumped))  # not an output time
 
@@ -436,16 +546,16 @@ def _finish(f: FlatFunc, problem: AdaptiveProblem, grid: _Grid, s: LoopState, st
             health: HealthCheck) -> None:
     """Statistics, and the failure report (raised with ``on_failure="raise"``)."""
     stats.h_final = s.h.detach()
-    n_rej = s.n_attempted - s.n_accepted
-    t_user = s.t.detach() * f.sign
-    failed = bool((s.status != 0).any())
+    t_user = s.t.detach() if f.sign > 0 else -s.t.detach()
     stats.status = s.status.to(torch.int64)
     stats.t_reached = t_user
     if problem.spec.per_sample:
-        stats.n_accepted, stats.n_rejected, stats.n_steps = s.n_accepted, n_rej, s.n_attempted
-    else:
-        stats.n_accepted, stats.n_rejected = int(s.n_accepted[0]), int(n_rej[0])
-        stats.n_steps = int(s.n_attempted[0])
+        stats.n_accepted, stats.n_rejected, stats.n_steps = s.n_accepted, s.n_attempted - s.n_accepted, s.n_attempted
+        failed = bool((s.status != 0).any())
+    else:  # one group: its counts and status in one transfer
+        n_acc, n_att, code = torch.cat([s.n_accepted, s.n_attempted, stats.status]).tolist()
+        stats.n_accepted, stats.n_rejected, stats.n_steps = n_acc, n_att - n_acc, n_att
+        failed = code != 0
     if failed:
         t_end_user = grid.t_end * f.sign
         cfg = problem.config

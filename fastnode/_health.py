@@ -70,37 +70,62 @@ def stiffness_pair(tableau) -> tuple[int, int] | None:
     return None
 
 
+_STIFFNESS: dict = {}
+
+
+def _stiffness_of(tableau) -> tuple[tuple[int, int] | None, float]:
+    """``(stiffness_pair, 0.98 * real_stability_boundary)`` of ``tableau``, once per tableau."""
+    hit = _STIFFNESS.get(id(tableau))
+    if hit is None or hit[0] is not tableau:
+        pair = stiffness_pair(tableau)
+        bound = 0.0
+        if pair is not None:
+            bound = 0.98 * real_stability_boundary(tuple(tuple(float(x) for x in r) for r in tableau.a),
+                                                   tuple(float(x) for x in tableau.b))
+        if len(_STIFFNESS) >= 64:
+            _STIFFNESS.clear()
+        hit = _STIFFNESS[id(tableau)] = (tableau, pair, bound)
+    return hit[1], hit[2]
+
+
 class HealthCheck:
     """The windows' state for one solve: per-group counters on the device, the host's window schedule."""
 
     def __init__(self, tableau, on_stiff: str, G: int, device, time_dtype, has_events: bool):
-        self.pair = stiffness_pair(tableau) if on_stiff != "ignore" else None
+        self.pair, self.bound = _stiffness_of(tableau) if on_stiff != "ignore" else (None, 0.0)
         self.on_stiff = on_stiff
-        self.bound = 0.0
-        if self.pair is not None:
-            self.bound = 0.98 * real_stability_boundary(tuple(tuple(float(x) for x in r) for r in tableau.a),
-                                                        tuple(float(x) for x in tableau.b))
         self.eps = torch.finfo(time_dtype).eps
         self.has_events = has_events
-        z = torch.zeros(G, dtype=torch.int64, device=device)
-        self.nf = z  # non-finite error estimates in the current window
-        self.iasti = z  # DOPRI5's stiff count
-        self.nonsti = z  # DOPRI5's non-stiff count
-        self.cycled = torch.zeros(G, dtype=torch.bool, device=device)
-        self.floored = torch.zeros(G, dtype=torch.bool, device=device)
-        self.stiff = torch.zeros(G, dtype=torch.bool, device=device)
-        self.hlamb = torch.zeros(G, dtype=time_dtype, device=device)
+        # The per-group counters live on the device from the first window on (iteration 256): most solves are
+        # shorter and never allocate them.
+        self.G, self.device, self.time_dtype = G, device, time_dtype
+        self.nf = None  # non-finite error estimates in the current window
+        self.iasti = self.nonsti = None  # DOPRI5's stiff and non-stiff counts
+        self.cycled = self.floored = self.stiff = None  # bool
+        self.hlamb = None
         self.left = 0  # iterations left in the current window
         self.stiff_open = False  # some group has a stiff count (from the last fetch)
         self.warned = False
         self.it = 0
+
+    def _allocate(self) -> None:
+        G, dev = self.G, self.device
+        z = torch.zeros(G, dtype=torch.int64, device=dev)
+        self.nf = self.iasti = self.nonsti = z
+        self.cycled = torch.zeros(G, dtype=torch.bool, device=dev)
+        self.floored = torch.zeros(G, dtype=torch.bool, device=dev)
+        self.stiff = torch.zeros(G, dtype=torch.bool, device=dev)
+        self.hlamb = torch.zeros(G, dtype=self.time_dtype, device=dev)
 
     def watching(self, it: int) -> bool:
         """Whether iteration ``it`` is watched (host only: no transfer)."""
         self.it = it
         if window_start(it):
             self.left = WINDOW
-            self.nf = torch.zeros_like(self.nf)
+            if self.nf is None:
+                self._allocate()
+            else:
+                self.nf = torch.zeros_like(self.nf)
         watched = self.left > 0 or (self.stiff_open and self.pair is not None)
         self.left = max(self.left - 1, 0)
         return watched
@@ -186,6 +211,8 @@ class HealthCheck:
 
     def details(self) -> tuple[list, list, list]:
         """Host copies of the per-group facts the messages need (called once, on failure)."""
+        if self.nf is None:  # no window opened
+            return [False] * self.G, [False] * self.G, [0.0] * self.G
         return self.cycled.tolist(), self.floored.tolist(), self.hlamb.tolist()
 
 

@@ -248,8 +248,27 @@ class AdaptiveConfig:
         return torch.cat([grid, grid.new_full((1,), math.inf)])
 
 
+# Parsed configs of options made only of plain values (numbers, strings, None): an AdaptiveConfig is frozen and
+# then holds no tensor, so a training loop's repeated call reuses it instead of parsing a dozen options again.
+_PLAIN = (str, int, float, bool, type(None))
+_CONFIGS: dict = {}
+
+
 def parse_adaptive_options(options: dict, tableau, sign: float, tdt, device) -> AdaptiveConfig:
     """``options`` (already key-checked) -> ``AdaptiveConfig``; ``sign``: the direction of integration."""
+    if not all(type(v) in _PLAIN for v in options.values()):
+        return _parse_adaptive(options, tableau, sign, tdt, device)
+    key = (tableau.order, sign, tdt, device, tuple(sorted((k, type(v), v) for k, v in options.items())))
+    cfg = _CONFIGS.get(key)
+    if cfg is None:
+        cfg = _parse_adaptive(options, tableau, sign, tdt, device)
+        if len(_CONFIGS) >= 256:
+            _CONFIGS.clear()
+        _CONFIGS[key] = cfg
+    return cfg
+
+
+def _parse_adaptive(options: dict, tableau, sign: float, tdt, device) -> AdaptiveConfig:
     min_step = num(options, "min_step", 0.0, lo=0.0)
     max_step = num(options, "max_step", float("inf"), lo=0.0, lo_open=True)
     if max_step < min_step:

@@ -134,12 +134,21 @@ def check_y0(y0, per_sample: bool) -> StateSpec:
         batch = 1
         sizes = [p.numel() * (2 if p.is_complex() else 1) for p in parts]
     for i, p in enumerate(parts):
-        if p.numel() and not bool(torch.isfinite(p).all()):
+        if p.numel() and not _all_finite(p):
             name = f"y0[{i}]" if is_tuple else "y0"
             bad = (~torch.isfinite(p)).nonzero()[0].tolist()
             raise ValueError(f"{name} contains NaN or inf (first at index {tuple(bad)})")
     cplx = tuple(p.is_complex() for p in parts) if any(p.is_complex() for p in parts) else ()
     return StateSpec(is_tuple, [tuple(p.shape) for p in parts], per_sample, batch, sizes, dtype, device, cplx)
+
+
+def _all_finite(p: torch.Tensor) -> bool:
+    """Whether every value of ``p`` is finite. A NaN or inf anywhere makes the sum non-finite, so a finite sum proves
+    it with one cheap reduction; only a non-finite sum (a bad value, or an overflow of finite ones) is checked value
+    by value."""
+    if not p.is_complex() and math.isfinite(p.detach().sum().item()):
+        return True
+    return bool(torch.isfinite(p).all())
 
 
 def _complex_of(dtype: torch.dtype) -> torch.dtype:
@@ -165,16 +174,14 @@ def check_t(t, spec: StateSpec, time_dtype: torch.dtype, event: bool) -> tuple[t
         raise ValueError(f"per-sample t has {t.shape[0]} rows but y0 has batch size {spec.batch}")
     if t.shape[-1] < 1:
         raise ValueError("t must hold at least one time")
-    if bool(torch.isnan(t).any()):
+    has_nan, has_inf, inc, dec = _t_flags(t)
+    if has_nan:
         raise ValueError("t contains NaN")
-    if bool(torch.isinf(t).any()):
+    if has_inf:
         raise ValueError("t contains inf")
     tt = t.to(torch.promote_types(time_dtype, t.dtype))
     sign = 1.0
     if tt.shape[-1] > 1:
-        d = tt[..., 1:] - tt[..., :-1]
-        inc = bool((d > 0).all())
-        dec = bool((d < 0).all())
         if not (inc or dec):
             raise ValueError("t must be strictly increasing or strictly decreasing (every row, in the same "
                              "direction); found repeated or out-of-order times")
@@ -183,6 +190,25 @@ def check_t(t, spec: StateSpec, time_dtype: torch.dtype, event: bool) -> tuple[t
         # As torchdiffeq: with event_fn only t[0] is used.
         tt = tt[..., :1]
     return (tt if sign > 0 else -tt), sign
+
+
+# A 1-D CPU ``t`` up to this many times is checked on its values in Python (one copy to a list, then no tensor op):
+# the tensor checks cost about 30 us per call, most of it dispatch, and odeint is called once per training step.
+_SMALL_T = 64
+
+
+def _t_flags(t: torch.Tensor) -> tuple[bool, bool, bool, bool]:
+    """``(any NaN, any inf, strictly increasing, strictly decreasing)`` of ``t`` ([T] or [B, T], every row), with
+    one device-to-host transfer. The comparisons are exact in any floating dtype, so they agree with the time
+    dtype's (widening is exact)."""
+    if t.ndim == 1 and t.is_cpu and t.shape[0] <= _SMALL_T:
+        v = t.tolist()
+        pairs = list(zip(v, v[1:]))
+        return (any(x != x for x in v), any(math.isinf(x) for x in v), all(b > a for a, b in pairs),
+                all(b < a for a, b in pairs))
+    a, b = t[..., :-1], t[..., 1:]
+    flags = torch.stack([torch.isnan(t).any(), torch.isinf(t).any(), (b > a).all(), (b < a).all()])
+    return tuple(bool(x) for x in flags.tolist())
 
 
 def check_tol(name: str, tol, spec: StateSpec) -> torch.Tensor | float:
@@ -286,6 +312,13 @@ class FlatFunc:
         # Fast path for the common single-tensor state: an output of exactly y0's shape and dtype is viewed
         # as [G, N] with no further checks (anything else goes through spec.flatten and its clear errors).
         self._shape = None if spec.is_tuple else torch.Size(spec.shapes[0])
+        self._plain = not spec.is_tuple and not spec.cplx  # func sees a view of the flat state (no unflatten call)
+        # ``shape``: func's shape of a state that a solve may keep as it is (one real tensor, not widened, not 0-d, not
+        # [1, N] already), else None. ``shaped``: the current solve keeps it so (``solve_adaptive``), and func's
+        # output is then returned in its own shape, not viewed as [G, N].
+        self.shape = (self._shape if self._plain and spec.work == spec.dtype and not spec.per_sample
+                      and len(self._shape) >= 1 and not (len(self._shape) == 2 and self._shape[0] == 1) else None)
+        self.shaped = False
         self._flat = (spec.batch, spec.sizes[0]) if not spec.is_tuple else None
         self._device = spec.device
         self._wide = spec.work if spec.work != spec.dtype else None
@@ -311,10 +344,16 @@ class FlatFunc:
             t_user = self.user_time(tau, perturb)
         if self._wide is not None:
             y = y.to(self.spec.dtype)
-        out = self.func(t_user, self.spec.unflatten(y))
+        if self._plain:
+            out = self.func(t_user, y if y.shape == self._shape else y.reshape(self._shape))
+        else:
+            out = self.func(t_user, self.spec.unflatten(y))
         if (type(out) is torch.Tensor and out.shape == self._shape and out.dtype == self.spec.dtype
                 and out.device == self._device):
-            flat = out.view(self._flat) if out.is_contiguous() else out.reshape(self._flat)
+            if self.shaped:
+                flat = out
+            else:
+                flat = out.view(self._flat) if out.is_contiguous() else out.reshape(self._flat)
         else:
             flat = self.spec.flatten(out, "func")
         if self._wide is not None:
@@ -322,5 +361,6 @@ class FlatFunc:
         return flat if self.sign > 0 else -flat
 
     def probe(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """An evaluation that is not a stage of any step (the initial-step probe)."""
-        return self(tau, y)
+        """An evaluation that is not a stage of any step (the initial-step probe), shaped as ``y`` ([G, N])."""
+        out = self(tau, y)
+        return out if out.shape == y.shape else out.reshape(y.shape)

@@ -165,3 +165,80 @@ def test_lean_outputs_one_interpolation_per_output(monkeypatch):
     assert torch.equal(ys.detach(), ys1.detach())
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def _view_nodes(out: torch.Tensor) -> int:
+    """Nodes of the graph behind ``out`` that are views (ViewBackward0 and its kin)."""
+    seen, todo, n = set(), [out.grad_fn], 0
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        n += "View" in node.name() or "Reshape" in node.name()
+        todo.extend(nx for nx, _ in node.next_functions)
+    return n
+
+
+def _shaped_solve(y0, func, t, net):
+    ys = odeint(func, y0, t, rtol=1e-7, atol=1e-9, options={"first_step": 0.8})
+    stats = last_stats()
+    w = torch.cos(torch.arange(ys.numel(), dtype=ys.dtype)).reshape(ys.shape)
+    return ys, stats, torch.autograd.grad((ys * w).sum(), [y0, *net.parameters()])
+
+
+@pytest.mark.parametrize("shape", [(4,), (3, 4), (2, 3, 4), "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+def test_state_kept_in_func_shape(shape, dtype):
+    """A one-group recorded solve on ext keeps a single-tensor state in func's shape: no view node per evaluation,
+    and outputs and gradients bitwise those of the same solve on the state as one row [1, N] (its func views the row
+    back, so that solve records two views per evaluation)."""
+    net = _net(4).to(dtype)
+    base = torch.linspace(-1.0, 1.0, 24, dtype=dtype)
+    x0 = base[:12].reshape(4, 3).t() if shape == "transposed" else base[: torch.Size(shape).numel()].reshape(shape)
+    user_shape = x0.shape
+    t = torch.tensor([0.0, 0.2, 0.9, 1.0, 1.3], dtype=F64).to(dtype)
+    f = _field(net)
+
+    y0 = x0.clone().requires_grad_()
+    ys, stats, got = _shaped_solve(y0, f, t, net)
+    assert stats.backend == "ext" and stats.n_rejected >= 1
+    assert ys.shape == (5, *user_shape)
+
+    def f_row(t, y):
+        return f(t, y.reshape(user_shape)).reshape(1, -1)
+
+    ys_row, _, ref = _shaped_solve(x0.reshape(1, -1).clone().requires_grad_(), f_row, t, net)
+    # The row solve's func adds two views per recorded evaluation (all but the initial-step probe's).
+    assert _view_nodes(ys_row) - _view_nodes(ys) >= 2 * (stats.nfe - 1)
+    assert torch.equal(ys.detach(), ys_row.detach().reshape(ys.shape))
+    # The gradients: the same terms, but y0's summed in another grouping (the loop's and the first output row's
+    # share of it meet only at y0 in the row solve), so equal up to a few roundings of the largest term.
+    eps = torch.finfo(dtype).eps
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.reshape(b.shape), b, rtol=0, atol=4 * eps * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("on_stiff", ["raise", "ignore"])
+def test_state_kept_in_func_shape_through_health_windows(on_stiff):
+    """A long solve (past the health check's windows at iterations 256 and 512, which read the stages as rows) keeps
+    its state in func's shape: the same steps and bitwise the same outputs as the solve on one row [1, N]."""
+    A = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=F64)
+
+    def f(t, y):
+        return y @ A.T
+
+    def f_row(t, y):
+        return f(t, y.reshape(3, 2)).reshape(1, -1)
+
+    y0 = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.5, -0.5]], dtype=F64)
+    t = torch.linspace(0.0, 60.0, 7, dtype=F64)
+    opts = {"on_stiff": on_stiff}
+    ys = odeint(f, y0, t, rtol=1e-10, atol=1e-12, options=opts)
+    stats = last_stats()
+    assert stats.backend == "ext" and stats.n_iterations > 1100  # the stiffness test runs from iteration 1024
+    ys_row = odeint(f_row, y0.reshape(1, -1), t, rtol=1e-10, atol=1e-12, options=opts)
+    assert last_stats().n_steps == stats.n_steps
+    assert torch.equal(ys, ys_row.reshape(ys.shape))
+    exact = torch.stack([y0 @ torch.linalg.matrix_exp(A.T * float(tk)) for tk in t])
+    torch.testing.assert_close(ys, exact, rtol=0, atol=1e-7)

@@ -70,8 +70,8 @@ def _finish_args(tab, y, K, hy, h_ctl, rtol=1e-3, atol=1e-4, norm=None):
 
 
 def _ext_finish(tab, y, K, hy, rtol, atol, norm, cfg, h_ctl, prev, running, floor=None):
-    rt, rs = ext_ops.tol_args(rtol, y)
-    at, as_ = ext_ops.tol_args(atol, y)
+    rt, rs = ext_ops.tol_args(rtol, y.shape[1])
+    at, as_ = ext_ops.tol_args(atol, y.shape[1])
     return torch.ops.fastnode.finish_control(y, list(K), hy, list(tab.b), list(tab.e), rt, rs, at, as_,
                                              norm.bounds(y.shape[1]), h_ctl, prev, running, floor, cfg.as_floats())
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fastnode
-from fastnode import odeint
+from fastnode import last_stats, odeint
 
 F64 = torch.float64
 
@@ -87,6 +87,15 @@ CASES = [
     ("t-inf", {"t": torch.tensor([0.0, math.inf], dtype=F64)}, ValueError, T_NAME),
     ("t-neg-inf", {"t": torch.tensor([-math.inf, 0.0], dtype=F64)}, ValueError, T_NAME),
     ("t-meta-device", {"t": torch.linspace(0, 1, 5, dtype=F64, device="meta")}, ValueError, T_NAME),
+    # more than 64 times: checked by tensor ops, not on the host list
+    ("t-long-nan", {"t": torch.linspace(0, 1, 100, dtype=F64).index_fill(0, torch.tensor([70]), math.nan)},
+     ValueError, T_NAME),
+    ("t-long-inf", {"t": torch.cat([torch.linspace(0, 1, 99, dtype=F64), torch.tensor([math.inf], dtype=F64)])},
+     ValueError, T_NAME),
+    ("t-long-repeated", {"t": torch.linspace(0, 1, 100, dtype=F64).index_fill(0, torch.tensor([80]), 79 / 99)},
+     ValueError, T_NAME),
+    ("t-long-f32-zigzag", {"t": torch.linspace(0, 1, 100).flip(0).index_fill(0, torch.tensor([0]), 0.5)},
+     ValueError, T_NAME),
     # --- y0 ---
     ("y0-list-of-floats", {"y0": [1.0, 2.0, 3.0]}, TypeError, Y0_NAME),
     ("y0-numpy", {"y0": np.ones(3)}, TypeError, Y0_NAME),
@@ -370,3 +379,26 @@ def test_no_assert_statements_in_package():
         for line in _asserts_in(path):
             offenders.append(f"{path.relative_to(PKG_DIR.parent)}:{line}")
     assert not offenders, "validation must raise ValueError/TypeError, not assert:\n" + "\n".join(offenders)
+
+
+@pytest.mark.parametrize("T", [5, 100], ids=["host-list", "tensor-ops"])
+@pytest.mark.parametrize("decreasing", [False, True], ids=["inc", "dec"])
+def test_t_checks_accept_monotone_times_either_way(T, decreasing):
+    """Both ways of checking t (a host list up to 64 times, tensor ops beyond) accept strictly monotone times in
+    either direction and solve to the closed form."""
+    t = torch.linspace(0.0, 1.0, T, dtype=F64)
+    t = t.flip(0) if decreasing else t
+    ys = odeint(lambda t, y: -y, torch.ones(2, dtype=F64), t, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(ys[:, 0], torch.exp(t[0] - t), rtol=1e-7, atol=0)
+
+
+def test_large_finite_values_are_not_taken_for_non_finite():
+    """y0 and func's first value whose sums overflow float32 (each value finite): the cheap finiteness checks (a sum)
+    must fall back to the exact ones, not fail the solve."""
+    big = torch.tensor([3e38, 3e38], dtype=torch.float32)
+    t = torch.tensor([0.0, 1e-30])
+    ys = odeint(lambda t, y: torch.full_like(y, 1e38), torch.zeros(4), t)  # a row sum of 4e38
+    assert last_stats().status.eq(0).all()
+    torch.testing.assert_close(ys[-1], torch.full((4,), 1e8), rtol=1e-6, atol=0)
+    ys = odeint(lambda t, y: torch.zeros_like(y), big, t)
+    assert torch.equal(ys[-1], big)

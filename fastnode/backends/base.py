@@ -66,6 +66,9 @@ class StepOps:
 
     name = "abstract"
     supports_autograd = False  # whether gradients flow through the ops (backpropagation through the solver)
+    # whether rk_combine, finish_control and interpolate also take a one-group state in another shape than [1, N] (the
+    # shape func takes; their solutions keep it, interpolate's M outputs are [M, *shape])
+    takes_state_shape = False
     forced = False  # chosen explicitly by options['backend'] (not by "auto")
 
     def new_stages(self, tableau: ButcherTableau, y: torch.Tensor):

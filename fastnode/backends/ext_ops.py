@@ -118,10 +118,11 @@ if _LOAD_ERROR is None:
     ext_autograd.register()
 
 
-def tol_args(tol, y: torch.Tensor):
-    """A tolerance as the ops take it: ``(None, value)`` for a number, ``(tensor [R, N], 0.0)`` otherwise."""
+def tol_args(tol, n: int):
+    """A tolerance as the ops take it: ``(None, value)`` for a number, ``(tensor [R, n], 0.0)`` otherwise (``n``:
+    the state's values per group)."""
     if isinstance(tol, torch.Tensor):
-        return tol.reshape(-1, y.shape[1]).contiguous(), 0.0
+        return tol.reshape(-1, n).contiguous(), 0.0
     return None, float(tol)
 
 
@@ -132,7 +133,12 @@ class ExtStepOps(TorchStepOps):
     autograd formulas (C++ Autograd kernels, ``csrc/autograd.cpp``: under ``no_grad`` or without inputs that need
     gradients they only step below the Autograd key, so every call goes through the dispatcher the same way);
     ``step_begin``/``step_end`` run on the reference when the times carry a graph (time gradients).
+
+    ``rk_combine``, ``finish_control`` and ``interpolate`` also take the state in another shape holding the groups'
+    rows (``takes_state_shape``: a solve with one group may keep its state as func sees it; see csrc/autograd.cpp).
     """
+
+    takes_state_shape = True
 
     name = "ext"
     supports_autograd = True
@@ -149,31 +155,34 @@ class ExtStepOps(TorchStepOps):
     # property, not a call) rather than as a helper: the loop's per-step Python time is the CPU goal.
 
     def rk_combine(self, y, K, h, weights):
-        if y.dtype not in _FLOATS or y.ndim != 2:
+        if y.dtype not in _FLOATS:
             return super().rk_combine(y, K, h, weights)
         return self._rk_combine(y, K, h, weights)  # the op reads the first len(weights) stages
 
     def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                        ratio_floor=None, adjust=None):
-        if (adjust is not None or not isinstance(norm, RMSNorm) or y.dtype not in _FLOATS or y.ndim != 2
+        if (adjust is not None or not isinstance(norm, RMSNorm) or y.dtype not in _FLOATS
                 or h_ctl.dtype != torch.float64 or tableau.e is None or len(K) != len(tableau.c)):
             return super().finish_control(tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                                           ratio_floor=ratio_floor, adjust=adjust)
-        rt, rs = (None, float(rtol)) if not isinstance(rtol, torch.Tensor) else tol_args(rtol, y)
-        at, as_ = (None, float(atol)) if not isinstance(atol, torch.Tensor) else tol_args(atol, y)
-        floor = None if ratio_floor is None else ratio_floor.to(torch.float64).reshape(-1).expand(y.shape[0])
-        args = (tableau.b, tableau.e, rt, rs, at, as_, norm.bounds(y.shape[1]), h_ctl, prev_ratio, running, floor,
+        G = h_ctl.shape[0]
+        n = y.numel() // G if G else 0
+        rt, rs = (None, float(rtol)) if not isinstance(rtol, torch.Tensor) else tol_args(rtol, n)
+        at, as_ = (None, float(atol)) if not isinstance(atol, torch.Tensor) else tol_args(atol, n)
+        floor = None if ratio_floor is None else ratio_floor.to(torch.float64).reshape(-1).expand(G)
+        args = (tableau.b, tableau.e, rt, rs, at, as_, norm.bounds(n), h_ctl, prev_ratio, running, floor,
                 cfg.as_floats())
         return as_named(StepResult, self._finish_control(y, K, h, *args))
 
     def interpolate(self, tableau, y, K, h, theta):
-        if y.dtype not in _FLOATS or y.ndim != 2 or not y.is_cpu:
+        if y.dtype not in _FLOATS or not y.is_cpu:
             return super().interpolate(tableau, y, K, h, theta)
         dense = _dense_flat(tableau)
         P = len(tableau.dense[0])
         th = theta.to(y.dtype)
         # [M] thetas of the one group (interpolates_many) go as they are; [G], [1] or 0-d are spread over the groups.
-        th = th.contiguous() if th.ndim == 1 and y.shape[0] == 1 else th.expand(y.shape[0]).contiguous()
+        G = h.shape[0]
+        th = th.contiguous() if th.ndim == 1 and G == 1 else th.expand(G).contiguous()
         return self._interpolate(y, list(K), h, th, dense, P)
 
     def step_begin(self, t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze, *, stops=None,
@@ -203,8 +212,8 @@ class ExtStepOps(TorchStepOps):
         if (not isinstance(norm, RMSNorm) or y0.dtype not in _FLOATS or y0.ndim != 2 or not y0.is_cpu
                 or t0.dtype != torch.float64 or k0.dtype != y0.dtype or y0.numel() == 0):
             return super().initial_step(probe, t0, y0, k0, order, rtol, atol, norm)
-        rt, rs = tol_args(rtol, y0)
-        at, as_ = tol_args(atol, y0)
+        rt, rs = tol_args(rtol, y0.shape[1])
+        at, as_ = tol_args(atol, y0.shape[1])
         seg = norm.bounds(y0.shape[1])
         h0, y1, d1 = self._ops.initial_step_probe(y0, k0, rt, rs, at, as_, seg)
         k1 = probe(t0 + h0, y1)

@@ -232,8 +232,8 @@ def finish_control(be: Backend, tab, y, K, h, rtol, atol, norm, cfg, h_ctl, prev
     G, N = y.shape
     floor = None if ratio_floor is None else _rows(ratio_floor, G, F64)
     if be.name == "ext":
-        rt, rs = ext_ops.tol_args(rtol, y)
-        at, as_ = ext_ops.tol_args(atol, y)
+        rt, rs = ext_ops.tol_args(rtol, y.shape[1])
+        at, as_ = ext_ops.tol_args(atol, y.shape[1])
         return be.ops.finish_control(y, list(K), _rows(h, G, y.dtype), list(tab.b), list(tab.e), rt, rs, at, as_,
                                      norm.bounds(N), _rows(h_ctl, G, F64), _rows(prev_ratio, G, F64),
                                      _rows(running, G, torch.bool), floor, ctrl_values(cfg))
