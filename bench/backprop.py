@@ -9,7 +9,8 @@ The problems are the issue's: a tanh MLP vector field ``N-H-H-N`` (three linear 
 
 Times are the calling thread's CPU time (``time.thread_time``) with torch on one thread, so the figures hold up on a
 machine shared with other work; the providers are interleaved round by round, after warm-up rounds, and the median
-is printed with the spread (max/min of the rounds) and the NFE.
+is printed with the spread (max/min of the rounds) and the NFE; beside the ratio of the medians, the median of the
+per-round ratios (each round's providers ran back to back, under the same load).
 
 Run: ``.venv/bin/python bench/backprop.py [mlp-small|mlp-medium|all] [rounds]`` (``make deps-bench`` installs
 torchdiffeq). ``--profile`` prints torch's profiler table of one ext round instead.
@@ -97,12 +98,16 @@ def measure(name: str, rounds: int, warmup: int = 3) -> None:
     B, N, H = SIZES[name]
     print(f"\n{name}: B={B}, {N}-{H}-{H}-{N} tanh MLP, float32, dopri5, rtol {RTOL:g}, atol {ATOL:g}, {T_OUT} outputs;"
           f" forward NFE {n} (auto ran on {backend}); one thread, thread CPU time, median of {rounds} rounds")
-    print("| provider | fwd+bwd ms | spread (max/min) | torchdiffeq / this |")
-    print("|---|--:|--:|--:|")
+    print("| provider | fwd+bwd ms | spread (max/min) | torchdiffeq / this | median of per-round ratios |")
+    print("|---|--:|--:|--:|--:|")
     for k, ms in med.items():
         spread = max(res[k]) / min(res[k])
-        speed = f"{med['torchdiffeq'] / ms:.2f}x" if "torchdiffeq" in med else ""
-        print(f"| {k} | {ms:.2f} | {spread:.2f} | {speed} |")
+        speed = per_round = ""
+        if "torchdiffeq" in med:
+            speed = f"{med['torchdiffeq'] / ms:.2f}x"
+            ratios = sorted(b / a for a, b in zip(res[k], res["torchdiffeq"]))  # the same round: the same load
+            per_round = f"{ratios[len(ratios) // 2]:.2f}x"
+        print(f"| {k} | {ms:.2f} | {spread:.2f} | {speed} | {per_round} |")
 
 
 def profile(name: str) -> None:

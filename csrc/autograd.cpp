@@ -76,12 +76,16 @@ std::vector<int64_t> state_shape(const at::Tensor& y, const at::Tensor& h, at::T
 }
 
 // The [1, N] row of a state-shaped tensor and of the stages (call below Autograd: no view is recorded).
-at::Tensor rows_of(const at::Tensor& x) { return x.reshape({1, -1}); }
+at::Tensor rows_of(const at::Tensor& x) { return x.is_contiguous() ? x.view({1, -1}) : x.reshape({1, -1}); }
 std::vector<at::Tensor> rows_of(at::TensorList K) {
   std::vector<at::Tensor> out;
   out.reserve(K.size());
-  for (const auto& k : K) out.push_back(k.reshape({1, -1}));
+  for (const auto& k : K) out.push_back(rows_of(k));
   return out;
+}
+// A gradient computed on the row, in the state's shape.
+at::Tensor in_shape(const at::Tensor& x, at::IntArrayRef shape) {
+  return x.is_contiguous() ? x.view(shape) : x.reshape(shape);
 }
 
 bool any_requires_grad(const at::Tensor& a, const at::Tensor& b, at::TensorList K) {
@@ -160,7 +164,7 @@ struct CombineBackward : public torch::autograd::Node {
     out[1] = combine_grads(g, K, h, w, need_h, out, 2);
     if (rows)  // the gradients of y and of the stages in the state's shape (h's is [G])
       for (size_t i = 0; i < out.size(); ++i)
-        if (i != 1 && out[i].defined()) out[i] = out[i].reshape(shape);
+        if (i != 1 && out[i].defined()) out[i] = in_shape(out[i], shape);
     return out;
   }
 };
@@ -324,7 +328,7 @@ struct InterpolateBackward : public torch::autograd::Node {
     }
     if (rows)  // the gradients of y and of the stages in the state's shape (h's and theta's are [G] and [M])
       for (size_t i = 0; i <= S; ++i)
-        if (out[i].defined()) out[i] = out[i].reshape(shape);
+        if (out[i].defined()) out[i] = in_shape(out[i], shape);
     return out;
   }
 };

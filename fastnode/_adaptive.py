@@ -295,8 +295,9 @@ def solve_adaptive(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, *, hooks
     if lean and out.rows is None:  # options['compile'] fell back to eager
         out.use_rows(problem.y0)
     step = _stepper(f, ops, problem, grid, hooks, events, health, lean)
-    # The lean loop reads its step's times with the packet (float64 bits), so dense output forms theta on the host.
-    host_times = lean and grid.t_out.dtype == torch.float64
+    # The lean loop on CPU reads its step's times with the packet (float64 bits), so dense output forms theta on the
+    # host (on a GPU the thetas would be one more copy to the device per output step: they stay there).
+    host_times = lean and grid.t_out.dtype == torch.float64 and grid.t_out.is_cpu
     while packet.running and not (packet.failed and raise_on_failure):
         if fast is not None:  # options['compile']: unwatched iterations run compiled, k per host transfer
             s, iterations, ran = fast.run(s, out, packet, health, iterations)
@@ -365,26 +366,7 @@ def _start(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, grid: _Grid, hoo
     ops = for_recording(ops, torch.is_grad_enabled() and (y0.requires_grad or k1.requires_grad or
                                                           grid.t_out.requires_grad))
     stats.backend = ops.name
-    # A non-finite derivative at the start cannot be fixed by any step size: those groups fail at once.
-    with torch.no_grad():
-        # A group whose sum is finite has only finite values (one cheap reduction); a non-finite sum (a bad value,
-        # or finite values that overflow) is checked value by value once the packet says there is one.
-        k1_rows = k1.reshape(G, -1)
-        bad0 = ~torch.isfinite(k1_rows.sum(dim=1)) if events is None else ~torch.isfinite(k1_rows).all(dim=1)
-    status, running = _start_status(bad0, t, grid)
-    bad_rows = _per_group(bad0, k1)
-    if events is None:
-        packet.fetch_start(status, running)
-        if packet.failed:  # the failed groups' stage is zeroed (no where, nor its graph node, when none failed)
-            with torch.no_grad():
-                bad0 = ~torch.isfinite(k1_rows).all(dim=1)
-            status, running = _start_status(bad0, t, grid)
-            packet.fetch_start(status, running)
-            k1 = torch.where(bad0.reshape(bad_rows.shape), torch.zeros_like(k1), k1)
-    else:
-        k1 = torch.where(bad_rows, torch.zeros_like(k1), k1)
-        running = events.start(t, y0, running)
-        packet.fetch_start(status, running)
+    k1, status, running = _start_checks(k1, t, y0, grid, events, packet)
     if hooks is not None:
         hooks.k1_evaluated(torch.ones_like(running), k1)
     h = _first_step(f, problem, ops, t, k1, packet)
@@ -408,9 +390,32 @@ def _keeps_shape(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, grid: _Gri
             and problem.tableau.e is not None)
 
 
-def _start_status(bad0: torch.Tensor, t: torch.Tensor, grid: _Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """The start's ``status`` (non-finite where ``bad0``) and ``running`` [G]."""
-    return torch.where(bad0, st.NON_FINITE, 0).to(torch.int8), (t < grid.t_end) & ~bad0
+def _start_checks(k1: torch.Tensor, t: torch.Tensor, y0: torch.Tensor, grid: _Grid, events,
+                  packet: HostPacket) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Failures at t0 and the set-up transfer: ``(k1, status, running)``, a failed group's stage zeroed. A
+    non-finite derivative at the start cannot be fixed by any step size: those groups fail at once."""
+    G, dev = t.shape[0], t.device
+    if events is None and G == 1:
+        # One group (t0 < t_end: t is strictly monotone): the transfer is whether k1 is finite. A finite sum proves
+        # it with one reduction; only a non-finite sum (a bad value, or finite values that overflow) is checked value
+        # by value (a second transfer).
+        with torch.no_grad():
+            ok = math.isfinite(k1.sum().item())
+            if not ok:
+                packet.n += 1
+                ok = bool(torch.isfinite(k1).all())
+        packet.n += 1
+        packet.failed, packet.running = int(not ok), int(ok)
+        status = torch.full((1,), 0 if ok else st.NON_FINITE, dtype=torch.int8, device=dev)
+        return (k1 if ok else torch.zeros_like(k1)), status, torch.full((1,), ok, dtype=torch.bool, device=dev)
+    with torch.no_grad():
+        bad0 = ~torch.isfinite(k1.reshape(G, -1)).all(dim=1)
+    status, running = torch.where(bad0, st.NON_FINITE, 0).to(torch.int8), (t < grid.t_end) & ~bad0
+    k1 = torch.where(_per_group(bad0, k1), torch.zeros_like(k1), k1)
+    if events is not None:
+        running = events.start(t, y0, running)
+    packet.fetch_start(status, running)
+    return k1, status, running
 
 
 def _first_step(f: FlatFunc, problem: AdaptiveProblem, ops: StepOps, t: torch.Tensor, k1: torch.Tensor,
@@ -449,7 +454,8 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
     # (with jump_t the left limit there, so a step that lands on a discontinuity never mixes in the right side).
     rows = [(i, tab.a[i], c[i] == 1.0) for i in range(1, tab.num_stages)]
     step_begin, finish_control, step_end = ops.step_begin, ops.finish_control, ops.step_end
-    new_stages, set_stage, rk_combine, stage = ops.new_stages, ops.set_stage, ops.rk_combine, ops.stage
+    new_stages, set_stage, stage = ops.new_stages, ops.set_stage, ops.stage
+    rk_combine, lists = ops.combiner(problem.y0.dtype), ops.stages_are_lists
     last = tab.num_stages - 1
     cb = f.callbacks  # torchdiffeq's step callbacks of func (fastnode/_callbacks.py), or None
 
@@ -469,27 +475,25 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
         t_stage = plan.t_stage.unbind(0)  # every stage's time as func sees it (one op for all of them)
         if hooks is not None:
             hooks.begin_step(hy)
-        K = set_stage(new_stages(tab, y), 0, s.f)  # stage 0: the previous step's last one (FSAL)
+        K = [s.f] if lists else set_stage(new_stages(tab, y), 0, s.f)  # stage 0: the last one of the step before
         for i, a_i, at_end in rows:
             yi = rk_combine(y, K, hy, a_i)
             if watch and i in keep:
                 inputs[i] = yi
-            K = set_stage(K, i, f(None, yi, t_user=plan.t_end_stage if at_end else t_stage[i]))
+            k = f(None, yi, t_user=plan.t_end_stage if at_end else t_stage[i])
+            if lists:
+                K.append(k)
+            else:
+                K = set_stage(K, i, k)
             if hooks is not None:
                 hooks.stage_evaluated(i)
-        floor = adjust = None
-        if hooks is not None:
-            floor = hooks.ratio_floor()
-            adjust = hooks.step_ratio if hooks.custom_norm is not None else None
+        floor, adjust = (None, None) if hooks is None else _hooks_ratio(hooks)
         fin = finish_control(tab, y, K, hy, rtol, atol, norm, ctrl, plan.h_ctl, s.prev_ratio, s.running,
                              ratio_floor=floor, adjust=adjust)
         if cb is not None:
             cb.decided(s.t, y, plan.h_ctl, fin.accept, s.running)
         stop = None if events is None else events.after_step(s, plan, fin, K)  # event crossings end groups
-        if watch:
-            fail = health.observe(s, plan, fin, *(_rows_of(K, inputs) if shaped else (K, inputs)), ops, t_end)
-        else:
-            fail = None
+        fail = health.observe(s, plan, fin, *_rows_of(K, inputs, shaped), ops, t_end) if watch else None
         end = step_end(fin.accept, fin.h_next, h_try, plan.clipped, s.running, s.t, plan.t_new, t_end, s.n_attempted,
                        s.n_accepted, s.status, s.last_nonfinite, fin.ok, s.next_out, t_out, max_steps, _CODES,
                        jump_t=jump_t, stop=stop, fail=fail)
@@ -510,11 +514,19 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
     return step
 
 
-def _rows_of(K: list, inputs: dict) -> tuple[list, dict]:
-    """The stages and stage inputs of a state kept in func's shape (one group) as [1, N] rows, with no graph: what the
-    health check reads."""
+def _rows_of(K, inputs: dict, shaped: bool) -> tuple:
+    """The stages and stage inputs as the health check reads them: [G, N] rows (with no graph, from func's shape when
+    the state is kept so: one group)."""
+    if not shaped:
+        return K, inputs
     with torch.no_grad():
         return [k.reshape(1, -1) for k in K], {i: v.reshape(1, -1) for i, v in inputs.items()}
+
+
+def _hooks_ratio(hooks) -> tuple:
+    """The adjoint's ``(ratio_floor, adjust)`` for ``finish_control``: the quadrature's floor of the error ratio, and
+    its step ratio where a custom adjoint norm scores the step."""
+    return hooks.ratio_floor(), (hooks.step_ratio if hooks.custom_norm is not None else None)
 
 
 def _land(f: FlatFunc, hooks, s: LoopState, crossed: torch.Tensor, running: torch.Tensor, landed_running: int) -> None:

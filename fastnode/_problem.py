@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -203,9 +204,9 @@ def _t_flags(t: torch.Tensor) -> tuple[bool, bool, bool, bool]:
     dtype's (widening is exact)."""
     if t.ndim == 1 and t.is_cpu and t.shape[0] <= _SMALL_T:
         v = t.tolist()
-        pairs = list(zip(v, v[1:]))
-        return (any(x != x for x in v), any(math.isinf(x) for x in v), all(b > a for a, b in pairs),
-                all(b < a for a, b in pairs))
+        finite = all(map(math.isfinite, v))
+        return (not finite and any(map(math.isnan, v)), not finite and any(map(math.isinf, v)),
+                all(map(operator.lt, v, v[1:])), all(map(operator.gt, v, v[1:])))
     a, b = t[..., :-1], t[..., 1:]
     flags = torch.stack([torch.isnan(t).any(), torch.isinf(t).any(), (b > a).all(), (b < a).all()])
     return tuple(bool(x) for x in flags.tolist())
@@ -213,6 +214,10 @@ def _t_flags(t: torch.Tensor) -> tuple[bool, bool, bool, bool]:
 
 def check_tol(name: str, tol, spec: StateSpec) -> torch.Tensor | float:
     """Scalar tolerance -> float; tensor/tuple tolerance -> broadcastable [G or 1, N] tensor in the state dtype."""
+    if type(tol) is float or type(tol) is int:  # the common case, checked as ``one`` below does
+        if math.isnan(tol) or tol < 0:
+            raise ValueError(f"{name} must be non-negative, got {tol}")
+        return float(tol)
 
     def one(x, shape, label):
         if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor)):
@@ -356,6 +361,8 @@ class FlatFunc:
                 flat = out.view(self._flat) if out.is_contiguous() else out.reshape(self._flat)
         else:
             flat = self.spec.flatten(out, "func")
+            if self.shaped:
+                flat = flat.reshape(self._shape)
         if self._wide is not None:
             flat = flat.to(self._wide)
         return flat if self.sign > 0 else -flat

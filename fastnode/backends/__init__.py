@@ -69,10 +69,20 @@ def _chosen(name: str, device: torch.device, why: str | None, make, forced: bool
     return None
 
 
+# ExtStepOps holds no per-solve state: one instance per ``forced`` serves every solve.
+_EXT: dict = {}
+
+
 def _ext_ops(device: torch.device, forced: bool) -> StepOps | None:
     from . import ext_ops
 
-    return _chosen("ext", device, ext_ops.unavailable_reason(device), ext_ops.ExtStepOps, forced)
+    def make(forced: bool) -> StepOps:
+        ops = _EXT.get(forced)
+        if ops is None or type(ops) is not ext_ops.ExtStepOps:
+            ops = _EXT[forced] = ext_ops.ExtStepOps(forced=forced)
+        return ops
+
+    return _chosen("ext", device, ext_ops.unavailable_reason(device), make, forced)
 
 
 def _triton_ops(device: torch.device, forced: bool) -> StepOps | None:

@@ -69,7 +69,15 @@ class StepOps:
     # whether rk_combine, finish_control and interpolate also take a one-group state in another shape than [1, N] (the
     # shape func takes; their solutions keep it, interpolate's M outputs are [M, *shape])
     takes_state_shape = False
+    # whether the stage store is a plain list of the stages (``K[i]``, appended in order): the loop then builds it
+    # itself, with no call per stage
+    stages_are_lists = False
     forced = False  # chosen explicitly by options['backend'] (not by "auto")
+
+    def combiner(self, dtype: torch.dtype) -> Callable:
+        """``rk_combine`` for states of ``dtype``, resolved once per solve: a fast backend may hand out its compiled op
+        itself, with no Python frame per stage."""
+        return self.rk_combine
 
     def new_stages(self, tableau: ButcherTableau, y: torch.Tensor):
         """An empty stage store for one step of ``tableau`` on ``y: [G, N]``."""

@@ -159,6 +159,11 @@ class ExtStepOps(TorchStepOps):
             return super().rk_combine(y, K, h, weights)
         return self._rk_combine(y, K, h, weights)  # the op reads the first len(weights) stages
 
+    def combiner(self, dtype):
+        if dtype not in _FLOATS:
+            return self.rk_combine
+        return getattr(self._rk_combine, "_op", self._rk_combine)  # the overload's C++ callable (no __call__ frame)
+
     def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                        ratio_floor=None, adjust=None):
         if (adjust is not None or not isinstance(norm, RMSNorm) or y.dtype not in _FLOATS

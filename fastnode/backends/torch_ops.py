@@ -43,6 +43,8 @@ class TorchStepOps(StepOps):
     name = "torch"
     supports_autograd = True
 
+    stages_are_lists = True
+
     def new_stages(self, tableau, y):
         return []
 

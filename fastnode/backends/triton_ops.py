@@ -135,6 +135,8 @@ class TritonStepOps(TorchStepOps):
             hit = self._tols[key] = (tol, _tol(tol, y))
         return hit[1]
 
+    stages_are_lists = False  # one [S, G, N] buffer
+
     def new_stages(self, tableau, y):
         if y.dtype not in FLOAT_DTYPES or y.dim() != 2 or y.numel() == 0:
             return []
