@@ -480,7 +480,7 @@ def _stepper(f: FlatFunc, ops: StepOps, problem: AdaptiveProblem, grid: _Grid, h
             yi = rk_combine(y, K, hy, a_i)
             if watch and i in keep:
                 inputs[i] = yi
-            k = f(None, yi, t_user=plan.t_end_stage if at_end else t_stage[i])
+            k = f(None, yi, 0, plan.t_end_stage if at_end else t_stage[i])
             if lists:
                 K.append(k)
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from ._problem import (
     check_tol,
     check_tol_pair,
     check_y0,
+    check_y0_values,
     tolerance_floor,
 )
 from .backends import get_backend
@@ -64,10 +66,66 @@ class Problem:
         return self.spec.per_sample
 
 
+# Checked calls, for the next call with the same arguments but func and y0's values (a training loop's): only those
+# are checked again. Keyed by y0's layout, the very same t tensor (its version and storage: an in-place change or a
+# new t misses) and plain tolerances, method and options; each entry keeps its t alive, so the key stays its own.
+_PREPARED: dict = {}
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _prepared_key(y0, t, rtol, atol, method, options, event_fn, widen: bool):
+    """The cache key of a call that can reuse a checked one, else None (tuple or complex states, tensors among the
+    tolerances or options, an event function, times that need gradients)."""
+    if (type(y0) is not torch.Tensor or y0.is_complex() or event_fn is not None or type(t) is not torch.Tensor
+            or t.requires_grad or type(rtol) not in (float, int) or type(atol) not in (float, int)
+            or not (method is None or type(method) is str) or not (options is None or type(options) is dict)):
+        return None
+    opts = ()
+    if options:
+        if not all(type(k) is str and type(v) in _PLAIN for k, v in options.items()):
+            return None
+        opts = tuple(sorted((k, type(v), v) for k, v in options.items()))
+    return (y0.shape, y0.dtype, y0.device, id(t), t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device,
+            type(rtol), rtol, type(atol), atol, method, opts, widen)
+
+
 def prepare(func, y0, t, rtol, atol, method, options, event_fn, widen: bool = True) -> Problem:
-    """Check every argument of an ``odeint`` call (clear errors naming the argument) and normalise it.
+    """Check every argument of an ``odeint`` call (clear errors naming the argument) and normalise it; a call that
+    repeats a checked one (``_prepared_key``) checks only ``func`` and y0's values again.
 
     ``widen``: integrate float16/bfloat16 states in float32 (``StateSpec.work_dtype``); ``odeint_adjoint`` does not.
+    """
+    key = _prepared_key(y0, t, rtol, atol, method, options, event_fn, widen)
+    hit = None if key is None else _PREPARED.get(key)
+    if hit is not None and hit[0] is t:
+        return _renewed(hit[1], hit[2], func, y0)
+    p, floor_msg = _prepare(func, y0, t, rtol, atol, method, options, event_fn, widen)
+    if key is not None:
+        if len(_PREPARED) >= 16:
+            _PREPARED.clear()
+        # The template keeps no func (nor its module's parameters) alive.
+        _PREPARED[key] = (t, dataclasses.replace(p, func=None, f=None, stats=None), floor_msg)
+    return p
+
+
+def _renewed(p: Problem, floor_msg: str | None, func, y0) -> Problem:
+    """A checked call's Problem for a new ``func`` and y0 of the same layout: fresh evaluation counter, callbacks and
+    statistics; y0's values and ``func`` checked."""
+    check_func(func)
+    check_y0_values((y0,), False)
+    if floor_msg is not None:
+        warnings.warn(f"fastnode: {floor_msg}", RuntimeWarning, stacklevel=4)
+    f = FlatFunc(func, p.spec, p.sign)
+    f.callbacks = StepCallbacks.find(func, p.spec, p.sign, callbacks_of(p.solver), p.method)
+    stats = st.SolveStats(method=p.method, per_sample=p.spec.per_sample)
+    if floor_msg is not None:
+        stats.messages.append(floor_msg)
+    return Problem(func, p.spec, p.tau, p.sign, p.method, p.solver, p.options, p.rtol, p.atol, p.ops, f, stats,
+                   p.event_fn, p.config, p.norm)
+
+
+def _prepare(func, y0, t, rtol, atol, method, options, event_fn, widen: bool) -> tuple[Problem, str | None]:
+    """``prepare`` without the cache: ``(problem, the tolerance floor's message or None)``.
     """
     check_func(func)
     solver = get_solver(method)
@@ -96,7 +154,7 @@ def prepare(func, y0, t, rtol, atol, method, options, event_fn, widen: bool = Tr
         check_tol_pair(rtol_v, atol_v)
         rtol_v, floor_msg = tolerance_floor(rtol_v, spec.dtype)
         if floor_msg is not None:
-            warnings.warn(f"fastnode: {floor_msg}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"fastnode: {floor_msg}", RuntimeWarning, stacklevel=4)
     ops = get_backend(options.get("backend", "auto"), spec.device)
     f = FlatFunc(func, spec, sign)
     f.callbacks = StepCallbacks.find(func, spec, sign, callbacks_of(solver), method)
@@ -109,7 +167,7 @@ def prepare(func, y0, t, rtol, atol, method, options, event_fn, widen: bool = Tr
     else:
         config, norm = parse_fixed_options(options), None
     return Problem(func, spec, tau, sign, method, solver, options, rtol_v, atol_v, ops, f, stats, event_fn, config,
-                   norm)
+                   norm), floor_msg
 
 
 def odeint(func: Callable, y0, t: torch.Tensor, *, rtol=1e-7, atol=1e-9, method: str | None = None,

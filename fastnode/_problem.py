@@ -134,13 +134,18 @@ def check_y0(y0, per_sample: bool) -> StateSpec:
     else:
         batch = 1
         sizes = [p.numel() * (2 if p.is_complex() else 1) for p in parts]
+    check_y0_values(parts, is_tuple)
+    cplx = tuple(p.is_complex() for p in parts) if any(p.is_complex() for p in parts) else ()
+    return StateSpec(is_tuple, [tuple(p.shape) for p in parts], per_sample, batch, sizes, dtype, device, cplx)
+
+
+def check_y0_values(parts, is_tuple: bool) -> None:
+    """Raise if a tensor of y0 holds NaN or inf (naming the first such index)."""
     for i, p in enumerate(parts):
         if p.numel() and not _all_finite(p):
             name = f"y0[{i}]" if is_tuple else "y0"
             bad = (~torch.isfinite(p)).nonzero()[0].tolist()
             raise ValueError(f"{name} contains NaN or inf (first at index {tuple(bad)})")
-    cplx = tuple(p.is_complex() for p in parts) if any(p.is_complex() for p in parts) else ()
-    return StateSpec(is_tuple, [tuple(p.shape) for p in parts], per_sample, batch, sizes, dtype, device, cplx)
 
 
 def _all_finite(p: torch.Tensor) -> bool:

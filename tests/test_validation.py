@@ -402,3 +402,53 @@ def test_large_finite_values_are_not_taken_for_non_finite():
     torch.testing.assert_close(ys[-1], torch.full((4,), 1e8), rtol=1e-6, atol=0)
     ys = odeint(lambda t, y: torch.zeros_like(y), big, t)
     assert torch.equal(ys[-1], big)
+
+
+def test_repeated_calls_check_what_changed():
+    """A call repeating an earlier one's arguments (a training loop's) reuses its checks, but func and y0's values
+    are checked every time, a t changed in place or replaced is seen, and each call has its own statistics."""
+    t = torch.linspace(0.0, 1.0, 5, dtype=F64)
+    y0 = torch.ones(3, dtype=F64)
+    a = odeint(lambda t, y: -y, y0, t)
+    nfe = last_stats().nfe
+    assert torch.equal(odeint(lambda t, y: -y, y0, t), a) and last_stats().nfe == nfe  # its own count
+    b = odeint(lambda t, y: -2 * y, y0, t)  # same arguments, another func
+    torch.testing.assert_close(a[-1], torch.exp(-t[-1]).expand(3), rtol=1e-6, atol=0)
+    torch.testing.assert_close(b[-1], torch.exp(-2 * t[-1]).expand(3), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=r"y0 contains NaN or inf \(first at index \(1,\)\)"):
+        odeint(lambda t, y: -y, torch.tensor([1.0, math.nan, 1.0], dtype=F64), t)
+    with pytest.raises(TypeError, match=FUNC_NAME):
+        odeint(3, y0, t)
+    t.mul_(2.0)  # in place: the new end time is used
+    c = odeint(lambda t, y: -y, y0, t)
+    torch.testing.assert_close(c[-1], torch.exp(-torch.tensor(2.0, dtype=F64)).expand(3), rtol=1e-6, atol=0)
+    t.data = torch.linspace(0.0, 3.0, 5, dtype=F64)  # another storage behind the same tensor
+    d = odeint(lambda t, y: -y, y0, t)
+    torch.testing.assert_close(d[-1], torch.exp(-torch.tensor(3.0, dtype=F64)).expand(3), rtol=1e-6, atol=0)
+    t[1] = 0.0  # not monotone any more: the check runs again
+    with pytest.raises(ValueError, match=T_NAME):
+        odeint(lambda t, y: -y, y0, t)
+
+
+def test_repeated_calls_warn_and_free_func():
+    """The tolerance floor's warning and message come with every call, and no earlier func is kept alive."""
+    import gc
+    import weakref
+
+    t = torch.linspace(0.0, 1.0, 3)
+    for _ in range(2):
+        with pytest.warns(RuntimeWarning, match="below the resolution"):
+            odeint(lambda t, y: -y, torch.ones(2), t, rtol=1e-12)
+        assert any("below the resolution" in m for m in last_stats().messages)
+
+    class Field(torch.nn.Module):
+        def forward(self, t, y):
+            return -y
+
+    field = Field()
+    ref = weakref.ref(field)
+    odeint(field, torch.ones(2), t)
+    odeint(field, torch.ones(2), t)
+    del field
+    gc.collect()
+    assert ref() is None

@@ -126,6 +126,11 @@ def tol_args(tol, n: int):
     return None, float(tol)
 
 
+def _callable(op):
+    """The C++ callable behind an OpOverload (the overload itself where a torch build has none)."""
+    return getattr(op, "_op", op)
+
+
 class ExtStepOps(TorchStepOps):
     """StepOps on ``fastnode._C``; falls back to the torch reference op by op where an op does not apply.
 
@@ -146,10 +151,15 @@ class ExtStepOps(TorchStepOps):
     def __init__(self, forced: bool = False):
         self.forced = forced
         self._ops = torch.ops.fastnode
-        # The overloads, resolved once (a call through the packet resolves the overload on every call).
-        self._rk_combine = self._ops.rk_combine.default
-        self._finish_control = self._ops.finish_control.default
-        self._interpolate = self._ops.interpolate.default
+        # The overloads, resolved once (a call through the packet resolves the overload on every call), as their C++
+        # callables (an overload's __call__ is one more Python frame per call).
+        self._rk_combine = _callable(self._ops.rk_combine.default)
+        self._finish_control = _callable(self._ops.finish_control.default)
+        self._interpolate = _callable(self._ops.interpolate.default)
+        self._step_begin = _callable(self._ops.step_begin.default)
+        self._step_end = _callable(self._ops.step_end.default)
+        self._initial_step_probe = _callable(self._ops.initial_step_probe.default)
+        self._initial_step_finish = _callable(self._ops.initial_step_finish.default)
 
     # NOTE: the checks below run several times per step, so they are written inline (y.ndim, not y.dim(): a
     # property, not a call) rather than as a helper: the loop's per-step Python time is the CPU goal.
@@ -160,9 +170,7 @@ class ExtStepOps(TorchStepOps):
         return self._rk_combine(y, K, h, weights)  # the op reads the first len(weights) stages
 
     def combiner(self, dtype):
-        if dtype not in _FLOATS:
-            return self.rk_combine
-        return getattr(self._rk_combine, "_op", self._rk_combine)  # the overload's C++ callable (no __call__ frame)
+        return self._rk_combine if dtype in _FLOATS else self.rk_combine
 
     def finish_control(self, tableau, y, K, h, rtol, atol, norm, cfg, h_ctl, prev_ratio, running,
                        ratio_floor=None, adjust=None):
@@ -197,8 +205,8 @@ class ExtStepOps(TorchStepOps):
                 or state_dtype not in _FLOATS):
             return super().step_begin(t, h, running, t_out, t_end, to_outputs, c, sign, state_dtype, squeeze,
                                       stops=stops, end_perturb=end_perturb, time_grad=time_grad)
-        h_ctl, clipped, t_new, hs, ts, te = self._ops.step_begin(t, h, running, t_out, t_end, to_outputs, c,
-                                                                  float(sign), state_dtype, squeeze)
+        h_ctl, clipped, t_new, hs, ts, te = self._step_begin(t, h, running, t_out, t_end, to_outputs, c,
+                                                             float(sign), state_dtype, squeeze)
         return as_named(StepPlan, (h_ctl, h_ctl, clipped, t_new, hs, ts, te))
 
     def step_end(self, accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status, last_nonfinite,
@@ -208,9 +216,9 @@ class ExtStepOps(TorchStepOps):
             return super().step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc, status,
                                     last_nonfinite, new_ok, next_idx, t_out, max_num_steps, codes, jump_t=jump_t,
                                     stop=stop, fail=fail)
-        return as_named(StepEnd, self._ops.step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc,
-                                                  status, last_nonfinite, new_ok, next_idx, t_out, int(max_num_steps),
-                                                  codes) + (None,))
+        return as_named(StepEnd, self._step_end(accept, h_next, h, clipped, running, t, t_new, t_end, n_att, n_acc,
+                                                status, last_nonfinite, new_ok, next_idx, t_out, int(max_num_steps),
+                                                codes) + (None,))
 
     @torch.no_grad()
     def initial_step(self, probe, t0, y0, k0, order, rtol, atol, norm):
@@ -220,9 +228,9 @@ class ExtStepOps(TorchStepOps):
         rt, rs = tol_args(rtol, y0.shape[1])
         at, as_ = tol_args(atol, y0.shape[1])
         seg = norm.bounds(y0.shape[1])
-        h0, y1, d1 = self._ops.initial_step_probe(y0, k0, rt, rs, at, as_, seg)
+        h0, y1, d1 = self._initial_step_probe(y0, k0, rt, rs, at, as_, seg)
         k1 = probe(t0 + h0, y1)
-        return self._ops.initial_step_finish(y0, k0, k1.to(y0.dtype), h0, d1, rt, rs, at, as_, seg, float(order))
+        return self._initial_step_finish(y0, k0, k1.to(y0.dtype), h0, d1, rt, rs, at, as_, seg, float(order))
 
     def adjoint_weights(self, h: torch.Tensor, accept: torch.Tensor, b) -> torch.Tensor:
         """[S, G]: ``h_g * b_j`` where group g's step was accepted, else 0."""
