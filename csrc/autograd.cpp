@@ -75,17 +75,17 @@ std::vector<int64_t> state_shape(const at::Tensor& y, const at::Tensor& h, at::T
   return y.sizes().vec();
 }
 
-// The [1, N] row of a state-shaped tensor and of the stages (call below Autograd: no view is recorded).
-at::Tensor rows_of(const at::Tensor& x) { return x.is_contiguous() ? x.view({1, -1}) : x.reshape({1, -1}); }
+// x viewed in `shape` (a copy only when x is not contiguous); called below Autograd: no view is recorded. The row
+// [1, N] of a state-shaped tensor, and a gradient computed on the row back in the state's shape.
+at::Tensor in_shape(const at::Tensor& x, at::IntArrayRef shape) {
+  return x.is_contiguous() ? x.view(shape) : x.reshape(shape);
+}
+at::Tensor rows_of(const at::Tensor& x) { return in_shape(x, {1, -1}); }
 std::vector<at::Tensor> rows_of(at::TensorList K) {
   std::vector<at::Tensor> out;
   out.reserve(K.size());
   for (const auto& k : K) out.push_back(rows_of(k));
   return out;
-}
-// A gradient computed on the row, in the state's shape.
-at::Tensor in_shape(const at::Tensor& x, at::IntArrayRef shape) {
-  return x.is_contiguous() ? x.view(shape) : x.reshape(shape);
 }
 
 bool any_requires_grad(const at::Tensor& a, const at::Tensor& b, at::TensorList K) {

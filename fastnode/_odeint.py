@@ -23,6 +23,7 @@ from ._options import (
     make_norm,
     parse_adaptive_options,
     parse_fixed_options,
+    plain_options_key,
     time_dtype_of,
 )
 from ._problem import (
@@ -70,7 +71,6 @@ class Problem:
 # are checked again. Keyed by y0's layout, the very same t tensor (its version and storage: an in-place change or a
 # new t misses) and plain tolerances, method and options; each entry keeps its t alive, so the key stays its own.
 _PREPARED: dict = {}
-_PLAIN = (str, int, float, bool, type(None))
 
 
 def _prepared_key(y0, t, rtol, atol, method, options, event_fn, widen: bool):
@@ -80,11 +80,9 @@ def _prepared_key(y0, t, rtol, atol, method, options, event_fn, widen: bool):
             or t.requires_grad or type(rtol) not in (float, int) or type(atol) not in (float, int)
             or not (method is None or type(method) is str) or not (options is None or type(options) is dict)):
         return None
-    opts = ()
-    if options:
-        if not all(type(k) is str and type(v) in _PLAIN for k, v in options.items()):
-            return None
-        opts = tuple(sorted((k, type(v), v) for k, v in options.items()))
+    opts = plain_options_key(options)
+    if opts is None:
+        return None
     return (y0.shape, y0.dtype, y0.device, id(t), t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device,
             type(rtol), rtol, type(atol), atol, method, opts, widen)
 
@@ -115,18 +113,24 @@ def _renewed(p: Problem, floor_msg: str | None, func, y0) -> Problem:
     check_y0_values((y0,), False)
     if floor_msg is not None:
         warnings.warn(f"fastnode: {floor_msg}", RuntimeWarning, stacklevel=4)
-    f = FlatFunc(func, p.spec, p.sign)
-    f.callbacks = StepCallbacks.find(func, p.spec, p.sign, callbacks_of(p.solver), p.method)
-    stats = st.SolveStats(method=p.method, per_sample=p.spec.per_sample)
-    if floor_msg is not None:
-        stats.messages.append(floor_msg)
+    f, stats = _per_call(func, p.spec, p.sign, p.solver, p.method, floor_msg)
     return Problem(func, p.spec, p.tau, p.sign, p.method, p.solver, p.options, p.rtol, p.atol, p.ops, f, stats,
                    p.event_fn, p.config, p.norm)
 
 
+def _per_call(func, spec: StateSpec, sign: float, solver, method: str, floor_msg: str | None):
+    """``(f, stats)``, what every call has of its own: func seen by the solver (its evaluation counter and torchdiffeq
+    step callbacks) and fresh statistics (with the tolerance floor's message)."""
+    f = FlatFunc(func, spec, sign)
+    f.callbacks = StepCallbacks.find(func, spec, sign, callbacks_of(solver), method)
+    stats = st.SolveStats(method=method, per_sample=spec.per_sample)
+    if floor_msg is not None:
+        stats.messages.append(floor_msg)
+    return f, stats
+
+
 def _prepare(func, y0, t, rtol, atol, method, options, event_fn, widen: bool) -> tuple[Problem, str | None]:
-    """``prepare`` without the cache: ``(problem, the tolerance floor's message or None)``.
-    """
+    """``prepare`` without the cache: ``(problem, the tolerance floor's message or None)``."""
     check_func(func)
     solver = get_solver(method)
     method = method or "dopri5"
@@ -156,11 +160,7 @@ def _prepare(func, y0, t, rtol, atol, method, options, event_fn, widen: bool) ->
         if floor_msg is not None:
             warnings.warn(f"fastnode: {floor_msg}", RuntimeWarning, stacklevel=4)
     ops = get_backend(options.get("backend", "auto"), spec.device)
-    f = FlatFunc(func, spec, sign)
-    f.callbacks = StepCallbacks.find(func, spec, sign, callbacks_of(solver), method)
-    stats = st.SolveStats(method=method, per_sample=per_sample)
-    if floor_msg is not None:
-        stats.messages.append(floor_msg)
+    f, stats = _per_call(func, spec, sign, solver, method, floor_msg)
     if solver.adaptive:
         config = parse_adaptive_options(options, solver.tableau, sign, tau.dtype, spec.device)
         norm = make_norm(options, spec)

@@ -248,17 +248,30 @@ class AdaptiveConfig:
         return torch.cat([grid, grid.new_full((1,), math.inf)])
 
 
-# Parsed configs of options made only of plain values (numbers, strings, None): an AdaptiveConfig is frozen and
-# then holds no tensor, so a training loop's repeated call reuses it instead of parsing a dozen options again.
 _PLAIN = (str, int, float, bool, type(None))
+
+
+def plain_options_key(options: dict | None) -> tuple | None:
+    """A hashable key of ``options`` made only of plain values (numbers, strings, None; ``1`` and ``1.0`` and ``True``
+    kept apart), or None when some value is not plain (a tensor, a list, a callable)."""
+    if not options:
+        return ()
+    if not all(type(k) is str and type(v) in _PLAIN for k, v in options.items()):
+        return None
+    return tuple(sorted((k, type(v), v) for k, v in options.items()))
+
+
+# Parsed configs of plain options: an AdaptiveConfig is frozen and then holds no tensor, so a training loop's repeated
+# call reuses it instead of parsing a dozen options again.
 _CONFIGS: dict = {}
 
 
 def parse_adaptive_options(options: dict, tableau, sign: float, tdt, device) -> AdaptiveConfig:
     """``options`` (already key-checked) -> ``AdaptiveConfig``; ``sign``: the direction of integration."""
-    if not all(type(v) in _PLAIN for v in options.values()):
+    opts = plain_options_key(options)
+    if opts is None:
         return _parse_adaptive(options, tableau, sign, tdt, device)
-    key = (tableau.order, sign, tdt, device, tuple(sorted((k, type(v), v) for k, v in options.items())))
+    key = (tableau.order, sign, tdt, device, opts)
     cfg = _CONFIGS.get(key)
     if cfg is None:
         cfg = _parse_adaptive(options, tableau, sign, tdt, device)

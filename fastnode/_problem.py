@@ -217,12 +217,17 @@ def _t_flags(t: torch.Tensor) -> tuple[bool, bool, bool, bool]:
     return tuple(bool(x) for x in flags.tolist())
 
 
+def _tol_number(x, label: str) -> float:
+    """A tolerance given as a number: non-negative, not NaN."""
+    if math.isnan(x) or x < 0:
+        raise ValueError(f"{label} must be non-negative, got {x}")
+    return float(x)
+
+
 def check_tol(name: str, tol, spec: StateSpec) -> torch.Tensor | float:
     """Scalar tolerance -> float; tensor/tuple tolerance -> broadcastable [G or 1, N] tensor in the state dtype."""
-    if type(tol) is float or type(tol) is int:  # the common case, checked as ``one`` below does
-        if math.isnan(tol) or tol < 0:
-            raise ValueError(f"{name} must be non-negative, got {tol}")
-        return float(tol)
+    if type(tol) is float or type(tol) is int:  # the common case, with no further dispatch
+        return _tol_number(tol, name)
 
     def one(x, shape, label):
         if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor)):
@@ -243,9 +248,7 @@ def check_tol(name: str, tol, spec: StateSpec) -> torch.Tensor | float:
                 raise ValueError(f"{label} has shape {tuple(x.shape)}, which does not broadcast to the state "
                                  f"shape {tuple(shape)}") from None
             return xb
-        if math.isnan(x) or x < 0:
-            raise ValueError(f"{label} must be non-negative, got {x}")
-        return float(x)
+        return _tol_number(x, label)
 
     if isinstance(tol, (tuple, list)):
         if not spec.is_tuple:
